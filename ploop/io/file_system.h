@@ -1,0 +1,102 @@
+// The I/O abstraction every ploop library goes through.
+//
+// BlockFile is one open file addressed by byte offset; FileSystem opens,
+// creates, renames and removes them. Three implementations:
+//   - PosixFileSystem (posix_file_system.h): production, pread/pwrite/fdatasync.
+//   - MemoryFileSystem (memory_file_system.h): unit tests, no disk.
+//   - FaultFileSystem (fault_file_system.h): wraps either and injects errors,
+//     crashes (drops unsynced writes) and torn writes.
+//
+// Thread-safety: a BlockFile may be used from several threads at once for
+// ReadAt/WriteAt on disjoint ranges; everything else needs external
+// serialisation. FileSystem methods are thread-safe.
+// Ownership: a FileSystem must outlive every BlockFile it opened.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "ploop/status.h"
+
+namespace ploop {
+
+// A byte-range lock request in the QEMU/OpenVZ convention: shared (read)
+// locks on single bytes, checked beforehand by probing other holders with a
+// write-lock query (F_OFD_GETLK). See lock.h for the byte numbers.
+struct LockRequest {
+  // Bytes that must not be locked by anyone else.
+  std::vector<uint64_t> probe_bytes;
+  // Bytes to hold a shared lock on while the file is open.
+  std::vector<uint64_t> hold_bytes;
+};
+
+class BlockFile {
+ public:
+  virtual ~BlockFile() = default;
+
+  // Reads exactly out.size() bytes at `offset_bytes`. Reading past EOF is a
+  // kCorruption error ("short read"); I/O failures are kIOError.
+  virtual Status ReadAt(uint64_t offset_bytes, std::span<std::byte> out) = 0;
+  // Writes all of `data` at `offset_bytes`, extending the file if needed.
+  // kNoSpace when the host file system is full.
+  virtual Status WriteAt(uint64_t offset_bytes, std::span<const std::byte> data) = 0;
+  // Makes every completed write and size change durable (fdatasync).
+  virtual Status Sync() = 0;
+  virtual Result<uint64_t> Size() = 0;
+  // Sets the file's length; growing adds a hole that reads as zeros.
+  virtual Status Truncate(uint64_t size_bytes) = 0;
+  // Deallocates a range, which then reads as zeros; the length is kept.
+  // kNotSupported when the file system cannot (see CanPunchHole()).
+  virtual Status PunchHole(uint64_t offset_bytes, uint64_t length_bytes) = 0;
+  // Reserves space for a range (fallocate, keeping zeros where there were
+  // holes), extending the file when the range passes EOF.
+  virtual Status Allocate(uint64_t offset_bytes, uint64_t length_bytes) = 0;
+  // The first offset >= `offset_bytes` that holds data (SEEK_DATA), or
+  // nullopt when only holes remain. Files that cannot tell say every offset
+  // holds data.
+  virtual Result<std::optional<uint64_t>> NextData(uint64_t offset_bytes) = 0;
+  // The first offset >= `offset_bytes` inside a hole (SEEK_HOLE); EOF counts
+  // as a hole.
+  virtual Result<uint64_t> NextHole(uint64_t offset_bytes) = 0;
+  // Takes the byte-range locks of `request`; kBusy, naming the byte, when a
+  // probed byte is locked through another open of the same file (in this
+  // process or another).
+  virtual Status Lock(const LockRequest& request) = 0;
+
+  virtual bool CanPunchHole() const = 0;
+  virtual const std::string& path() const = 0;
+};
+
+enum class OpenMode { kReadOnly, kReadWrite };
+
+class FileSystem {
+ public:
+  virtual ~FileSystem() = default;
+
+  // Opens an existing file. kNotFound when missing.
+  virtual Result<std::unique_ptr<BlockFile>> Open(const std::string& path, OpenMode mode) = 0;
+  // Creates a new empty file opened read-write; kAlreadyExists when
+  // `exclusive` and the path exists, otherwise an existing file is truncated.
+  virtual Result<std::unique_ptr<BlockFile>> Create(const std::string& path, bool exclusive) = 0;
+  // Atomically replaces `to` with `from`.
+  virtual Status Rename(const std::string& from, const std::string& to) = 0;
+  virtual Status Remove(const std::string& path) = 0;
+  // Makes creations, renames and removals in directory `dir` durable.
+  virtual Status SyncDir(const std::string& dir) = 0;
+  virtual Result<bool> Exists(const std::string& path) = 0;
+  // Bytes available to an unprivileged writer on the file system holding
+  // `path`.
+  virtual Result<uint64_t> FreeSpace(const std::string& path) = 0;
+};
+
+// The process-wide POSIX file system; with PLOOP_FAULT set in the
+// environment it is wrapped in a FaultFileSystem configured from it (see
+// fault_file_system.h), so shell tests can inject faults into the CLI.
+FileSystem& DefaultFileSystem();
+
+}  // namespace ploop

@@ -1,0 +1,227 @@
+#include "ploop/io/posix_file_system.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <string>
+
+#include "ploop/io/fault_file_system.h"
+
+namespace ploop {
+namespace {
+
+std::string At(std::string_view what, const std::string& path, uint64_t offset) {
+  return std::string(what) + " " + path + " at " + std::to_string(offset);
+}
+
+class PosixFile final : public BlockFile {
+ public:
+  PosixFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
+  ~PosixFile() override { ::close(fd_); }
+
+  Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
+    size_t done = 0;
+    while (done < out.size()) {
+      ssize_t n = ::pread(fd_, out.data() + done, out.size() - done, offset + done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno, At("read", path_, offset + done));
+      }
+      if (n == 0) {
+        return Status::Corruption("short read of " + path_ + " at " +
+                                  std::to_string(offset + done) + ": unexpected end of file");
+      }
+      done += static_cast<size_t>(n);
+    }
+    return Status::Ok();
+  }
+
+  Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    size_t done = 0;
+    while (done < data.size()) {
+      ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, offset + done);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno, At("write", path_, offset + done));
+      }
+      done += static_cast<size_t>(n);
+    }
+    return Status::Ok();
+  }
+
+  Status Sync() override {
+    if (::fdatasync(fd_) != 0) return Status::FromErrno(errno, "fsync " + path_);
+    return Status::Ok();
+  }
+
+  Result<uint64_t> Size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path_);
+    return static_cast<uint64_t>(st.st_size);
+  }
+
+  Status Truncate(uint64_t size) override {
+    if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) {
+      return Status::FromErrno(errno, "truncate " + path_ + " to " + std::to_string(size));
+    }
+    return Status::Ok();
+  }
+
+  Status PunchHole(uint64_t offset, uint64_t length) override {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                    static_cast<off_t>(length)) != 0) {
+      if (errno == EOPNOTSUPP) punch_supported_ = false;
+      return Status::FromErrno(errno, At("punch hole in", path_, offset));
+    }
+    return Status::Ok();
+  }
+
+  Status Allocate(uint64_t offset, uint64_t length) override {
+    if (::fallocate(fd_, 0, static_cast<off_t>(offset), static_cast<off_t>(length)) != 0) {
+      if (errno != EOPNOTSUPP) return Status::FromErrno(errno, At("allocate", path_, offset));
+      // No fallocate (tmpfs on old kernels, some FUSE file systems): at least
+      // extend the file so the range exists.
+      ASSIGN_OR_RETURN(uint64_t size, Size());
+      if (offset + length > size) return Truncate(offset + length);
+    }
+    return Status::Ok();
+  }
+
+  Result<std::optional<uint64_t>> NextData(uint64_t offset) override {
+    off_t r = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (r < 0) {
+      if (errno == ENXIO) return std::optional<uint64_t>();
+      if (errno == EINVAL || errno == EOPNOTSUPP) return std::optional<uint64_t>(offset);
+      return Status::FromErrno(errno, At("seek data in", path_, offset));
+    }
+    return std::optional<uint64_t>(static_cast<uint64_t>(r));
+  }
+
+  Result<uint64_t> NextHole(uint64_t offset) override {
+    off_t r = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+    if (r < 0) {
+      if (errno == ENXIO) return offset;
+      if (errno == EINVAL || errno == EOPNOTSUPP) return Size();
+      return Status::FromErrno(errno, At("seek hole in", path_, offset));
+    }
+    return static_cast<uint64_t>(r);
+  }
+
+  Status Lock(const LockRequest& request) override {
+    for (uint64_t byte : request.probe_bytes) {
+      struct flock fl = {};
+      fl.l_type = F_WRLCK;
+      fl.l_whence = SEEK_SET;
+      fl.l_start = static_cast<off_t>(byte);
+      fl.l_len = 1;
+      if (::fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
+        return Status::FromErrno(errno, "probe lock on " + path_);
+      }
+      if (fl.l_type != F_UNLCK) {
+        std::string who = fl.l_pid > 0 ? " (pid " + std::to_string(fl.l_pid) + ")" : "";
+        return Status::Busy(path_ + " is in use by another program" + who + ": lock byte " +
+                            std::to_string(byte) + " is held");
+      }
+    }
+    for (uint64_t byte : request.hold_bytes) {
+      struct flock fl = {};
+      fl.l_type = F_RDLCK;
+      fl.l_whence = SEEK_SET;
+      fl.l_start = static_cast<off_t>(byte);
+      fl.l_len = 1;
+      if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
+        if (errno == EAGAIN || errno == EACCES) {
+          return Status::Busy(path_ + " is in use by another program: lock byte " +
+                              std::to_string(byte) + " is held");
+        }
+        return Status::FromErrno(errno, "lock " + path_);
+      }
+    }
+    return Status::Ok();
+  }
+
+  bool CanPunchHole() const override { return punch_supported_; }
+  const std::string& path() const override { return path_; }
+
+ private:
+  int fd_;
+  std::string path_;
+  bool punch_supported_ = true;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<BlockFile>> PosixFileSystem::Open(const std::string& path, OpenMode mode) {
+  int flags = (mode == OpenMode::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  int fd = ::open(path.c_str(), flags);
+  if (fd < 0) return Status::FromErrno(errno, "open " + path);
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return Status::InvalidArgument(path + " is a directory");
+  }
+  return std::unique_ptr<BlockFile>(new PosixFile(fd, path));
+}
+
+Result<std::unique_ptr<BlockFile>> PosixFileSystem::Create(const std::string& path,
+                                                           bool exclusive) {
+  int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
+  int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) return Status::FromErrno(errno, "create " + path);
+  return std::unique_ptr<BlockFile>(new PosixFile(fd, path));
+}
+
+Status PosixFileSystem::Rename(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + from + " to " + to);
+  }
+  return Status::Ok();
+}
+
+Status PosixFileSystem::Remove(const std::string& path) {
+  if (::unlink(path.c_str()) != 0) return Status::FromErrno(errno, "remove " + path);
+  return Status::Ok();
+}
+
+Status PosixFileSystem::SyncDir(const std::string& dir) {
+  int fd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(errno, "open directory " + dir);
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return Status::FromErrno(err, "fsync directory " + dir);
+  return Status::Ok();
+}
+
+Result<bool> PosixFileSystem::Exists(const std::string& path) {
+  struct stat st;
+  if (::stat(path.c_str(), &st) == 0) return true;
+  if (errno == ENOENT) return false;
+  return Status::FromErrno(errno, "stat " + path);
+}
+
+Result<uint64_t> PosixFileSystem::FreeSpace(const std::string& path) {
+  struct statvfs st;
+  if (::statvfs(path.c_str(), &st) != 0) return Status::FromErrno(errno, "statvfs " + path);
+  return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+}
+
+FileSystem& DefaultFileSystem() {
+  static PosixFileSystem posix;
+  static FileSystem* fs = [] () -> FileSystem* {
+    const char* spec = std::getenv("PLOOP_FAULT");
+    if (spec == nullptr || *spec == '\0') return &posix;
+    static FaultFileSystem fault(posix);
+    Status s = fault.Configure(spec);
+    if (!s.ok()) std::abort();  // A test asked for a fault spec we cannot parse.
+    return &fault;
+  }();
+  return *fs;
+}
+
+}  // namespace ploop

@@ -1,0 +1,84 @@
+// The `ploop` subcommands. Each takes its parsed arguments, prints its
+// output on stdout and one-line errors on stderr, and returns the process
+// exit code (see ExitCode).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ploop/status.h"
+
+namespace ploop::cli {
+
+// Documented in `ploop --help` and README.md.
+enum ExitCode : int {
+  kExitOk = 0,
+  kExitProblems = 1,  // check found problems; io read found other data
+  kExitUsage = 2,     // bad command line or argument value
+  kExitNotFound = 3,
+  kExitExists = 4,
+  kExitCorrupt = 5,   // image corrupt, or not a ploop image
+  kExitUnsupported = 6,
+  kExitIo = 7,
+  kExitNoSpace = 8,
+  kExitBusy = 9,      // image in use by another program
+  kExitState = 10,    // wrong state: read-only, shrinking, ...
+};
+
+int ExitCodeFor(const Status& status);
+const char* ExitCodeTable();
+
+struct InitArgs {
+  std::string file;
+  std::string size;
+  std::string format = "expanded";
+  std::string cluster;
+};
+int RunInit(const InitArgs& args);
+
+struct InfoArgs {
+  std::string file;
+  std::string format;
+  bool json = false;
+};
+int RunInfo(const InfoArgs& args);
+
+struct CheckArgs {
+  std::string file;
+  bool repair = false;
+  bool json = false;
+};
+int RunCheck(const CheckArgs& args);
+
+struct ImportArgs {
+  std::string src;
+  std::string dst;
+  std::string format = "expanded";
+  std::string cluster;
+};
+int RunImport(const ImportArgs& args);
+
+struct ExportArgs {
+  std::string src;
+  std::string dst;
+  std::string format;
+};
+int RunExport(const ExportArgs& args);
+
+struct IoArgs {
+  std::string file;
+  std::string format;
+  bool read_only = false;
+  std::vector<std::string> commands;
+};
+int RunIo(const IoArgs& args);
+
+struct ResizeArgs {
+  std::string file;
+  std::string format;
+  std::string size;
+};
+int RunResize(const ResizeArgs& args);
+
+}  // namespace ploop::cli

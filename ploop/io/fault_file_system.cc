@@ -334,6 +334,9 @@ Result<bool> FaultFileSystem::Exists(const std::string& path) { return base_.Exi
 Result<uint64_t> FaultFileSystem::FreeSpace(const std::string& path) {
   return base_.FreeSpace(path);
 }
+Result<std::string> FaultFileSystem::RealPath(const std::string& path) {
+  return base_.RealPath(path);
+}
 
 namespace {
 
@@ -348,6 +351,12 @@ bool ParseErrno(std::string_view s, int* err) {
     }
   }
   auto r = std::from_chars(s.data(), s.data() + s.size(), *err);
+  return r.ec == std::errc() && r.ptr == s.data() + s.size();
+}
+
+// A whole decimal number: "5x" is refused, not read as 5.
+bool ParseCount(std::string_view s, uint64_t* n) {
+  auto r = std::from_chars(s.data(), s.data() + s.size(), *n);
   return r.ec == std::errc() && r.ptr == s.data() + s.size();
 }
 
@@ -387,8 +396,7 @@ Status FaultFileSystem::Configure(std::string_view spec) {
     std::string_view value = item.substr(eq + 1);
     if (key == "cut") {
       uint64_t n = 0;
-      auto r = std::from_chars(value.data(), value.data() + value.size(), n);
-      if (r.ec != std::errc()) return Status::InvalidArgument("fault spec: bad cut count");
+      if (!ParseCount(value, &n)) return Status::InvalidArgument("fault spec: bad cut count");
       std::lock_guard lock(mu_);
       cut_after_ = mutations_ + n;
       continue;
@@ -400,7 +408,7 @@ Status FaultFileSystem::Configure(std::string_view spec) {
       uint64_t n = 0;
       int err = 0;
       if (c2 == std::string_view::npos || !ParseOp(value.substr(0, c1), &op) ||
-          std::from_chars(value.data() + c1 + 1, value.data() + c2, n).ec != std::errc() ||
+          !ParseCount(value.substr(c1 + 1, c2 - c1 - 1), &n) ||
           !ParseErrno(value.substr(c2 + 1), &err)) {
         return Status::InvalidArgument("fault spec: expected " + std::string(key) +
                                        "=OP:N:ERRNO, got '" + std::string(value) + "'");

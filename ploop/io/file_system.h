@@ -92,6 +92,12 @@ class FileSystem {
   // Bytes available to an unprivileged writer on the file system holding
   // `path`.
   virtual Result<uint64_t> FreeSpace(const std::string& path) = 0;
+  // The absolute path `path` really names, with every symlink resolved in
+  // the components that exist; components that do not exist (a dangling
+  // symlink included) are kept as written. Used to check that a file stays
+  // inside a folder. File systems without symlinks (the in-memory one)
+  // return `path` unchanged, which is this default.
+  virtual Result<std::string> RealPath(const std::string& path) { return path; }
 };
 
 // The process-wide POSIX file system; with PLOOP_FAULT set in the

@@ -8,6 +8,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "ploop/io/fault_file_system.h"
@@ -209,6 +210,17 @@ Result<uint64_t> PosixFileSystem::FreeSpace(const std::string& path) {
   struct statvfs st;
   if (::statvfs(path.c_str(), &st) != 0) return Status::FromErrno(errno, "statvfs " + path);
   return static_cast<uint64_t>(st.f_bavail) * st.f_frsize;
+}
+
+Result<std::string> PosixFileSystem::RealPath(const std::string& path) {
+  // weakly_canonical: realpath(3) of the longest existing prefix, the rest
+  // appended lexically.
+  std::error_code ec;
+  std::filesystem::path absolute = std::filesystem::absolute(path, ec);
+  if (ec) return Status::FromErrno(ec.value(), "resolve " + path);
+  std::filesystem::path real = std::filesystem::weakly_canonical(absolute, ec);
+  if (ec) return Status::FromErrno(ec.value(), "resolve " + path);
+  return real.string();
 }
 
 FileSystem& DefaultFileSystem() {

@@ -7,7 +7,10 @@
 // still consistent for what it references and is simply repaired again:
 //
 //   0. set the in-use marker (a crash from here on is seen as dirty);
-//   1. copy each cluster referenced twice to a fresh cluster at the end;
+//   1. copy each cluster referenced twice to a fresh cluster at the end --
+//      when there are bad entries, only after a BAT with them zeroed is
+//      durable: an entry pointing past EOF must not come to point at a
+//      copy when the copies extend the file and a crash follows;
 //   2. write the corrected BAT (bad entries zeroed, duplicates repointed);
 //   3. truncate unreferenced clusters (and a partial cluster) at the end;
 //   4. write the header: exact first-block offset, marker cleared.
@@ -203,8 +206,14 @@ Result<CheckReport> CheckImage(BlockFile& file, bool repair) {
   work.in_use = kInUseDirty;
   TRY_CTX(write_header(work), "repair: mark in use");
 
+  auto write_bat = [&]() -> Status {
+    for (uint64_t i = 0; i < slots; ++i) StoreLe32(raw.data() + 4 * i, bat[i]);
+    TRY(file.WriteAt(kHeaderBytes, raw));
+    return file.Sync();
+  };
   uint64_t next_cluster = end_cluster;
   if (!duplicates.empty()) {
+    if (bat_changed) TRY_CTX(write_bat(), "repair: clear bad BAT entries");
     std::vector<std::byte> buf(cb);
     for (uint64_t i : duplicates) {
       uint64_t src = to_cluster(bat[i]);
@@ -216,11 +225,7 @@ Result<CheckReport> CheckImage(BlockFile& file, bool repair) {
     TRY_CTX(file.Sync(), "repair: copy shared clusters");
     bat_changed = true;
   }
-  if (bat_changed) {
-    for (uint64_t i = 0; i < slots; ++i) StoreLe32(raw.data() + 4 * i, bat[i]);
-    TRY_CTX(file.WriteAt(kHeaderBytes, raw), "repair: write BAT");
-    TRY_CTX(file.Sync(), "repair: write BAT");
-  }
+  if (bat_changed) TRY_CTX(write_bat(), "repair: write BAT");
   ASSIGN_OR_RETURN(uint64_t size_now, file.Size());
   if (size_now != next_cluster * cb) {
     TRY_CTX(file.Truncate(next_cluster * cb), "repair: trim file");

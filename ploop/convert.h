@@ -19,8 +19,9 @@ using ProgressFn = std::function<void(uint64_t done_bytes, uint64_t total_bytes)
 
 // Creates image `dst` (which must not exist) of `options.kind` and cluster
 // size from the raw file `src`; the disk size is the source size rounded up
-// to the cluster. On any failure `dst` is removed, so a half-imported image
-// never remains.
+// to the cluster. The image is written as `dst`.import-tmp and renamed to
+// `dst` when complete, so neither a failure nor a crash leaves a
+// half-imported image at `dst`.
 Status ImportRaw(FileSystem& fs, const std::string& src, const std::string& dst,
                  const CreateOptions& options, const ProgressFn& progress = {});
 

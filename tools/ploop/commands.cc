@@ -3,6 +3,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
@@ -10,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include "ploop/check.h"
 #include "ploop/convert.h"
@@ -71,8 +74,8 @@ Result<CreateOptions> CreateArgs(const std::string& format, const std::string& c
   CreateOptions options;
   auto kind = ParseImageKind(format);
   if (!kind || (!allow_raw && *kind == ImageKind::kRaw)) {
-    return Status::InvalidArgument("unknown image kind '" + format + "' (use expanded, " +
-                                   (allow_raw ? "preallocated or raw)" : "or preallocated)"));
+    return Status::InvalidArgument("unknown image kind '" + format + "' (use expanded" +
+                                   (allow_raw ? ", preallocated or raw)" : " or preallocated)"));
   }
   options.kind = *kind;
   if (!cluster.empty()) {
@@ -140,7 +143,11 @@ int RunInit(const InitArgs& args) {
   auto image = CreateImage(DefaultFileSystem(), args.file, *options);
   if (!image.ok()) return Fail("init", image.error());
   uint64_t virtual_size = (*image)->size_bytes();
-  if (Status s = (*image)->Close(); !s.ok()) return Fail("init", s);
+  if (Status s = (*image)->Close(); !s.ok()) {
+    // The file is ours and new: a failed init leaves nothing behind.
+    DefaultFileSystem().Remove(args.file).IgnoreError();
+    return Fail("init", s);
+  }
   std::cout << "Created " << args.file << ": " << ImageKindName(options->kind) << ", "
             << HumanSize(virtual_size) << "\n";
   return kExitOk;
@@ -301,6 +308,22 @@ int RunIoCommand(Image& image, const std::string& text) {
     if (Status s = image.Flush(); !s.ok()) return Fail("io", s);
     return kExitOk;
   }
+  if (op == "sleep") {
+    // Keeps the image open (and locked) for MS milliseconds, like qemu-io's
+    // `sleep`; tests use it to hold an image while another program tries it.
+    // Output so far is flushed first so a waiting test can see it.
+    constexpr uint64_t kMaxSleepMs = 24 * 3600 * 1000;
+    uint64_t ms = 0;
+    if (words.size() != 2) return bad("usage: sleep MS");
+    const std::string& w = words[1];
+    auto [ptr, ec] = std::from_chars(w.data(), w.data() + w.size(), ms);
+    if (ec != std::errc() || ptr != w.data() + w.size() || ms > kMaxSleepMs) {
+      return bad("invalid milliseconds '" + w + "' (0 to " + std::to_string(kMaxSleepMs) + ")");
+    }
+    std::cout.flush();
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return kExitOk;
+  }
   if (op == "discard") {
     uint64_t off, len;
     if (words.size() != 3 || !size_at(1, &off) || !size_at(2, &len)) {
@@ -373,7 +396,7 @@ int RunIoCommand(Image& image, const std::string& text) {
               << (pattern && op == "read" ? " (pattern verified)" : "") << "\n";
     return kExitOk;
   }
-  return bad("unknown command (write, read, discard, flush)");
+  return bad("unknown command (write, read, discard, flush, sleep)");
 }
 
 }  // namespace

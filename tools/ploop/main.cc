@@ -66,7 +66,8 @@ int main(int argc, char** argv) {
   c_io->add_option("FILE", io.file, "image file")->required();
   c_io->add_option("CMD", io.commands,
                    "each one argument: 'write -P BYTE OFF LEN', 'write -f FILE OFF', "
-                   "'write -z OFF LEN', 'read [-P BYTE] OFF LEN', 'discard OFF LEN', 'flush'")
+                   "'write -z OFF LEN', 'read [-P BYTE] OFF LEN', 'discard OFF LEN', 'flush', "
+                   "'sleep MS' (keep the image open MS milliseconds)")
       ->required();
   c_io->positionals_at_end(true);
   c_io->callback([&] { rc = RunIo(io); });

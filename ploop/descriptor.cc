@@ -996,11 +996,21 @@ Status Descriptor::SetTemporary(std::string_view guid, bool temporary) {
   return Status::Ok();
 }
 
-Status Descriptor::SetFile(std::string_view guid, const std::string& file) {
+Status Descriptor::SetFile(std::string_view guid, const std::string& file,
+                           std::optional<ImageKind> kind) {
   ASSIGN_OR_RETURN(std::string g, ParseGuid(guid));
   int i = ImageIndex(g);
   if (i < 0) return Status::NotFound("no image " + g);
   TRY(CheckNewFile(file));
+  if (kind) {
+    if (*kind == ImageKind::kPreallocated) {
+      return Status::InvalidArgument("an image is expanded or raw; preallocation is per disk");
+    }
+    if (*kind == ImageKind::kRaw && preallocated_) {
+      return Status::InvalidArgument("a preallocated disk has no raw images");
+    }
+    images_[i].kind = *kind;
+  }
   images_[i].file = file;
   images_[i].path = ResolvePath(file);
   return Status::Ok();

@@ -226,8 +226,11 @@ class Descriptor {
   // NotFound when unknown; FailedPrecondition when marking the top.
   Status SetTemporary(std::string_view guid, bool temporary);
   // Points image `guid` at another file (a merge keeps the child's GUID on
-  // the parent's file). NotFound; InvalidArgument for a bad file name.
-  Status SetFile(std::string_view guid, const std::string& file);
+  // the parent's file), and with `kind` changes its Type too (the parent's
+  // file may be raw). NotFound; InvalidArgument for a bad file name, kind
+  // kPreallocated, or kRaw on a preallocated disk.
+  Status SetFile(std::string_view guid, const std::string& file,
+                 std::optional<ImageKind> kind = std::nullopt);
   // After a resize. InvalidArgument for 0 or a size not a multiple of 512.
   Status SetDiskSize(uint64_t size_bytes, uint32_t cylinders, uint32_t heads);
 

@@ -119,6 +119,8 @@ class FaultFile final : public BlockFile {
     TRY(fs_.Before(FaultOp::kRead, path(), "seek-hole", nullptr));
     return base_->NextHole(offset);
   }
+  // A hint: not an operation that can fail, change data or count.
+  void Prefetch(uint64_t offset, uint64_t length) override { base_->Prefetch(offset, length); }
   Status Lock(const LockRequest& request) override { return base_->Lock(request); }
   bool CanPunchHole() const override { return base_->CanPunchHole(); }
   const std::string& path() const override { return base_->path(); }
@@ -333,6 +335,9 @@ Status FaultFileSystem::SyncDir(const std::string& dir) {
 Result<bool> FaultFileSystem::Exists(const std::string& path) { return base_.Exists(path); }
 Result<uint64_t> FaultFileSystem::FreeSpace(const std::string& path) {
   return base_.FreeSpace(path);
+}
+Result<std::vector<std::string>> FaultFileSystem::ListDir(const std::string& dir) {
+  return base_.ListDir(dir);
 }
 Result<std::string> FaultFileSystem::RealPath(const std::string& path) {
   return base_.RealPath(path);

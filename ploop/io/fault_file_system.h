@@ -83,6 +83,7 @@ class FaultFileSystem final : public FileSystem {
   Status SyncDir(const std::string& dir) override;
   Result<bool> Exists(const std::string& path) override;
   Result<uint64_t> FreeSpace(const std::string& path) override;
+  Result<std::vector<std::string>> ListDir(const std::string& dir) override;
   Result<std::string> RealPath(const std::string& path) override;
 
   // Internal: called by FaultFile.

@@ -63,6 +63,15 @@ class BlockFile {
   // The first offset >= `offset_bytes` inside a hole (SEEK_HOLE); EOF counts
   // as a hole.
   virtual Result<uint64_t> NextHole(uint64_t offset_bytes) = 0;
+  // A hint that [offset_bytes, offset_bytes + length_bytes) will be read
+  // soon: the file may start reading it in the background, so a sequential
+  // reader keeps several requests in flight without threads. It never
+  // changes what reads return or what is durable, and cannot fail; the
+  // default ignores it.
+  virtual void Prefetch(uint64_t offset_bytes, uint64_t length_bytes) {
+    (void)offset_bytes;
+    (void)length_bytes;
+  }
   // Takes the byte-range locks of `request`; kBusy, naming the byte, when a
   // probed byte is locked through another open of the same file (in this
   // process or another).
@@ -98,6 +107,9 @@ class FileSystem {
   // inside a folder. File systems without symlinks (the in-memory one)
   // return `path` unchanged, which is this default.
   virtual Result<std::string> RealPath(const std::string& path) { return path; }
+  // Names (not paths) of the regular files in folder `dir` ("" is the
+  // current folder), in no particular order. NotFound when it is missing.
+  virtual Result<std::vector<std::string>> ListDir(const std::string& dir) = 0;
 };
 
 // The process-wide POSIX file system; with PLOOP_FAULT set in the

@@ -287,6 +287,20 @@ Result<uint64_t> MemoryFileSystem::FreeSpace(const std::string& path) {
   return used >= state_->capacity ? 0 : state_->capacity - used;
 }
 
+Result<std::vector<std::string>> MemoryFileSystem::ListDir(const std::string& dir) {
+  // Paths are plain strings here: a file is in `dir` when its path is
+  // "dir/name" with no further slash ("name" alone for the current folder).
+  std::lock_guard lock(state_->mu);
+  std::string prefix = dir.empty() || dir == "." ? "" : dir + "/";
+  std::vector<std::string> names;
+  for (const auto& [path, node] : state_->files) {
+    if (path.compare(0, prefix.size(), prefix) != 0) continue;
+    std::string rest = path.substr(prefix.size());
+    if (!rest.empty() && rest.find('/') == std::string::npos) names.push_back(rest);
+  }
+  return names;
+}
+
 void MemoryFileSystem::set_capacity_bytes(uint64_t capacity) {
   std::lock_guard lock(state_->mu);
   state_->capacity = capacity;

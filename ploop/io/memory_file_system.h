@@ -28,6 +28,7 @@ class MemoryFileSystem final : public FileSystem {
   Status SyncDir(const std::string& dir) override;
   Result<bool> Exists(const std::string& path) override;
   Result<uint64_t> FreeSpace(const std::string& path) override;
+  Result<std::vector<std::string>> ListDir(const std::string& dir) override;
 
   // Limits the total bytes all files may hold; writes past it fail with
   // ENOSPC. 0 (the default) means unlimited.

@@ -1,5 +1,6 @@
 #include "ploop/io/posix_file_system.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <sys/stat.h>
@@ -113,6 +114,13 @@ class PosixFile final : public BlockFile {
     return static_cast<uint64_t>(r);
   }
 
+  void Prefetch(uint64_t offset, uint64_t length) override {
+    // WILLNEED queues readahead for the range and returns without waiting
+    // for it. Advice only: an error changes nothing a reader sees.
+    (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
+                          POSIX_FADV_WILLNEED);
+  }
+
   Status Lock(const LockRequest& request) override {
     for (uint64_t byte : request.probe_bytes) {
       struct flock fl = {};
@@ -221,6 +229,23 @@ Result<std::string> PosixFileSystem::RealPath(const std::string& path) {
   std::filesystem::path real = std::filesystem::weakly_canonical(absolute, ec);
   if (ec) return Status::FromErrno(ec.value(), "resolve " + path);
   return real.string();
+}
+
+Result<std::vector<std::string>> PosixFileSystem::ListDir(const std::string& dir) {
+  const std::string path = dir.empty() ? "." : dir;
+  DIR* d = ::opendir(path.c_str());
+  if (d == nullptr) return Status::FromErrno(errno, "list " + path);
+  std::vector<std::string> names;
+  while (struct dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    struct stat st;
+    if (::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) {
+      names.push_back(std::move(name));
+    }
+  }
+  ::closedir(d);
+  return names;
 }
 
 FileSystem& DefaultFileSystem() {

@@ -18,6 +18,7 @@ class PosixFileSystem final : public FileSystem {
   Status SyncDir(const std::string& dir) override;
   Result<bool> Exists(const std::string& path) override;
   Result<uint64_t> FreeSpace(const std::string& path) override;
+  Result<std::vector<std::string>> ListDir(const std::string& dir) override;
   Result<std::string> RealPath(const std::string& path) override;
 };
 

@@ -1,7 +1,11 @@
 // ploop: the command-line tool. Parses arguments with CLI11 and hands each
 // subcommand to commands.cc.
 #include <CLI/CLI.hpp>
+#include <cstdlib>
 #include <iostream>
+
+#include "ploop/io/fault_file_system.h"
+#include "ploop/io/memory_file_system.h"
 
 #include "commands.h"
 
@@ -14,6 +18,16 @@ constexpr const char* kFormatHelp = "image kind: expanded (default), preallocate
 }  // namespace
 
 int main(int argc, char** argv) {
+  // PLOOP_FAULT (fault injection for tests) is parsed lazily by the library;
+  // check it here so a typo is a clear error instead of an abort.
+  if (const char* spec = std::getenv("PLOOP_FAULT"); spec != nullptr && *spec != '\0') {
+    ploop::MemoryFileSystem scratch;
+    ploop::FaultFileSystem probe(scratch);
+    if (ploop::Status s = probe.Configure(spec); !s.ok()) {
+      std::cerr << "ploop: PLOOP_FAULT: " << s.message() << "\n";
+      return kExitUsage;
+    }
+  }
   CLI::App app{"ploop: container disk images in the OpenVZ ploop / Parallels format"};
   app.name("ploop");
   app.require_subcommand(1);

@@ -1,0 +1,309 @@
+// Snapshot operations. The order of the steps in each operation is what
+// makes it crash-safe; each function says its order, and the rule behind
+// all of them is the one at the top of snapshot.h: files appear before the
+// descriptor names them and disappear after it stops naming them, and a
+// merge is announced in the descriptor before its parent file changes.
+#include "snapshot/snapshot.h"
+
+#include <vector>
+
+#include "ploop/delta.h"
+#include "ploop/disk.h"
+#include "ploop/image.h"
+
+namespace ploop {
+
+namespace {
+
+// The file name for a new delta, as OpenVZ names them:
+// "<base file>.{random guid}".
+Result<std::string> NewDeltaFile(const Descriptor& dd) {
+  ASSIGN_OR_RETURN(std::string file_guid, NewRandomGuid());
+  return BaseName(dd.Chain().front().file) + "." + file_guid;
+}
+
+Result<std::unique_ptr<Image>> OpenDelta(FileSystem& fs, const DescriptorImage& image,
+                                         bool writable) {
+  OpenOptions o;
+  o.writable = writable;
+  o.raw = image.kind == ImageKind::kRaw;
+  ASSIGN_OR_RETURN_CTX(auto opened, OpenImage(fs, image.path, o),
+                       "delta " + image.guid + " (" + image.file + ")");
+  return opened;
+}
+
+// Creates an empty delta file of `size_bytes` for `dd`, closed.
+Status CreateEmptyDelta(FileSystem& fs, const Descriptor& dd, const std::string& file,
+                        uint64_t size_bytes) {
+  CreateOptions o;
+  o.size_bytes = size_bytes;
+  o.cluster_bytes = dd.cluster_bytes();
+  o.kind = ImageKind::kExpanded;
+  ASSIGN_OR_RETURN(auto delta, Delta::Create(fs, JoinPath(dd.folder(), file), o));
+  return delta->Close();
+}
+
+Status ChsFor(uint64_t size_bytes, uint64_t cluster_bytes, Header* out) {
+  ASSIGN_OR_RETURN(*out, MakeHeader(size_bytes, cluster_bytes));
+  return Status::Ok();
+}
+
+// Merges delta `child` into its parent `parent` (which has no other
+// child) and updates `dd` (saved). Steps:
+//   1. mark the parent <Temporary/> and save: from here a crash is
+//      finished by FinishInterruptedMerges();
+//   2. copy every cluster the child holds into the parent (the child's
+//      data wins; the child still shadows every cluster copied so far, so
+//      its view never changes), then close the parent (flush, clean);
+//   3. the child's GUID takes over the parent's file and place in the tree;
+//      save;
+//   4. remove the child's old file.
+Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
+                 const std::string& parent_guid) {
+  const DescriptorImage child_image = *dd.FindImage(child_guid);
+  const DescriptorImage parent_image = *dd.FindImage(parent_guid);
+  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+  auto ctx = "merge " + child_guid + " into " + parent_guid;
+
+  ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, child_image, false), ctx);
+  ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, parent_image, true), ctx);
+  auto* child_delta = dynamic_cast<Delta*>(child.get());
+  auto* parent_delta = dynamic_cast<Delta*>(parent.get());
+  if (child_delta == nullptr) return Status::NotSupported(ctx + ": a raw delta has no parent");
+  const uint64_t cb = dd.cluster_bytes();
+  if (child->cluster_bytes() != cb || (parent_delta && parent->cluster_bytes() != cb)) {
+    return Status::Corruption(ctx + ": cluster sizes differ");
+  }
+
+  // Room check: every cluster the child holds that the parent lacks is a
+  // new cluster in the parent's file.
+  if (parent_delta != nullptr) {
+    uint64_t new_clusters = 0;
+    for (uint64_t i = 0; i < child_delta->bat_entries(); ++i) {
+      if (child_delta->ClusterFileOffset(i) == 0) continue;
+      if (i >= parent_delta->bat_entries() || parent_delta->ClusterFileOffset(i) == 0) {
+        ++new_clusters;
+      }
+    }
+    uint64_t needed = new_clusters * cb + FirstBlockBytes(child_delta->bat_entries(), cb);
+    ASSIGN_OR_RETURN(uint64_t free_bytes,
+                     fs.FreeSpace(dd.folder().empty() ? "." : dd.folder()));
+    if (free_bytes < needed) {
+      return Status::NoSpace(ctx + ": needs up to " + std::to_string(needed) + " bytes, only " +
+                             std::to_string(free_bytes) + " available");
+    }
+  }
+
+  if (!dd.FindShot(parent_guid)->temporary) {
+    TRY_CTX(dd.SetTemporary(parent_guid, true), ctx);
+    TRY_CTX(dd.Save(fs), ctx);
+  }
+
+  if (child->size_bytes() > parent->size_bytes()) TRY_CTX(parent->Grow(child->size_bytes()), ctx);
+  std::vector<std::byte> buf(cb);
+  const uint64_t size = child->size_bytes();
+  for (uint64_t i = 0; i < child_delta->bat_entries(); ++i) {
+    if (child_delta->ClusterFileOffset(i) == 0) continue;
+    const uint64_t off = i * cb;
+    const uint64_t len = std::min(cb, size - off);
+    std::fill(buf.begin(), buf.end(), std::byte{0});
+    TRY_CTX(child->Read(off, std::span<std::byte>(buf.data(), len)), ctx);
+    if (parent_delta != nullptr) {
+      if (parent_delta->ClusterFileOffset(i) == 0 && IsZero(buf)) continue;
+      TRY_CTX(parent_delta->WriteCluster(i, buf), ctx);
+    } else {
+      TRY_CTX(parent->Write(off, std::span<const std::byte>(buf.data(), len)), ctx);
+    }
+  }
+  TRY_CTX(parent->Close(), ctx);
+  child.reset();
+
+  TRY_CTX(dd.SetParent(child_guid, grandparent), ctx);
+  TRY_CTX(dd.RemoveImage(parent_guid), ctx);
+  TRY_CTX(dd.SetFile(child_guid, parent_image.file, parent_image.kind), ctx);
+  TRY_CTX(dd.Save(fs), ctx);
+  fs.Remove(child_image.path).IgnoreError();  // an orphan at worst
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
+                                    const DescriptorLoadOptions& load) {
+  int finished = 0;
+  for (;;) {
+    ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+    std::string parent;
+    std::string child;
+    for (const auto& shot : dd.shots()) {
+      auto children = dd.Children(shot.guid);
+      if (shot.temporary && children.size() == 1) {
+        parent = shot.guid;
+        child = children[0];
+        break;
+      }
+    }
+    if (parent.empty()) return finished;
+    TRY_CTX(MergeInto(fs, dd, child, parent), "finish interrupted merge");
+    ++finished;
+  }
+}
+
+Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
+                                   std::string_view guid, const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  std::string snap;
+  if (guid.empty()) {
+    ASSIGN_OR_RETURN(snap, NewRandomGuid());
+  } else {
+    ASSIGN_OR_RETURN(snap, ParseGuid(guid));
+  }
+  if (snap == kTopGuid || snap == kNullGuid) {
+    return Status::InvalidArgument(snap + " is reserved and cannot name a snapshot");
+  }
+  if (dd.FindImage(snap) != nullptr) return Status::AlreadyExists("snapshot " + snap + " exists");
+
+  // Holding the top open for writing keeps everyone else out meanwhile.
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
+  const uint64_t size = std::max(top->size_bytes(), dd.disk_size_bytes());
+  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
+  TRY(CreateEmptyDelta(fs, dd, file, size));
+  const std::string old_top = dd.top_guid();
+  Status s = [&]() -> Status {
+    TRY(dd.RenameGuid(old_top, snap));
+    TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, file, snap));
+    TRY(dd.SetTop(kTopGuid));
+    return dd.Save(fs);
+  }();
+  if (!s.ok()) {
+    fs.Remove(JoinPath(dd.folder(), file)).IgnoreError();
+    return s;
+  }
+  return snap;
+}
+
+Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                      const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string target, ParseGuid(guid));
+  const DescriptorImage* image = dd.FindImage(target);
+  if (image == nullptr) return Status::NotFound("no snapshot " + target);
+  if (target == dd.top_guid()) {
+    return Status::InvalidArgument(target + " is the current top, not a snapshot");
+  }
+  if (dd.FindShot(target)->temporary) {
+    return Status::FailedPrecondition("snapshot " + target + " is temporary");
+  }
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
+  ASSIGN_OR_RETURN(auto snapshot, OpenDelta(fs, *image, false));
+  const uint64_t size = snapshot->size_bytes();
+  snapshot.reset();
+  const DescriptorImage old_top = dd.top();
+  if (!dd.Children(old_top.guid).empty()) {
+    return Status::FailedPrecondition("the top delta has children; the descriptor is odd");
+  }
+  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
+  TRY(CreateEmptyDelta(fs, dd, file, size));
+  Status s = [&]() -> Status {
+    ASSIGN_OR_RETURN(std::string parked, NewRandomGuid());
+    TRY(dd.RenameGuid(old_top.guid, parked));
+    TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, file, target));
+    TRY(dd.SetTop(kTopGuid));
+    TRY(dd.RemoveImage(parked));
+    Header chs;
+    TRY(ChsFor(size, dd.cluster_bytes(), &chs));
+    TRY(dd.SetDiskSize(size, chs.cylinders, chs.heads));
+    return dd.Save(fs);
+  }();
+  if (!s.ok()) {
+    fs.Remove(JoinPath(dd.folder(), file)).IgnoreError();
+    return s;
+  }
+  top.reset();
+  fs.Remove(old_top.path).IgnoreError();  // an orphan at worst
+  return Status::Ok();
+}
+
+Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                     const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  std::string child = dd.top_guid();
+  if (!guid.empty()) {
+    ASSIGN_OR_RETURN(child, ParseGuid(guid));
+  }
+  if (dd.FindImage(child) == nullptr) return Status::NotFound("no snapshot " + child);
+  const std::string parent = dd.FindShot(child)->parent_guid;
+  if (parent == kNullGuid) {
+    return Status::FailedPrecondition(child + " is the base; there is nothing to merge it into");
+  }
+  if (dd.Children(parent).size() != 1) {
+    return Status::FailedPrecondition("cannot merge " + child + " into " + parent +
+                                      ": the parent has other children that need it");
+  }
+  return MergeInto(fs, dd, child, parent);
+}
+
+Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  for (;;) {
+    ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+    auto chain = dd.Chain();
+    if (chain.size() == 1) return Status::Ok();
+    // Bottom up: each delta's data is copied once, into the base's file.
+    if (dd.Children(chain[0].guid).size() != 1) {
+      return Status::FailedPrecondition("cannot merge into " + chain[0].guid +
+                                        ": it has other children that need it");
+    }
+    TRY(MergeInto(fs, dd, chain[1].guid, chain[0].guid));
+  }
+}
+
+Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                      const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string target, ParseGuid(guid));
+  const DescriptorImage* image = dd.FindImage(target);
+  if (image == nullptr) return Status::NotFound("no snapshot " + target);
+  if (target == dd.top_guid()) {
+    return Status::FailedPrecondition(
+        "cannot delete the top delta; use snapshot-switch to roll back or snapshot-merge to "
+        "fold it into its parent");
+  }
+  auto children = dd.Children(target);
+  if (children.size() > 1) {
+    return Status::FailedPrecondition("snapshot " + target + " has " +
+                                      std::to_string(children.size()) +
+                                      " children; delete or merge them first");
+  }
+  if (children.size() == 1) return MergeInto(fs, dd, children[0], target);
+  // A leaf off the active chain: nobody reads it. Taking its write lock
+  // proves nobody has it open (a read-only snapshot mount, say).
+  const DescriptorImage victim = *image;
+  {
+    ASSIGN_OR_RETURN(auto locked, OpenDelta(fs, victim, true));
+  }
+  TRY(dd.RemoveImage(target));
+  TRY(dd.Save(fs));
+  fs.Remove(victim.path).IgnoreError();  // an orphan at worst
+  return Status::Ok();
+}
+
+Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
+                  const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
+  TRY(top->Grow(new_size_bytes));
+  const uint64_t size = top->size_bytes();
+  TRY(top->Close());
+  Header chs;
+  TRY(ChsFor(size, dd.cluster_bytes(), &chs));
+  TRY(dd.SetDiskSize(size, chs.cylinders, chs.heads));
+  return dd.Save(fs);
+}
+
+}  // namespace ploop

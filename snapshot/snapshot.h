@@ -1,0 +1,72 @@
+// Snapshot operations on a ploop disk (a DiskDescriptor.xml and its
+// deltas), offline, with OpenVZ ploop's semantics:
+//
+//   create  the old top becomes the snapshot (renamed to its GUID) and a
+//           new empty top {5fbaabe3-...} is added over it: O(1);
+//   switch  rollback: the current top is dropped and a new empty top is
+//           created over the chosen snapshot;
+//   merge   a delta is merged down into its parent: the child's clusters
+//           are copied into the parent's file, the child's GUID then names
+//           that file and the parent's GUID is gone;
+//   delete  a snapshot without children is removed; one with a single
+//           child is merged with it (the child's data wins); the top and a
+//           snapshot with several children are refused.
+//
+// Crash safety: every step that changes the chain ends with an atomic
+// descriptor save; delta files are created before the descriptor names
+// them and removed after it stops naming them, so a crash leaves at worst
+// an orphan file (reported and removed by `check --repair`). A merge first
+// marks the parent <Temporary/> in the descriptor; copying is idempotent,
+// so an interrupted merge is finished by FinishInterruptedMerges(), which
+// every operation here runs first.
+//
+// Exclusion: each operation holds the write lock of the delta files it
+// changes (lock.h), so a disk in use elsewhere gets Busy.
+//
+// Thread-safety: functions; no shared state.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "ploop/descriptor.h"
+#include "ploop/io/file_system.h"
+#include "ploop/status.h"
+
+namespace ploop {
+
+// Takes a snapshot; `guid` names it (empty: a random GUID). Returns the
+// snapshot's GUID. AlreadyExists when `guid` is taken; Busy when the disk is
+// in use.
+Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
+                                   std::string_view guid, const DescriptorLoadOptions& load = {});
+
+// Rolls back to snapshot `guid`: the current top's data is dropped.
+// InvalidArgument for the top itself; NotFound for an unknown GUID.
+Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                      const DescriptorLoadOptions& load = {});
+
+// Merges delta `guid` (empty: the top) into its parent. FailedPrecondition
+// for a root (nothing below) or a parent with other children; NoSpace when
+// the host file system lacks the room the merge may need.
+Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                     const DescriptorLoadOptions& load = {});
+
+// Merges the whole active chain into its base, so the disk is one delta.
+Status MergeAll(FileSystem& fs, const std::string& dd_path,
+                const DescriptorLoadOptions& load = {});
+
+// Deletes snapshot `guid` (see the top of this file).
+Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
+                      const DescriptorLoadOptions& load = {});
+
+// Finishes merges a crash interrupted (a <Temporary/> shot with exactly one
+// child). Returns how many it finished.
+Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
+                                    const DescriptorLoadOptions& load = {});
+
+// Grows the disk offline: the top delta and the descriptor's size.
+Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
+                  const DescriptorLoadOptions& load = {});
+
+}  // namespace ploop

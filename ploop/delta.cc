@@ -265,13 +265,17 @@ Status Delta::MarkDirty() {
   return Status::Ok();
 }
 
+uint64_t Delta::MaxFileClusters() const {
+  return 0xffffffffull / (header_.v2() ? 1 : header_.cluster_sectors);
+}
+
 Result<uint64_t> Delta::AllocateCluster() {
   if (!free_clusters_.empty()) {
     uint64_t fc = free_clusters_.back();
     free_clusters_.pop_back();
     return fc;
   }
-  if (next_cluster_ >= 0xffffffffull / (header_.v2() ? 1 : header_.cluster_sectors)) {
+  if (next_cluster_ >= MaxFileClusters()) {
     return Status::NoSpace("image file reached the format's size limit");
   }
   return next_cluster_++;
@@ -308,6 +312,32 @@ Status Delta::WriteNewCluster(uint64_t cluster_index, uint64_t in_cluster,
   }
   data_unsynced_ = true;
   SetEntry(cluster_index, fc);
+  return Status::Ok();
+}
+
+uint64_t Delta::NewDataClusters(uint64_t cluster_index, std::span<const std::byte> data,
+                                uint64_t max_count) const {
+  const uint64_t cb = cluster_bytes_;
+  uint64_t count = 0;
+  while (count < max_count && (count + 1) * cb <= data.size() && bat_[cluster_index + count] == 0 &&
+         !IsZero(data.subspan(count * cb, cb))) {
+    ++count;
+  }
+  return count;
+}
+
+Status Delta::AppendClusters(uint64_t cluster_index, std::span<const std::byte> data) {
+  const uint64_t cb = cluster_bytes_;
+  const uint64_t first = next_cluster_;
+  if (Status s = file_->WriteAt(first * cb, data); !s.ok()) {
+    // Nothing points at the run; cut off whatever part of it was written.
+    file_->Truncate(std::max(first * cb, header_.first_block_bytes())).IgnoreError();
+    return s;
+  }
+  const uint64_t count = data.size() / cb;
+  next_cluster_ += count;
+  data_unsynced_ = true;
+  for (uint64_t i = 0; i < count; ++i) SetEntry(cluster_index + i, first + i);
   return Status::Ok();
 }
 
@@ -354,7 +384,21 @@ Status Delta::Write(uint64_t offset, std::span<const std::byte> data) {
     if (bat_[idx] == 0) {
       auto piece = data.subspan(pos, n);
       // Zeros over an unallocated cluster change nothing a reader sees.
-      if (!IsZero(piece)) TRY(WriteNewCluster(idx, in, piece));
+      if (IsZero(piece)) {
+        pos += n;
+        continue;
+      }
+      // Whole new clusters in a row go to the end of the file in one write
+      // (one system call and one extent, not one per cluster; import writes
+      // long runs). Free clusters are reused first, one at a time.
+      if (n == cb && free_clusters_.empty() && next_cluster_ < MaxFileClusters()) {
+        uint64_t count = 1 + NewDataClusters(idx + 1, data.subspan(pos + n),
+                                             MaxFileClusters() - next_cluster_ - 1);
+        TRY(AppendClusters(idx, data.subspan(pos, count * cb)));
+        pos += count * cb;
+        continue;
+      }
+      TRY(WriteNewCluster(idx, in, piece));
       pos += n;
       continue;
     }
@@ -370,6 +414,21 @@ Status Delta::Write(uint64_t offset, std::span<const std::byte> data) {
     pos += run;
   }
   return Status::Ok();
+}
+
+Status Delta::WriteCluster(uint64_t cluster_index, std::span<const std::byte> data) {
+  if (!writable_) return Status::FailedPrecondition(path() + " is open read-only");
+  if (closed_) return Status::FailedPrecondition(path() + " is closed");
+  if (cluster_index >= bat_.size() || data.size() != cluster_bytes_) {
+    return Status::InvalidArgument("WriteCluster: bad cluster index or length");
+  }
+  TRY(MarkDirty());
+  if (bat_[cluster_index] != 0) {
+    TRY(file_->WriteAt(EntryToFileCluster(bat_[cluster_index]) * cluster_bytes_, data));
+    data_unsynced_ = true;
+    return Status::Ok();
+  }
+  return WriteNewCluster(cluster_index, 0, data);
 }
 
 Status Delta::Discard(uint64_t offset, uint64_t length) {

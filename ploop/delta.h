@@ -47,6 +47,11 @@ class Delta final : public Image {
   Status Grow(uint64_t new_size_bytes) override;
   Result<ImageStats> Stats() override;
 
+  // Writes one whole cluster, allocating it even when `data` is all zeros
+  // (a chain needs that to hide a lower layer's data). `data` must be
+  // exactly cluster_bytes() long.
+  Status WriteCluster(uint64_t cluster_index, std::span<const std::byte> data);
+
   const Header& header() const { return header_; }
   uint64_t bat_entries() const { return header_.bat_entries; }
   // File offset of virtual cluster `cluster_index`, or 0 when unallocated.
@@ -60,6 +65,17 @@ class Delta final : public Image {
   Status MarkDirty();
   // A file cluster for a new data cluster: a free one or the next at EOF.
   Result<uint64_t> AllocateCluster();
+  // How many file clusters the format can address.
+  uint64_t MaxFileClusters() const;
+  // How many whole clusters at the start of `data`, which begins at virtual
+  // cluster `cluster_index`, are unallocated and not all zeros (at most
+  // `max_count`).
+  uint64_t NewDataClusters(uint64_t cluster_index, std::span<const std::byte> data,
+                           uint64_t max_count) const;
+  // Writes `data` (whole clusters) in one write at the end of the file as
+  // new clusters for `cluster_index`...; the BAT entries are set in memory
+  // once the write succeeded.
+  Status AppendClusters(uint64_t cluster_index, std::span<const std::byte> data);
   Status WriteNewCluster(uint64_t cluster_index, uint64_t in_cluster,
                          std::span<const std::byte> data);
   void SetEntry(uint64_t cluster_index, uint64_t file_cluster);

@@ -30,13 +30,13 @@ before=$(listing)
 expect_error 2 "$PLOOP"
 expect_error 2 "$PLOOP" frobnicate
 expect_error 2 "$PLOOP" --bogus
-expect_error 2 "$PLOOP" init --bogus -s 1M a.hds
+expect_error 2 "$PLOOP" init --no-descriptor --bogus -s 1M a.hds
 err_has -- "--bogus"
 expect_error 2 "$PLOOP" init a.hds
 err_has -- "--size is required"
-expect_error 2 "$PLOOP" init -s 10M
+expect_error 2 "$PLOOP" init --no-descriptor -s 10M
 err_has "FILE is required"
-expect_error 2 "$PLOOP" init -s
+expect_error 2 "$PLOOP" init --no-descriptor -s
 expect_error 2 "$PLOOP" info
 expect_error 2 "$PLOOP" check --frob a.hds
 expect_error 2 "$PLOOP" import only-one.raw
@@ -44,30 +44,30 @@ expect_error 2 "$PLOOP" export only-one.hds
 expect_error 2 "$PLOOP" io a.hds
 err_has "CMD is required"
 expect_error 2 "$PLOOP" resize a.hds
-expect_error 2 "$PLOOP" init -s 10M a.hds extra-arg
+expect_error 2 "$PLOOP" init --no-descriptor -s 10M a.hds extra-arg
 for size in 10X abc -5M "" 1.5G 0x10 10MM 16E 99999999999999999999; do
-  expect_error 2 "$PLOOP" init -s "$size" a.hds
+  expect_error 2 "$PLOOP" init --no-descriptor -s "$size" a.hds
   err_has "invalid size"
 done
-expect_error 2 "$PLOOP" init -s 0 a.hds
+expect_error 2 "$PLOOP" init --no-descriptor -s 0 a.hds
 err_has "must not be zero"
 for size in 1000P 60T 51T $(((50 << 40) + 512)); do
-  expect_error 2 "$PLOOP" init -s "$size" a.hds
+  expect_error 2 "$PLOOP" init --no-descriptor -s "$size" a.hds
   err_has "over the maximum of 50T"
 done
-expect_error 2 "$PLOOP" init -s 50T -b 32K a.hds # 2^30 clusters: too many
+expect_error 2 "$PLOOP" init --no-descriptor -s 50T -b 32K a.hds # 2^30 clusters: too many
 err_has "use a bigger cluster size"
 for cb in 16K 48K 128M 0 1 3K 32769 x; do
-  expect_error 2 "$PLOOP" init -s 10M -b "$cb" a.hds
+  expect_error 2 "$PLOOP" init --no-descriptor -s 10M -b "$cb" a.hds
   err_has "cluster size"
   expect_error 2 "$PLOOP" import -b "$cb" a.raw a.hds
   err_has "cluster size"
 done
-expect_error 2 "$PLOOP" init -s 10M -f qcow2 a.hds
+expect_error 2 "$PLOOP" init --no-descriptor -s 10M -f qcow2 a.hds
 err_has "unknown image kind 'qcow2' \(use expanded, preallocated or raw\)"
 expect_error 2 "$PLOOP" import -f raw a.raw a.hds
 err_has "unknown image kind 'raw' \(use expanded or preallocated\)"
-expect_error 2 "$PLOOP" init -s 1000 -f raw a.raw
+expect_error 2 "$PLOOP" init --no-descriptor -s 1000 -f raw a.raw
 err_has "multiple of 512"
 assert_eq "$(listing)" "$before" "files after usage errors"
 
@@ -81,8 +81,8 @@ expect_error 3 "$PLOOP" io -r missing.hds "read 0 512"
 expect_error 3 "$PLOOP" export missing.hds out.raw
 expect_error 3 "$PLOOP" import missing.raw out.hds
 expect_error 3 "$PLOOP" resize -s 1G missing.hds
-expect_error 3 "$PLOOP" init -s 1M no-such-dir/a.hds
-pl init -s 10M -b 64K a.hds
+expect_error 3 "$PLOOP" init --no-descriptor -s 1M no-such-dir/a.hds
+pl init --no-descriptor -s 10M -b 64K a.hds
 expect_error 3 "$PLOOP" io a.hds "write -f missing.bin 0"
 assert_eq "$(listing)" "$before"$'\n'"a.hds" "files after missing-file errors"
 
@@ -92,10 +92,10 @@ random_file a.raw $((2 * MiB)) 1
 echo "precious" >keep.txt
 for dst in a.hds a.raw keep.txt; do
   sum=$(md5 "$dst")
-  expect_error 4 "$PLOOP" init -s 1M "$dst"
+  expect_error 4 "$PLOOP" init --no-descriptor -s 1M "$dst"
   err_has "$dst: File exists"
-  expect_error 4 "$PLOOP" init -s 1M -f raw "$dst"
-  expect_error 4 "$PLOOP" init -s 1M -f preallocated "$dst"
+  expect_error 4 "$PLOOP" init --no-descriptor -s 1M -f raw "$dst"
+  expect_error 4 "$PLOOP" init --no-descriptor -s 1M -f preallocated "$dst"
   expect_error 4 "$PLOOP" import a.raw "$dst"
   err_has "$dst: File exists"
   expect_error 4 "$PLOOP" export a.hds "$dst"
@@ -211,11 +211,11 @@ enospc_loop() {
 }
 for kind in expanded preallocated raw; do
   for op in write sync allocate; do
-    enospc_loop "$op" "$PLOOP" init -s 4M -f "$kind" -b 64K "init-$kind.img"
+    enospc_loop "$op" "$PLOOP" init --no-descriptor -s 4M -f "$kind" -b 64K "init-$kind.img"
     rm "init-$kind.img"
   done
 done
-pl init -s 8M -b 64K exp-src.hds
+pl init --no-descriptor -s 8M -b 64K exp-src.hds
 pl io exp-src.hds "write -P 0x31 0 200000" "write -P 0x32 $((5 * MiB)) $MiB"
 for op in write truncate sync; do
   enospc_loop "$op" "$PLOOP" export exp-src.hds exp.raw
@@ -225,7 +225,7 @@ for op in write truncate sync; do
 done
 
 note "disk full during resize (exit 8, image still good)"
-pl init -s 200M -b 32K rs.hds
+pl init --no-descriptor -s 200M -b 32K rs.hds
 truncate -s 200M rs.raw
 both rs.hds rs.raw "write -P 0x41 0 65536" "write -P 0x42 $((100 * MiB)) 4096"
 for ((n = 1; n < 100; n++)); do
@@ -249,7 +249,7 @@ assert_eq "$(qemu_vsize rs-try.hds)" $((300 * MiB)) "size after the resize"
 note "disk full during io writes (exit 8, image consistent, flushed data intact)"
 # Session 1 (flushed, closed): clusters 0-1 of 0x11. Session 2 writes new
 # clusters, flushes, proves the flush with a read, then writes more.
-pl init -s 8M -b 64K full.hds
+pl init --no-descriptor -s 8M -b 64K full.hds
 pl io full.hds "write -P 0x11 0 131072"
 session2=("write -P 0x22 262144 65536" "write -P 0x23 393216 100" flush
   "read -P 0x22 262144 65536" "write -P 0x24 524288 131072" "write -P 0x25 397312 100" flush)

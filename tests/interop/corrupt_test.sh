@@ -16,7 +16,7 @@ need qemu-img qemu-io
 cb=65536
 # Base image, 8M at 64K clusters: virtual clusters 0, 1 and 5 hold data, in
 # file clusters 1, 2 and 3 (BAT entries 0, 1 and 5).
-pl init -s 8M -b 64K base.hds
+pl init --no-descriptor -s 8M -b 64K base.hds
 io_cmds=("write -P 0x11 0 $cb" "write -P 0x22 $cb $cb" "write -P 0x33 $((5 * cb)) 100")
 truncate -s 8M base.raw
 both base.hds base.raw "${io_cmds[@]}"
@@ -107,7 +107,7 @@ qemu_same dup.hds dup.raw
 pl io -r dup.hds "read -P 0x11 0 $cb"
 
 note "BAT entry pointing into the BAT area"
-pl init -s 300M -b 32K bigbat.hds # 9600 entries: 2 BAT clusters
+pl init --no-descriptor -s 300M -b 32K bigbat.hds # 9600 entries: 2 BAT clusters
 pl io bigbat.hds "write -P 0x11 0 32768"
 truncate -s 300M bigbat.raw
 expect_ok qemu-io -f raw -c "write -P 0x11 0 32768" bigbat.raw

@@ -60,7 +60,7 @@ for cb_k in 32 64 1024 4096; do
   for kind in expanded preallocated; do
     note "init -f $kind -b ${cb_k}K"
     img=$kind-$cb_k.hds
-    pl init -s 48M -f "$kind" -b "${cb_k}K" "$img"
+    pl init --no-descriptor -s 48M -f "$kind" -b "${cb_k}K" "$img"
     qemu_clean "$img"
     assert_eq "$(qemu_vsize "$img")" "$size" "qemu virtual size"
     expect_ok qemu-img info "$img"
@@ -95,7 +95,7 @@ done
 
 # --- raw kind ---
 note "init -f raw"
-pl init -s 12M -f raw plain.img
+pl init --no-descriptor -s 12M -f raw plain.img
 truncate -s 12M plain.ref
 for cmd in "write -P 0x11 0 4096" "write -P 0x22 65000 100000" "write -z 70000 1000" \
   "write -P 0x33 $((12 * MiB - 512)) 512"; do
@@ -157,7 +157,7 @@ done
 
 # --- resize ---
 note "resize"
-pl init -s 20M -b 64K grow.hds
+pl init --no-descriptor -s 20M -b 64K grow.hds
 truncate -s 20M grow.ref
 both grow.hds grow.ref "write -P 0x5a 0 100000" "write -P 0xa5 $((20 * MiB - 65536)) 65536"
 pl resize -s 60M grow.hds
@@ -178,7 +178,7 @@ for kind in expanded preallocated; do
   note "resize with relocation ($kind)"
   img=reloc-$kind.hds
   ref=reloc-$kind.raw
-  pl init -f "$kind" -s 200M -b 32K "$img"
+  pl init --no-descriptor -f "$kind" -s 200M -b 32K "$img"
   assert_eq "$(get_u32 "$img" 48)" 64 "first block (sectors) before the grow"
   truncate -s 200M "$ref"
   both "$img" "$ref" "write -P 0x61 0 32768" "write -P 0x62 32768 70000" \

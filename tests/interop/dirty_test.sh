@@ -52,7 +52,7 @@ reads() {
 }
 
 # The base image: clusters 0 and 2 hold 0x11 / 0x22, flushed and closed.
-pl init -s 8M -b 64K base.hds
+pl init --no-descriptor -s 8M -b 64K base.hds
 pl io base.hds "write -P 0x11 0 $cb" "write -P 0x22 $((2 * cb)) $cb"
 truncate -s 8M base.raw
 expect_ok qemu-io -f raw -c "write -P 0x11 0 $cb" -c "write -P 0x22 $((2 * cb)) $cb" base.raw

@@ -52,7 +52,7 @@ qemu_refused() {
   err_has "$QEMU_LOCK_ERR"
 }
 
-pl init -s 8M -b 64K img.hds
+pl init --no-descriptor -s 8M -b 64K img.hds
 pl io img.hds "write -P 0x5a 0 65536"
 truncate -s 8M img.raw
 expect_ok qemu-io -f raw -c "write -P 0x5a 0 65536" img.raw

@@ -113,7 +113,7 @@ qemu_same odd.hds odd.raw
 note "v1 image (WithoutFreeSpace: BAT entries in sectors)"
 # QEMU cannot create v1 images but reads them: make one from a v2 image by
 # rewriting the signature and turning each BAT entry into sectors.
-pl init -s 8M -b 64K v1.hds
+pl init --no-descriptor -s 8M -b 64K v1.hds
 truncate -s 8M v1.raw
 both v1.hds v1.raw "write -P 0x11 0 65536" "write -P 0x22 204800 10240" \
   "write -P 0x33 $((8 * MiB - 512)) 512"

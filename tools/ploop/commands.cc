@@ -17,21 +17,25 @@
 #include "ploop/check.h"
 #include "ploop/convert.h"
 #include "ploop/delta.h"
+#include "ploop/disk.h"
+#include "snapshot/snapshot.h"
 #include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/lock.h"
+#include "cli_common.h"
 #include "units.h"
 
 namespace ploop::cli {
-
-namespace {
 
 using nlohmann::json;
 
 int Fail(std::string_view command, const Status& status) {
   std::cerr << "ploop " << command << ": " << status.message();
-  if (status.code() == StatusCode::kCorruption && command != "check") {
-    std::cerr << " (see: ploop check)";
+  // A corrupt image: point at the command that diagnoses and repairs it
+  // (not for a file that is simply not a ploop image).
+  if (status.code() == StatusCode::kCorruption && command != "check" &&
+      status.message().find("-f raw") == std::string::npos) {
+    std::cerr << " (run 'ploop check' on it)";
   }
   std::cerr << "\n";
   return ExitCodeFor(status);
@@ -49,24 +53,62 @@ std::optional<uint64_t> SizeArg(const std::string& text, const char* what, std::
   return v;
 }
 
-// Opens FILE: raw when asked with -f raw, otherwise a ploop image.
+namespace {
+bool g_allow_outside_files = false;
+}  // namespace
+
+DescriptorLoadOptions LoadOptions() {
+  DescriptorLoadOptions load;
+  load.allow_outside_files = g_allow_outside_files;
+  return load;
+}
+
+namespace {
+
+// Opens FILE for a command: a DiskDescriptor.xml (or a folder holding one)
+// opens the disk's chain (up to snapshot `guid` when given); anything else
+// is one image file, raw when asked with -f raw, otherwise a ploop image.
+// A writable open of a disk first finishes a merge a crash interrupted.
 Result<std::unique_ptr<Image>> OpenFor(const std::string& file, const std::string& format,
-                                       bool writable, bool lock = true) {
+                                       bool writable, bool lock = true,
+                                       const std::string& guid = "") {
   OpenOptions options;
   options.writable = writable;
   options.lock = lock;
+  FileSystem& fs = DefaultFileSystem();
+  std::string dd_path;
+  if (IsDescriptorPath(fs, file, &dd_path)) {
+    if (!format.empty()) {
+      return Status::InvalidArgument("-f applies to image files, not to a descriptor");
+    }
+    if (writable) TRY(FinishInterruptedMerges(fs, dd_path, LoadOptions()).status());
+    ASSIGN_OR_RETURN(auto chain, OpenDisk(fs, dd_path, guid, options, LoadOptions()));
+    return std::unique_ptr<Image>(std::move(chain));
+  }
+  if (!guid.empty()) {
+    return Status::InvalidArgument("-u selects a snapshot of a disk: give its DiskDescriptor.xml");
+  }
   if (!format.empty()) {
     if (format != "raw" && format != "ploop" && format != "expanded" && format != "ploop1") {
       return Status::InvalidArgument("unknown format '" + format + "' (use raw or ploop)");
     }
     options.raw = format == "raw";
   }
-  auto image = OpenImage(DefaultFileSystem(), file, options);
+  auto image = OpenImage(fs, file, options);
   if (!image.ok() && image.error().code() == StatusCode::kCorruption && !options.raw &&
       image.error().message().find("bad signature") != std::string::npos) {
     return Status::Corruption(file + ": not a ploop image (bad signature); use -f raw for a raw file");
   }
   return image;
+}
+
+// The descriptor FILE names, or an InvalidArgument saying one is needed.
+Result<std::string> DescriptorArg(const std::string& file) {
+  std::string dd_path;
+  if (!IsDescriptorPath(DefaultFileSystem(), file, &dd_path)) {
+    return Status::InvalidArgument(file + " is not a DiskDescriptor.xml (nor a folder with one)");
+  }
+  return dd_path;
 }
 
 Result<CreateOptions> CreateArgs(const std::string& format, const std::string& cluster,
@@ -91,6 +133,8 @@ Result<CreateOptions> CreateArgs(const std::string& format, const std::string& c
 }
 
 }  // namespace
+
+void SetAllowOutsideFiles(bool allow) { g_allow_outside_files = allow; }
 
 int ExitCodeFor(const Status& status) {
   switch (status.code()) {
@@ -140,6 +184,16 @@ int RunInit(const InitArgs& args) {
   auto options = CreateArgs(args.format, args.cluster, /*allow_raw=*/true);
   if (!options.ok()) return Fail("init", options.error());
   options->size_bytes = *size;
+  if (!args.no_descriptor) {
+    // OpenVZ layout: DIR/root.hds and DIR/DiskDescriptor.xml.
+    if (Status s = CreateDisk(DefaultFileSystem(), args.file, *options); !s.ok()) {
+      return Fail("init", s);
+    }
+    std::cout << "Created " << args.file << " and "
+              << JoinPath(DirName(args.file), std::string(kDescriptorFileName)) << ": "
+              << ImageKindName(options->kind) << ", " << HumanSize(*size) << "\n";
+    return kExitOk;
+  }
   auto image = CreateImage(DefaultFileSystem(), args.file, *options);
   if (!image.ok()) return Fail("init", image.error());
   uint64_t virtual_size = (*image)->size_bytes();
@@ -154,6 +208,10 @@ int RunInit(const InitArgs& args) {
 }
 
 int RunInfo(const InfoArgs& args) {
+  std::string dd_path;
+  if (args.format.empty() && IsDescriptorPath(DefaultFileSystem(), args.file, &dd_path)) {
+    return RunDiskInfo(dd_path, args.json);
+  }
   // Read-only and without taking the lock: info only looks at metadata and
   // must work on an image another program has open.
   auto opened = OpenFor(args.file, args.format, /*writable=*/false, /*lock=*/false);
@@ -199,6 +257,8 @@ int RunInfo(const InfoArgs& args) {
 
 int RunCheck(const CheckArgs& args) {
   FileSystem& fs = DefaultFileSystem();
+  std::string dd_path;
+  if (IsDescriptorPath(fs, args.file, &dd_path)) return RunDiskCheck(dd_path, args.repair, args.json);
   auto file = fs.Open(args.file, args.repair ? OpenMode::kReadWrite : OpenMode::kReadOnly);
   if (!file.ok()) return Fail("check", file.error());
   if (Status s = LockImage(**file, args.repair); !s.ok()) return Fail("check", s);
@@ -259,7 +319,7 @@ int RunImport(const ImportArgs& args) {
 }
 
 int RunExport(const ExportArgs& args) {
-  auto image = OpenFor(args.src, args.format, /*writable=*/false);
+  auto image = OpenFor(args.src, args.format, /*writable=*/false, /*lock=*/true, args.guid);
   if (!image.ok()) return Fail("export", image.error());
   Status s = ExportRaw(**image, DefaultFileSystem(), args.dst);
   if (!s.ok()) return Fail("export", s);
@@ -270,6 +330,11 @@ int RunResize(const ResizeArgs& args) {
   int rc = kExitOk;
   auto size = SizeArg(args.size, "size", "resize", &rc);
   if (!size) return rc;
+  std::string dd_path;
+  if (IsDescriptorPath(DefaultFileSystem(), args.file, &dd_path)) {
+    Status s = ResizeDisk(DefaultFileSystem(), dd_path, *size, LoadOptions());
+    return s.ok() ? kExitOk : Fail("resize", s);
+  }
   auto image = OpenFor(args.file, args.format, /*writable=*/true);
   if (!image.ok()) return Fail("resize", image.error());
   if (Status s = (*image)->Grow(*size); !s.ok()) return Fail("resize", s);
@@ -402,7 +467,8 @@ int RunIoCommand(Image& image, const std::string& text) {
 }  // namespace
 
 int RunIo(const IoArgs& args) {
-  auto image = OpenFor(args.file, args.format, /*writable=*/!args.read_only);
+  auto image = OpenFor(args.file, args.format, /*writable=*/!args.read_only, /*lock=*/true,
+                       args.guid);
   if (!image.ok()) return Fail("io", image.error());
   for (const auto& command : args.commands) {
     int rc = RunIoCommand(**image, command);

@@ -27,6 +27,8 @@ enum ExitCode : int {
 };
 
 int ExitCodeFor(const Status& status);
+// --allow-outside-files: descriptors may name files outside their folder.
+void SetAllowOutsideFiles(bool allow);
 const char* ExitCodeTable();
 
 struct InitArgs {
@@ -34,6 +36,7 @@ struct InitArgs {
   std::string size;
   std::string format = "expanded";
   std::string cluster;
+  bool no_descriptor = false;
 };
 int RunInit(const InitArgs& args);
 
@@ -60,6 +63,7 @@ struct ImportArgs {
 int RunImport(const ImportArgs& args);
 
 struct ExportArgs {
+  std::string guid;
   std::string src;
   std::string dst;
   std::string format;
@@ -67,6 +71,7 @@ struct ExportArgs {
 int RunExport(const ExportArgs& args);
 
 struct IoArgs {
+  std::string guid;
   std::string file;
   std::string format;
   bool read_only = false;
@@ -80,5 +85,31 @@ struct ResizeArgs {
   std::string size;
 };
 int RunResize(const ResizeArgs& args);
+
+// --- Disks (DiskDescriptor.xml) and snapshots: disk_commands.cc ---
+
+struct SnapshotArgs {
+  std::string dd;
+  std::string guid;
+  bool all = false;
+  bool json = false;
+};
+int RunSnapshot(const SnapshotArgs& args);
+int RunSnapshotList(const SnapshotArgs& args);
+int RunSnapshotDelete(const SnapshotArgs& args);
+int RunSnapshotMerge(const SnapshotArgs& args);
+int RunSnapshotSwitch(const SnapshotArgs& args);
+
+struct RestoreArgs {
+  std::string dir;
+  std::string image;
+  std::string format;
+};
+int RunRestoreDescriptor(const RestoreArgs& args);
+
+// info and check of a whole disk (called by RunInfo/RunCheck for a
+// descriptor).
+int RunDiskInfo(const std::string& dd_path, bool json);
+int RunDiskCheck(const std::string& dd_path, bool repair, bool json);
 
 }  // namespace ploop::cli

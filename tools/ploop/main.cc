@@ -40,6 +40,8 @@ int main(int argc, char** argv) {
   c_init->add_option("-s,--size", init.size, "virtual disk size, e.g. 10G")->required();
   c_init->add_option("-f,--format", init.format, kFormatHelp);
   c_init->add_option("-b,--cluster", init.cluster, "cluster size, 32K..64M (default 1M)");
+  c_init->add_flag("--no-descriptor", init.no_descriptor,
+                   "create only the image, without DiskDescriptor.xml beside it");
   c_init->add_option("FILE", init.file, "image file to create")->required();
   c_init->callback([&] { rc = RunInit(init); });
 
@@ -68,6 +70,7 @@ int main(int argc, char** argv) {
   ExportArgs exp;
   auto* c_export = app.add_subcommand("export", "write an image's disk to a raw file");
   c_export->add_option("-f,--format", exp.format, "raw: treat SRC as a raw image");
+  c_export->add_option("-u,--uuid", exp.guid, "export this snapshot (SRC is a DiskDescriptor.xml)");
   c_export->add_option("SRC", exp.src, "image file")->required();
   c_export->add_option("DST", exp.dst, "raw file to create")->required();
   c_export->callback([&] { rc = RunExport(exp); });
@@ -77,6 +80,7 @@ int main(int argc, char** argv) {
       "io", "run I/O commands on an image, in order (like qemu-io)");
   c_io->add_flag("-r,--read-only", io.read_only, "open read-only");
   c_io->add_option("-f,--format", io.format, "raw: treat FILE as a raw image");
+  c_io->add_option("-u,--uuid", io.guid, "work on this snapshot (read-only unless it is the top)");
   c_io->add_option("FILE", io.file, "image file")->required();
   c_io->add_option("CMD", io.commands,
                    "each one argument: 'write -P BYTE OFF LEN', 'write -f FILE OFF', "
@@ -92,6 +96,53 @@ int main(int argc, char** argv) {
   c_resize->add_option("-f,--format", resize.format, "raw: treat FILE as a raw image");
   c_resize->add_option("FILE", resize.file, "image file")->required();
   c_resize->callback([&] { rc = RunResize(resize); });
+
+  SnapshotArgs snap;
+  auto* c_snap = app.add_subcommand("snapshot", "take a snapshot; prints its GUID");
+  c_snap->add_option("-u,--uuid", snap.guid, "GUID for the snapshot (default: random)");
+  c_snap->add_option("DD", snap.dd, "DiskDescriptor.xml")->required();
+  c_snap->callback([&] { rc = RunSnapshot(snap); });
+
+  SnapshotArgs list;
+  auto* c_list = app.add_subcommand("snapshot-list", "show the snapshot tree");
+  c_list->add_flag("--json", list.json, "print JSON");
+  c_list->add_option("DD", list.dd, "DiskDescriptor.xml")->required();
+  c_list->callback([&] { rc = RunSnapshotList(list); });
+
+  SnapshotArgs del;
+  auto* c_del = app.add_subcommand(
+      "snapshot-delete", "delete a snapshot (one with a single child is merged with it)");
+  c_del->add_option("-u,--uuid", del.guid, "snapshot GUID")->required();
+  c_del->add_option("DD", del.dd, "DiskDescriptor.xml")->required();
+  c_del->callback([&] { rc = RunSnapshotDelete(del); });
+
+  SnapshotArgs merge;
+  auto* c_merge = app.add_subcommand("snapshot-merge",
+                                     "merge a delta (default: the top) into its parent");
+  c_merge->add_option("-u,--uuid", merge.guid, "the delta to merge down");
+  c_merge->add_flag("-A,--all", merge.all, "merge the whole chain into the base");
+  c_merge->add_option("DD", merge.dd, "DiskDescriptor.xml")->required();
+  c_merge->callback([&] { rc = RunSnapshotMerge(merge); });
+
+  SnapshotArgs sw;
+  auto* c_switch = app.add_subcommand(
+      "snapshot-switch", "roll back: drop the top and start a new empty top over a snapshot");
+  c_switch->add_option("-u,--uuid", sw.guid, "snapshot GUID")->required();
+  c_switch->add_option("DD", sw.dd, "DiskDescriptor.xml")->required();
+  c_switch->callback([&] { rc = RunSnapshotSwitch(sw); });
+
+  RestoreArgs restore;
+  auto* c_restore = app.add_subcommand("restore-descriptor",
+                                       "rebuild a lost DiskDescriptor.xml from an image");
+  c_restore->add_option("-f,--format", restore.format, "raw: the image is a raw file");
+  c_restore->add_option("DIR", restore.dir, "folder to write DiskDescriptor.xml into")->required();
+  c_restore->add_option("IMAGE", restore.image, "the image, inside DIR")->required();
+  c_restore->callback([&] { rc = RunRestoreDescriptor(restore); });
+
+  bool allow_outside = false;
+  app.add_flag("--allow-outside-files", allow_outside,
+               "accept descriptors that name files outside their folder");
+  app.parse_complete_callback([&] { SetAllowOutsideFiles(allow_outside); });
 
   try {
     app.parse(argc, argv);

@@ -49,6 +49,7 @@ struct FaultFileSystem::Journal {
     uint64_t new_size = 0;
     std::vector<std::byte> old_bytes;  // [offset, offset+old_bytes.size()) before the op
     std::vector<std::byte> new_bytes;  // for writes: the data written
+    bool refused = false;              // the base failed it: undo only, never redo
   };
   std::vector<Entry> entries;
 };
@@ -79,7 +80,7 @@ class FaultFile final : public BlockFile {
       return s;
     }
     fs_.Record(path(), *base_, Kind::kWrite, offset, data.size(), 0, data);
-    return base_->WriteAt(offset, data);
+    return Refusable(base_->WriteAt(offset, data));
   }
 
   Status Sync() override {
@@ -94,21 +95,21 @@ class FaultFile final : public BlockFile {
   Status Truncate(uint64_t size) override {
     TRY(fs_.Before(FaultOp::kTruncate, path(), std::to_string(size), nullptr));
     fs_.Record(path(), *base_, Kind::kTruncate, size, 0, size, {});
-    return base_->Truncate(size);
+    return Refusable(base_->Truncate(size));
   }
 
   Status PunchHole(uint64_t offset, uint64_t length) override {
     TRY(fs_.Before(FaultOp::kPunchHole, path(),
                    std::to_string(offset) + "+" + std::to_string(length), nullptr));
     fs_.Record(path(), *base_, Kind::kPunch, offset, length, 0, {});
-    return base_->PunchHole(offset, length);
+    return Refusable(base_->PunchHole(offset, length));
   }
 
   Status Allocate(uint64_t offset, uint64_t length) override {
     TRY(fs_.Before(FaultOp::kAllocate, path(),
                    std::to_string(offset) + "+" + std::to_string(length), nullptr));
     fs_.Record(path(), *base_, Kind::kAllocate, offset, 0, offset + length, {});
-    return base_->Allocate(offset, length);
+    return Refusable(base_->Allocate(offset, length));
   }
 
   Result<std::optional<uint64_t>> NextData(uint64_t offset) override {
@@ -126,6 +127,13 @@ class FaultFile final : public BlockFile {
   const std::string& path() const override { return base_->path(); }
 
  private:
+  // The base file system's answer to the operation just recorded: when it
+  // refused (ENOSPC, ...), a crash must not replay the operation.
+  Status Refusable(Status s) {
+    if (!s.ok()) fs_.Refused(path());
+    return s;
+  }
+
   FaultFileSystem& fs_;
   std::unique_ptr<BlockFile> base_;
 };
@@ -231,6 +239,14 @@ void FaultFileSystem::Record(const std::string& path, BlockFile& file, JournalKi
   j->entries.push_back(std::move(e));
 }
 
+void FaultFileSystem::Refused(const std::string& path) {
+  std::lock_guard lock(mu_);
+  auto it = journals_.find(path);
+  if (it != journals_.end() && !it->second->entries.empty()) {
+    it->second->entries.back().refused = true;
+  }
+}
+
 void FaultFileSystem::Synced(const std::string& path) {
   std::lock_guard lock(mu_);
   journals_.erase(path);
@@ -265,7 +281,7 @@ Status FaultFileSystem::Crash(CrashMode mode, uint64_t seed) {
     // Redo the survivors, oldest first.
     for (const auto& e : entries) {
       bool keep = mode == CrashMode::kKeepAll || (mode == CrashMode::kRandom && (rng() & 1));
-      if (!keep) continue;
+      if (!keep || e.refused) continue;
       switch (e.kind) {
         case JournalKind::kWrite:
           if (!e.new_bytes.empty()) TRY(f.WriteAt(e.offset, e.new_bytes));

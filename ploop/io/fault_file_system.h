@@ -94,6 +94,8 @@ class FaultFileSystem final : public FileSystem {
   // offset+length) (for a truncate: everything past `new_size`).
   void Record(const std::string& path, BlockFile& file, JournalKind kind, uint64_t offset,
               uint64_t length, uint64_t new_size, std::span<const std::byte> new_bytes);
+  // The base file system failed the operation Record() just recorded.
+  void Refused(const std::string& path);
   void Synced(const std::string& path);
 
  private:

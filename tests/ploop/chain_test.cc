@@ -72,7 +72,7 @@ TEST_CASE("reads come from the highest layer holding each cluster") {
   CHECK(st.allocated_clusters == 5);
 }
 
-TEST_CASE("writes go to the top; a partial write copies the cluster up; lower layers stay") {
+TEST_CASE("writes go to the top - a partial write copies the cluster up - lower layers stay") {
   MemoryFileSystem fs;
   TestRng rng;
   auto base_data = rng.Bytes(4 * kCb);
@@ -100,7 +100,7 @@ TEST_CASE("writes go to the top; a partial write copies the cluster up; lower la
   CHECK(own[100] == std::byte{0xee});
 }
 
-TEST_CASE("zeros and discards over lower data read as zeros, never older data") {
+TEST_CASE("zeros and discards over lower data read as zeros - never older data") {
   MemoryFileSystem fs;
   MakeLayer(fs, "base", 8 * kCb, {{0, Pattern(6 * kCb, 0xaa)}});
   MakeLayer(fs, "top", 8 * kCb, {});
@@ -213,7 +213,7 @@ TEST_CASE("the layering rules are enforced") {
   CHECK(open({"small", "big"}, {false, true}).ok());
 }
 
-TEST_CASE("random writes and discards on a chain match a model; lower layers never change") {
+TEST_CASE("random writes and discards on a chain match a model - lower layers never change") {
   MemoryFileSystem fs;
   TestRng rng;
   const uint64_t size = 24 * kCb;

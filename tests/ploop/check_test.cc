@@ -90,7 +90,7 @@ TEST_CASE("a clean image checks clean and repair changes nothing") {
   CHECK(fx.fs.Contents("img.hds") == before);
 }
 
-TEST_CASE("BAT entry past EOF is zeroed; other data survives") {
+TEST_CASE("BAT entry past EOF is zeroed - other data survives") {
   Fixture fx;
   fx.SetEntry(2, 1000);
   fx.ExpectRepaired("past the end of the file");

@@ -94,7 +94,7 @@ TEST_CASE("writing zeros to unallocated clusters allocates nothing") {
   CHECK(fs.Contents("img.hds").size() == kMiB);
 }
 
-TEST_CASE("writes crossing clusters, overwrite in place, read back after reopen") {
+TEST_CASE("writes crossing clusters - overwrite in place - read back after reopen") {
   MemoryFileSystem fs;
   const uint64_t cb = 32 * kKiB;
   TestRng rng;
@@ -114,7 +114,7 @@ TEST_CASE("writes crossing clusters, overwrite in place, read back after reopen"
   CHECK(ReadAll(*d, 0, model.size()) == model);
 }
 
-TEST_CASE("discard of whole clusters unmaps them; partial discard writes zeros") {
+TEST_CASE("discard of whole clusters unmaps them - partial discard writes zeros") {
   MemoryFileSystem fs;
   const uint64_t cb = 64 * kKiB;
   auto d = MakeDelta(fs, kMiB, cb);
@@ -190,7 +190,7 @@ TEST_CASE("the dirty flag is set before the first write and cleared on close") {
   CHECK(in_use() == kInUseClean);
 }
 
-TEST_CASE("a writable open of a dirty image repairs it; a read-only open reads it") {
+TEST_CASE("a writable open of a dirty image repairs it - a read-only open reads it") {
   MemoryFileSystem fs;
   const uint64_t cb = 64 * kKiB;
   {
@@ -282,7 +282,7 @@ TEST_CASE("grow refuses to shrink and grows preallocated images fully") {
   REQUIRE_OK(d->Close());
 }
 
-TEST_CASE("a second writer is refused with Busy; readers share") {
+TEST_CASE("a second writer is refused with Busy - readers share") {
   MemoryFileSystem fs;
   MakeDelta(fs, kMiB, 64 * kKiB)->Close().IgnoreError();
   {
@@ -340,7 +340,7 @@ TEST_CASE("corrupt images fail to open with a clear reason") {
   CHECK(e.message().find("signature") != std::string::npos);
 }
 
-TEST_CASE("v1 images are read, with BAT entries in sectors, and refused for writing") {
+TEST_CASE("v1 images are read - with BAT entries in sectors - and refused for writing") {
   MemoryFileSystem fs;
   const uint64_t cb = 64 * kKiB;
   const uint32_t cs = cb / kSectorBytes;
@@ -365,7 +365,7 @@ TEST_CASE("v1 images are read, with BAT entries in sectors, and refused for writ
   CHECK(Delta::Open(fs, "v1.hds", o).error().code() == StatusCode::kNotSupported);
 }
 
-TEST_CASE("raw images: created allocated, read/write/discard/grow") {
+TEST_CASE("raw images: created allocated - read/write/discard/grow") {
   MemoryFileSystem fs;
   CreateOptions o;
   o.kind = ImageKind::kRaw;

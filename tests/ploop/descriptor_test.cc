@@ -87,7 +87,7 @@ TEST_CASE("ParseGuid normalises braces and case and rejects malformed GUIDs") {
   }
 }
 
-TEST_CASE("NewRandomGuid gives distinct, normalised version-4 GUIDs") {
+TEST_CASE("NewRandomGuid gives distinct - normalised version-4 GUIDs") {
   std::set<std::string> seen;
   for (int i = 0; i < 100; ++i) {
     REQUIRE_ASSIGN(std::string g, NewRandomGuid());
@@ -127,7 +127,7 @@ TEST_CASE("Descriptor golden: a single image as ploop init writes it") {
   CHECK(d.Children(kTopGuid).empty());
 }
 
-TEST_CASE("Descriptor golden: one snapshot, as in the format reference") {
+TEST_CASE("Descriptor golden: one snapshot - as in the format reference") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "snapshot.xml");
   REQUIRE(d.images().size() == 2);
@@ -176,7 +176,7 @@ TEST_CASE("Descriptor golden: a Temporary shot") {
   CHECK(Guids(d.Chain()) == std::vector<std::string>{kBase, snap, kTop});
 }
 
-TEST_CASE("Descriptor golden: a tree, two snapshots of one base, preallocated") {
+TEST_CASE("Descriptor golden: a tree - two snapshots of one base - preallocated") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "tree.xml");
   const std::string left = "{1f0e2d3c-4b5a-4697-8877-665544332211}";
@@ -315,7 +315,7 @@ TEST_CASE("Descriptor: snapshot create on a Parallels descriptor keeps every unk
   CHECK(xml.rfind("<Shot>") > xml.find("<Description>"));
 }
 
-TEST_CASE("Descriptor: a renamed image keeps its unknown children, a removed one loses them") {
+TEST_CASE("Descriptor: a renamed image keeps its unknown children - a removed one loses them") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "parallels.xml");
   const std::string base = "{a6e1b1c2-8f3d-4c55-b0e7-1d2c3b4a5f60}";
@@ -598,7 +598,7 @@ std::vector<BadCase> BadDescriptors() {
   };
 }
 
-TEST_CASE("Descriptor Load refuses broken, inconsistent and hostile descriptors") {
+TEST_CASE("Descriptor Load refuses broken - inconsistent and hostile descriptors") {
   for (const BadCase& c : BadDescriptors()) {
     std::string name = c.name;
     CAPTURE(name);
@@ -659,7 +659,7 @@ TEST_CASE("Descriptor: a descriptor in the current folder resolves image paths r
   REQUIRE_OK(d.Save(fs));
 }
 
-TEST_CASE("Descriptor Save is atomic: a failed write, sync or rename keeps the old file") {
+TEST_CASE("Descriptor Save is atomic: a failed write - sync or rename keeps the old file") {
   struct Fault {
     const char* name;
     FaultOp op;

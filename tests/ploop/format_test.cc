@@ -23,7 +23,7 @@ TEST_CASE("MakeHeader matches OpenVZ ploop for a 10 GiB disk with 1 MiB clusters
   CHECK(h.in_use == kInUseClean);
 }
 
-TEST_CASE("MakeHeader: CHS for 1 GiB uses 63 sectors per track, as ploop does") {
+TEST_CASE("MakeHeader: CHS for 1 GiB uses 63 sectors per track - as ploop does") {
   REQUIRE_ASSIGN(Header h, MakeHeader(1ull << 30, 1 << 20));
   CHECK(h.heads == 16);
   CHECK(h.cylinders == 2080);

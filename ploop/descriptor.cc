@@ -1001,7 +1001,12 @@ Status Descriptor::SetFile(std::string_view guid, const std::string& file,
   ASSIGN_OR_RETURN(std::string g, ParseGuid(guid));
   int i = ImageIndex(g);
   if (i < 0) return Status::NotFound("no image " + g);
-  TRY(CheckNewFile(file));
+  // A file another image already names passed Load() (perhaps with
+  // allow_outside_files): a merge moves the parent's file to the child,
+  // and must not fail on it after the data is copied.
+  bool named = false;
+  for (const DescriptorImage& image : images_) named |= image.file == file;
+  if (!named) TRY(CheckNewFile(file));
   if (kind) {
     if (*kind == ImageKind::kPreallocated) {
       return Status::InvalidArgument("an image is expanded or raw; preallocation is per disk");

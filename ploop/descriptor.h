@@ -227,7 +227,8 @@ class Descriptor {
   Status SetTemporary(std::string_view guid, bool temporary);
   // Points image `guid` at another file (a merge keeps the child's GUID on
   // the parent's file), and with `kind` changes its Type too (the parent's
-  // file may be raw). NotFound; InvalidArgument for a bad file name, kind
+  // file may be raw). NotFound; InvalidArgument for a bad file name (one
+  // another image already names is taken as it is: it passed Load()), kind
   // kPreallocated, or kRaw on a preallocated disk.
   Status SetFile(std::string_view guid, const std::string& file,
                  std::optional<ImageKind> kind = std::nullopt);

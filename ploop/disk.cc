@@ -225,6 +225,14 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
   }
   // Sizes never shrink going up a chain.
   for (const auto& shot : dd.shots()) {
+    // A merge into a root (the base) is interrupted just like one into a
+    // middle delta: check this before skipping roots below.
+    if (shot.temporary && dd.Children(shot.guid).size() == 1) {
+      report.problems.push_back({Severity::kError,
+                                 "merge into " + shot.guid +
+                                     " was interrupted; run snapshot-merge or check --repair",
+                                 false});
+    }
     if (shot.parent_guid == kNullGuid) continue;
     auto child = sizes.find(shot.guid);
     auto parent = sizes.find(shot.parent_guid);
@@ -232,12 +240,6 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
       report.problems.push_back({Severity::kFatal,
                                  "delta " + shot.parent_guid + " is larger than its child " +
                                      shot.guid,
-                                 false});
-    }
-    if (shot.temporary && dd.Children(shot.guid).size() == 1) {
-      report.problems.push_back({Severity::kError,
-                                 "merge into " + shot.guid +
-                                     " was interrupted; run snapshot-merge or check --repair",
                                  false});
     }
   }
@@ -251,9 +253,14 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
     const std::string path = JoinPath(dd.folder(), name);
     auto file = fs.Open(path, OpenMode::kReadOnly);
     if (!file.ok()) continue;
-    std::array<std::byte, 16> sig;
+    std::array<std::byte, 16> sig{};
     ASSIGN_OR_RETURN(uint64_t size, (*file)->Size());
-    if (size < sig.size() || !(*file)->ReadAt(0, sig).ok() || !HasPloopSignature(sig)) continue;
+    const bool read = size >= sig.size() && (*file)->ReadAt(0, sig).ok();
+    // A crash during the creation of a snapshot's delta can leave its file
+    // empty or with zeros where the header should be (created, never
+    // written); with the snapshot naming pattern that is a leftover too.
+    const bool unwritten = HasGuidSuffix(name) && (size == 0 || (read && IsZero(sig)));
+    if (!unwritten && !(read && HasPloopSignature(sig))) continue;
     file->reset();
     CheckProblem p{Severity::kLeak, "orphan delta file " + name + " is not in the descriptor",
                    false};

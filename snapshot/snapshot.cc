@@ -22,14 +22,33 @@ Result<std::string> NewDeltaFile(const Descriptor& dd) {
   return BaseName(dd.Chain().front().file) + "." + file_guid;
 }
 
-Result<std::unique_ptr<Image>> OpenDelta(FileSystem& fs, const DescriptorImage& image,
-                                         bool writable) {
+// Opens one delta of `dd`. Corruption when a ploop delta's cluster size is
+// not the descriptor's (as Chain::Open), so no operation builds on a
+// mismatched disk (a new delta would get the descriptor's cluster size).
+Result<std::unique_ptr<Image>> OpenDelta(FileSystem& fs, const Descriptor& dd,
+                                         const DescriptorImage& image, bool writable) {
   OpenOptions o;
   o.writable = writable;
   o.raw = image.kind == ImageKind::kRaw;
   ASSIGN_OR_RETURN_CTX(auto opened, OpenImage(fs, image.path, o),
                        "delta " + image.guid + " (" + image.file + ")");
+  if (opened->kind() != ImageKind::kRaw && opened->cluster_bytes() != dd.cluster_bytes()) {
+    return Status::Corruption("delta " + image.guid + " (" + image.file + ") has cluster size " +
+                              std::to_string(opened->cluster_bytes()) +
+                              " but the descriptor says " + std::to_string(dd.cluster_bytes()));
+  }
   return opened;
+}
+
+// Opens the chain of `dd` that ends at `guid` read-only and closes it
+// again. Create, switch and resize put a new top over that chain (or grow
+// it), so they first make sure it opens: no missing delta, one cluster size,
+// no layer larger than the one above. Nothing for kNullGuid (no chain).
+Status CheckChainOpens(FileSystem& fs, const Descriptor& dd, const std::string& guid) {
+  if (guid == kNullGuid) return Status::Ok();
+  OpenOptions o;
+  ASSIGN_OR_RETURN(auto chain, Chain::Open(fs, dd, guid, o));
+  return chain->Close();
 }
 
 // Creates an empty delta file of `size_bytes` for `dd`, closed.
@@ -65,8 +84,8 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
   const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
   auto ctx = "merge " + child_guid + " into " + parent_guid;
 
-  ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, child_image, false), ctx);
-  ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, parent_image, true), ctx);
+  ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, dd, child_image, false), ctx);
+  ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, dd, parent_image, true), ctx);
   auto* child_delta = dynamic_cast<Delta*>(child.get());
   auto* parent_delta = dynamic_cast<Delta*>(parent.get());
   if (child_delta == nullptr) return Status::NotSupported(ctx + ": a raw delta has no parent");
@@ -109,7 +128,12 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
     std::fill(buf.begin(), buf.end(), std::byte{0});
     TRY_CTX(child->Read(off, std::span<std::byte>(buf.data(), len)), ctx);
     if (parent_delta != nullptr) {
-      if (parent_delta->ClusterFileOffset(i) == 0 && IsZero(buf)) continue;
+      // A zero cluster the parent lacks can be skipped only when nothing
+      // below the parent could show through it; over a grandparent it may
+      // be hiding older data (a discard), so it must be copied.
+      if (parent_delta->ClusterFileOffset(i) == 0 && grandparent == kNullGuid && IsZero(buf)) {
+        continue;
+      }
       TRY_CTX(parent_delta->WriteCluster(i, buf), ctx);
     } else {
       TRY_CTX(parent->Write(off, std::span<const std::byte>(buf.data(), len)), ctx);
@@ -118,9 +142,12 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
   TRY_CTX(parent->Close(), ctx);
   child.reset();
 
+  // SetFile while the parent still names the file: the name then counts as
+  // one the descriptor already holds (it may lie outside the folder when
+  // allow_outside_files let it in).
+  TRY_CTX(dd.SetFile(child_guid, parent_image.file, parent_image.kind), ctx);
   TRY_CTX(dd.SetParent(child_guid, grandparent), ctx);
   TRY_CTX(dd.RemoveImage(parent_guid), ctx);
-  TRY_CTX(dd.SetFile(child_guid, parent_image.file, parent_image.kind), ctx);
   TRY_CTX(dd.Save(fs), ctx);
   fs.Remove(child_image.path).IgnoreError();  // an orphan at worst
   return Status::Ok();
@@ -164,8 +191,9 @@ Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
   }
   if (dd.FindImage(snap) != nullptr) return Status::AlreadyExists("snapshot " + snap + " exists");
 
+  TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
   // Holding the top open for writing keeps everyone else out meanwhile.
-  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
   const uint64_t size = std::max(top->size_bytes(), dd.disk_size_bytes());
   ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
   TRY(CreateEmptyDelta(fs, dd, file, size));
@@ -196,8 +224,9 @@ Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
   if (dd.FindShot(target)->temporary) {
     return Status::FailedPrecondition("snapshot " + target + " is temporary");
   }
-  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
-  ASSIGN_OR_RETURN(auto snapshot, OpenDelta(fs, *image, false));
+  TRY(CheckChainOpens(fs, dd, target));
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
+  ASSIGN_OR_RETURN(auto snapshot, OpenDelta(fs, dd, *image, false));
   const uint64_t size = snapshot->size_bytes();
   snapshot.reset();
   const DescriptorImage old_top = dd.top();
@@ -248,6 +277,20 @@ Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vie
 
 Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load) {
   TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  {
+    // Refuse before the first merge, not halfway through: every delta below
+    // the top needs exactly one child, and the whole chain must open.
+    ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+    auto chain = dd.Chain();
+    if (chain.size() == 1) return Status::Ok();
+    for (size_t i = 0; i + 1 < chain.size(); ++i) {
+      if (dd.Children(chain[i].guid).size() != 1) {
+        return Status::FailedPrecondition("cannot merge into " + chain[i].guid +
+                                          ": it has other children that need it");
+      }
+    }
+    TRY(CheckChainOpens(fs, dd, dd.top_guid()));
+  }
   for (;;) {
     ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
     auto chain = dd.Chain();
@@ -284,7 +327,7 @@ Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
   // proves nobody has it open (a read-only snapshot mount, say).
   const DescriptorImage victim = *image;
   {
-    ASSIGN_OR_RETURN(auto locked, OpenDelta(fs, victim, true));
+    ASSIGN_OR_RETURN(auto locked, OpenDelta(fs, dd, victim, true));
   }
   TRY(dd.RemoveImage(target));
   TRY(dd.Save(fs));
@@ -296,7 +339,8 @@ Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_
                   const DescriptorLoadOptions& load) {
   TRY(FinishInterruptedMerges(fs, dd_path, load).status());
   ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
-  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd.top(), true));
+  TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
+  ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
   TRY(top->Grow(new_size_bytes));
   const uint64_t size = top->size_bytes();
   TRY(top->Close());

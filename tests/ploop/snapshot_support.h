@@ -83,6 +83,16 @@ inline std::map<std::string, Bytes> Files(MemoryFileSystem& fs, const std::strin
   return out;
 }
 
+// Writes `files` into folder `dir` of `fs` (a copy of a disk, say).
+inline void PutFiles(FileSystem& fs, const std::map<std::string, Bytes>& files,
+                     const std::string& dir = kDir) {
+  for (const auto& [name, bytes] : files) {
+    REQUIRE_ASSIGN(auto file, fs.Create(JoinPath(dir, name), /*exclusive=*/false));
+    REQUIRE_OK(file->WriteAt(0, bytes));
+    REQUIRE_OK(file->Sync());
+  }
+}
+
 // The names of `files`, for messages.
 inline std::string Names(const std::map<std::string, Bytes>& files) {
   std::string out;

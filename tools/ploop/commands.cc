@@ -184,26 +184,61 @@ int RunInit(const InitArgs& args) {
   auto options = CreateArgs(args.format, args.cluster, /*allow_raw=*/true);
   if (!options.ok()) return Fail("init", options.error());
   options->size_bytes = *size;
+  auto fs_type = InitFsType(args);
+  if (!fs_type.ok()) return Fail("init", fs_type.error());
   if (!args.no_descriptor) {
     // OpenVZ layout: DIR/root.hds and DIR/DiskDescriptor.xml.
-    if (Status s = CreateDisk(DefaultFileSystem(), args.file, *options); !s.ok()) {
+    FileSystem& fs = DefaultFileSystem();
+    if (Status s = CreateDisk(fs, args.file, *options); !s.ok()) {
       return Fail("init", s);
     }
-    std::cout << "Created " << args.file << " and "
-              << JoinPath(DirName(args.file), std::string(kDescriptorFileName)) << ": "
-              << ImageKindName(options->kind) << ", " << HumanSize(*size) << "\n";
+    std::string dd_path = JoinPath(DirName(args.file), std::string(kDescriptorFileName));
+    std::string fs_summary;
+    if (*fs_type != "none") {
+      // The disk is ours and new: a failed mkfs leaves nothing behind.
+      auto remove_disk = [&] {
+        fs.Remove(dd_path).IgnoreError();
+        fs.Remove(args.file).IgnoreError();
+      };
+      OpenOptions open;
+      open.writable = true;
+      auto chain = OpenDisk(fs, dd_path, "", open, LoadOptions());
+      if (!chain.ok()) {
+        remove_disk();
+        return Fail("init", chain.error());
+      }
+      auto made = MakeInitFilesystem(args, **chain);
+      Status closed = (*chain)->Close();
+      if (!made.ok() || !closed.ok()) {
+        chain->reset();
+        remove_disk();
+        return Fail("init", made.ok() ? closed : made.error());
+      }
+      fs_summary = ", " + *made;
+    }
+    std::cout << "Created " << args.file << " and " << dd_path << ": "
+              << ImageKindName(options->kind) << ", " << HumanSize(*size) << fs_summary << "\n";
     return kExitOk;
   }
   auto image = CreateImage(DefaultFileSystem(), args.file, *options);
   if (!image.ok()) return Fail("init", image.error());
   uint64_t virtual_size = (*image)->size_bytes();
-  if (Status s = (*image)->Close(); !s.ok()) {
+  std::string fs_summary;
+  Status s;
+  if (*fs_type != "none") {
+    auto made = MakeInitFilesystem(args, **image);
+    if (made.ok()) fs_summary = ", " + *made;
+    s = made.status();
+  }
+  if (s.ok()) s = (*image)->Close();
+  if (!s.ok()) {
     // The file is ours and new: a failed init leaves nothing behind.
+    image->reset();
     DefaultFileSystem().Remove(args.file).IgnoreError();
     return Fail("init", s);
   }
   std::cout << "Created " << args.file << ": " << ImageKindName(options->kind) << ", "
-            << HumanSize(virtual_size) << "\n";
+            << HumanSize(virtual_size) << fs_summary << "\n";
   return kExitOk;
 }
 

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "ploop/image.h"
 #include "ploop/status.h"
 
 namespace ploop::cli {
@@ -37,6 +38,15 @@ struct InitArgs {
   std::string format = "expanded";
   std::string cluster;
   bool no_descriptor = false;
+  // File system to make: "ext4" or "none"; empty means ext4 for a disk and
+  // none for a bare image (--no-descriptor).
+  std::string fs_type;
+  std::string label;       // -L
+  uint64_t inodes = 0;     // --inodes
+  std::string block_size;  // -B
+  std::string from_dir;    // --from-dir: populate from a host directory
+  uint32_t uid_shift = 0;  // --uid-shift
+  uint32_t gid_shift = 0;  // --gid-shift
 };
 int RunInit(const InitArgs& args);
 
@@ -106,6 +116,27 @@ struct RestoreArgs {
   std::string format;
 };
 int RunRestoreDescriptor(const RestoreArgs& args);
+
+// --- File systems inside disks (fsimage/): fs_commands.cc ---
+
+// The file system `args` ask for ("ext4" or "none"), or InvalidArgument.
+Result<std::string> InitFsType(const InitArgs& args);
+// Makes the file system of `args` on the new, empty `image`; returns a
+// summary for the "Created ..." line (e.g. "ext4, UUID ...").
+Result<std::string> MakeInitFilesystem(const InitArgs& args, Image& image);
+
+struct FsArgs {
+  std::string dd;
+  std::string guid;
+  std::string path;      // ls/cat: path in the file system
+  std::string from_dir;  // fs-add
+  std::string at = "/";  // fs-add
+  uint32_t uid_shift = 0;
+  uint32_t gid_shift = 0;
+};
+int RunLs(const FsArgs& args);
+int RunCat(const FsArgs& args);
+int RunFsAdd(const FsArgs& args);
 
 // info and check of a whole disk (called by RunInfo/RunCheck for a
 // descriptor).

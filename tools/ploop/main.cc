@@ -42,6 +42,16 @@ int main(int argc, char** argv) {
   c_init->add_option("-b,--cluster", init.cluster, "cluster size, 32K..64M (default 1M)");
   c_init->add_flag("--no-descriptor", init.no_descriptor,
                    "create only the image, without DiskDescriptor.xml beside it");
+  c_init->add_option("-t,--type", init.fs_type,
+                     "file system to make: ext4 (default for a disk) or none (default with "
+                     "--no-descriptor)");
+  c_init->add_option("-L,--label", init.label, "ext4 volume label (up to 16 bytes)");
+  c_init->add_option("--inodes", init.inodes, "number of ext4 inodes (default: one per 16K)");
+  c_init->add_option("-B,--block-size", init.block_size,
+                     "ext4 block size: 1K, 2K or 4K (default 4K)");
+  c_init->add_option("--from-dir", init.from_dir, "copy this directory tree into the new ext4");
+  c_init->add_option("--uid-shift", init.uid_shift, "add N to every uid copied in");
+  c_init->add_option("--gid-shift", init.gid_shift, "add N to every gid copied in");
   c_init->add_option("FILE", init.file, "image file to create")->required();
   c_init->callback([&] { rc = RunInit(init); });
 
@@ -138,6 +148,30 @@ int main(int argc, char** argv) {
   c_restore->add_option("DIR", restore.dir, "folder to write DiskDescriptor.xml into")->required();
   c_restore->add_option("IMAGE", restore.image, "the image, inside DIR")->required();
   c_restore->callback([&] { rc = RunRestoreDescriptor(restore); });
+
+  FsArgs ls;
+  auto* c_ls = app.add_subcommand("ls", "list a directory of the disk's ext4 (no root needed)");
+  c_ls->add_option("-u,--uuid", ls.guid, "read this snapshot");
+  c_ls->add_option("DD", ls.dd, "DiskDescriptor.xml")->required();
+  c_ls->add_option("PATH", ls.path, "directory or file in the file system (default /)");
+  c_ls->callback([&] { rc = RunLs(ls); });
+
+  FsArgs cat;
+  auto* c_cat = app.add_subcommand("cat", "print a file of the disk's ext4 (no root needed)");
+  c_cat->add_option("-u,--uuid", cat.guid, "read this snapshot");
+  c_cat->add_option("DD", cat.dd, "DiskDescriptor.xml")->required();
+  c_cat->add_option("PATH", cat.path, "file in the file system")->required();
+  c_cat->callback([&] { rc = RunCat(cat); });
+
+  FsArgs fs_add;
+  auto* c_fs_add = app.add_subcommand(
+      "fs-add", "add a directory tree to the disk's ext4 (files replaced, directories merged)");
+  c_fs_add->add_option("DD", fs_add.dd, "DiskDescriptor.xml")->required();
+  c_fs_add->add_option("--from-dir", fs_add.from_dir, "host directory to copy in")->required();
+  c_fs_add->add_option("--at", fs_add.at, "directory of the file system to copy into");
+  c_fs_add->add_option("--uid-shift", fs_add.uid_shift, "add N to every uid copied in");
+  c_fs_add->add_option("--gid-shift", fs_add.gid_shift, "add N to every gid copied in");
+  c_fs_add->callback([&] { rc = RunFsAdd(fs_add); });
 
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,

@@ -1,0 +1,226 @@
+// DirSource: a host directory as a TreeSource.
+//
+// Open() walks the tree once, depth-first with names sorted, into a list of
+// relative paths (parents before children). Each scan then lstat()s the
+// paths in that order, so the plan scan and the write scan see the same
+// entries. A regular file stays open between Next() and ReadData(); data is
+// found with SEEK_DATA/SEEK_HOLE so holes are never read. Hard links are
+// recognised by (st_dev, st_ino) within one scan. Warnings are recorded
+// once per path even though the tree is scanned twice.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <set>
+
+#include "fsimage/tree.h"
+
+namespace ploop::fsimage {
+namespace {
+
+class DirSource final : public TreeSource {
+ public:
+  explicit DirSource(std::string root) : root_(std::move(root)) {}
+  ~DirSource() override { CloseFile(); }
+
+  Status Walk() {
+    paths_.clear();
+    paths_.push_back("");
+    return WalkDir("");
+  }
+
+  Status Rewind() override {
+    CloseFile();
+    next_ = 0;
+    links_.clear();
+    return Status::Ok();
+  }
+
+  Result<bool> Next(Entry* entry) override {
+    CloseFile();
+    while (next_ < paths_.size()) {
+      const std::string& rel = paths_[next_++];
+      std::string host = Host(rel);
+      struct stat st;
+      if (::lstat(host.c_str(), &st) != 0) {
+        Warn(host + ": " + std::strerror(errno) + " (skipped)");
+        continue;
+      }
+      *entry = Entry();
+      entry->path = rel;
+      entry->mode = st.st_mode & 07777;
+      entry->uid = st.st_uid;
+      entry->gid = st.st_gid;
+      entry->atime = {st.st_atim.tv_sec, static_cast<uint32_t>(st.st_atim.tv_nsec)};
+      entry->mtime = {st.st_mtim.tv_sec, static_cast<uint32_t>(st.st_mtim.tv_nsec)};
+      entry->ctime = {st.st_ctim.tv_sec, static_cast<uint32_t>(st.st_ctim.tv_nsec)};
+      if (S_ISREG(st.st_mode)) {
+        if (st.st_nlink > 1) {
+          auto key = std::make_pair(st.st_dev, st.st_ino);
+          auto it = links_.find(key);
+          if (it != links_.end()) {
+            entry->type = EntryType::kHardLink;
+            entry->link_target = it->second;
+            return true;
+          }
+        }
+        int fd = ::open(host.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) {
+          Warn(host + ": " + std::strerror(errno) + " (skipped)");
+          continue;
+        }
+        if (st.st_nlink > 1) links_[{st.st_dev, st.st_ino}] = rel;
+        fd_ = fd;
+        entry->type = EntryType::kRegular;
+        entry->size_bytes = static_cast<uint64_t>(st.st_size);
+        entry->data_bytes =
+            std::min<uint64_t>(static_cast<uint64_t>(st.st_blocks) * 512, entry->size_bytes);
+        size_ = entry->size_bytes;
+      } else if (S_ISDIR(st.st_mode)) {
+        entry->type = EntryType::kDirectory;
+      } else if (S_ISLNK(st.st_mode)) {
+        entry->type = EntryType::kSymlink;
+        std::string target(static_cast<size_t>(st.st_size) + 1, '\0');
+        ssize_t n = ::readlink(host.c_str(), target.data(), target.size());
+        if (n < 0) {
+          Warn(host + ": readlink: " + std::strerror(errno) + " (skipped)");
+          continue;
+        }
+        target.resize(static_cast<size_t>(n));
+        entry->link_target = target;
+      } else if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+        entry->type = S_ISCHR(st.st_mode) ? EntryType::kCharDevice : EntryType::kBlockDevice;
+        entry->dev_major = major(st.st_rdev);
+        entry->dev_minor = minor(st.st_rdev);
+      } else if (S_ISFIFO(st.st_mode)) {
+        entry->type = EntryType::kFifo;
+      } else if (S_ISSOCK(st.st_mode)) {
+        entry->type = EntryType::kSocket;
+      } else {
+        Warn(host + ": unknown file type (skipped)");
+        continue;
+      }
+      ReadXattrs(host, entry);
+      return true;
+    }
+    return false;
+  }
+
+  Status ReadData(const DataFn& fn) override {
+    if (fd_ < 0) return Status::FailedPrecondition("no regular file is current");
+    std::vector<std::byte> buf(1 << 20);
+    uint64_t pos = 0;
+    while (pos < size_) {
+      off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) break;       // only a hole is left
+        data = static_cast<off_t>(pos);  // no SEEK_DATA: read everything
+      }
+      off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+      uint64_t end = hole < 0 ? size_ : std::min<uint64_t>(static_cast<uint64_t>(hole), size_);
+      for (uint64_t off = static_cast<uint64_t>(data); off < end;) {
+        size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), end - off));
+        ssize_t n = ::pread(fd_, buf.data(), want, static_cast<off_t>(off));
+        if (n < 0) return Status::FromErrno(errno, "read " + current_);
+        if (n == 0) return Status::Ok();  // the file shrank; keep what was there
+        TRY(fn(off, std::span<const std::byte>(buf.data(), static_cast<size_t>(n))));
+        off += static_cast<uint64_t>(n);
+      }
+      pos = end;
+    }
+    return Status::Ok();
+  }
+
+  const std::vector<std::string>& warnings() const override { return warnings_; }
+
+ private:
+  std::string Host(const std::string& rel) const { return rel.empty() ? root_ : root_ + "/" + rel; }
+
+  void Warn(std::string text) {
+    if (warned_.insert(text).second) warnings_.push_back(std::move(text));
+  }
+
+  void CloseFile() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  Status WalkDir(const std::string& rel) {
+    std::string host = Host(rel);
+    DIR* dir = ::opendir(host.c_str());
+    if (dir == nullptr) {
+      if (rel.empty()) return Status::FromErrno(errno, "open directory " + host);
+      Warn(host + ": " + std::strerror(errno) + " (its contents are skipped)");
+      return Status::Ok();
+    }
+    std::vector<std::string> names;
+    while (struct dirent* d = ::readdir(dir)) {
+      std::string name = d->d_name;
+      if (name == "." || name == "..") continue;
+      names.push_back(std::move(name));
+    }
+    ::closedir(dir);
+    std::sort(names.begin(), names.end());
+    for (const std::string& name : names) {
+      std::string child = rel.empty() ? name : rel + "/" + name;
+      paths_.push_back(child);
+      struct stat st;
+      if (::lstat(Host(child).c_str(), &st) == 0 && S_ISDIR(st.st_mode)) TRY(WalkDir(child));
+    }
+    return Status::Ok();
+  }
+
+  void ReadXattrs(const std::string& host, Entry* entry) {
+    ssize_t len = ::llistxattr(host.c_str(), nullptr, 0);
+    if (len <= 0) return;
+    std::string names(static_cast<size_t>(len), '\0');
+    len = ::llistxattr(host.c_str(), names.data(), names.size());
+    if (len <= 0) return;
+    names.resize(static_cast<size_t>(len));
+    for (size_t pos = 0; pos < names.size();) {
+      std::string name = names.c_str() + pos;
+      pos += name.size() + 1;
+      if (name.empty()) continue;
+      ssize_t vlen = ::lgetxattr(host.c_str(), name.c_str(), nullptr, 0);
+      std::string value(vlen > 0 ? static_cast<size_t>(vlen) : 0, '\0');
+      if (vlen > 0) vlen = ::lgetxattr(host.c_str(), name.c_str(), value.data(), value.size());
+      if (vlen < 0) {
+        Warn(host + ": xattr " + name + ": " + std::strerror(errno) + " (skipped)");
+        continue;
+      }
+      value.resize(static_cast<size_t>(vlen));
+      entry->xattrs.emplace_back(std::move(name), std::move(value));
+    }
+    std::sort(entry->xattrs.begin(), entry->xattrs.end());
+  }
+
+  std::string root_;
+  std::vector<std::string> paths_;
+  size_t next_ = 0;
+  int fd_ = -1;
+  uint64_t size_ = 0;
+  std::string current_;
+  std::map<std::pair<dev_t, ino_t>, std::string> links_;
+  std::vector<std::string> warnings_;
+  std::set<std::string> warned_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<TreeSource>> OpenDirSource(const std::string& root) {
+  struct stat st;
+  if (::stat(root.c_str(), &st) != 0) return Status::FromErrno(errno, root);
+  if (!S_ISDIR(st.st_mode)) return Status::InvalidArgument(root + " is not a directory");
+  auto source = std::make_unique<DirSource>(root);
+  TRY(source->Walk());
+  return std::unique_ptr<TreeSource>(std::move(source));
+}
+
+}  // namespace ploop::fsimage

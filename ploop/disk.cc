@@ -250,6 +250,14 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
   std::sort(names.begin(), names.end());
   for (const auto& name : names) {
     if (referenced.count(name) || name == kDescriptorFileName) continue;
+    if (name == std::string(kDescriptorFileName) + ".tmp") {
+      // A descriptor save cut before its rename: the real descriptor is
+      // the one in force, this copy is garbage.
+      CheckProblem p{Severity::kLeak, "leftover " + name + " from an interrupted save", false};
+      if (repair) p.repaired = fs.Remove(JoinPath(dd.folder(), name)).ok();
+      report.problems.push_back(std::move(p));
+      continue;
+    }
     const std::string path = JoinPath(dd.folder(), name);
     auto file = fs.Open(path, OpenMode::kReadOnly);
     if (!file.ok()) continue;

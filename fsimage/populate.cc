@@ -9,19 +9,35 @@
 //     = entries that are not hard links; both must be free.
 // Write scan, in source order (parents first):
 //   path -> inode map; existing names: dir+dir merges, file replaces file,
-//   dir is never replaced by a file. Each inode is created, linked (the
-//   parent directory grows with ext2fs_expand_dir when full), filled
+//   dir is never replaced by a file; an entry whose parent is not a
+//   directory is skipped (a source bug, never a corrupt file system). In
+//   directories this scan created, a name can only exist if this scan
+//   added it, so the linear ext2fs_lookup is skipped there. Each inode is
+//   created, linked (see "Directories" below), filled
 //   (data through ext2fs_file_*, skipping holes), then given its metadata
 //   and xattrs. Metadata reaches disk only at Ext4::Close(), which writes
 //   bitmaps and counters last, so an I/O error mid-way leaves the old
 //   bitmaps describing allocated blocks as free, never the reverse.
+//
+// Directories: a new directory is one linear block. When it is full and
+// the file system has dir_index, it becomes an htree, as the kernel does:
+//
+//   block 0: "." ".." | dx_root_info | count/limit | (hash, block)... | tail
+//   block 1: entries with hash <  split   (sorted by hash, csum tail)
+//   block 2: entries with hash >= split
+//
+// after which ext2fs_link (libext2fs >= 1.46) inserts through the index,
+// splitting leaves and adding an index level as needed. A directory that
+// is already linear past one block (from an older tool) just grows.
 #include "fsimage/populate.h"
 
 #include <algorithm>
 #include <cstring>
 #include <ctime>
 #include <set>
+#include <tuple>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "fsimage/ext4.h"
 
@@ -135,7 +151,9 @@ class Writer {
       if (!e.path.empty()) dir_bytes[Parent(e.path)] += 8 + ((Base(e.path).size() + 3) & ~3u);
       if (e.type == EntryType::kHardLink) continue;
       ++inodes;
+      ++progress_.files_total;
       if (e.type == EntryType::kRegular) {
+        progress_.bytes_total += e.data_bytes;
         uint64_t data_blocks = (e.data_bytes + bs - 1) / bs;
         // One extent maps up to 32768 blocks; an extent block holds
         // (bs-12)/12 extents and the inode 4.
@@ -151,7 +169,12 @@ class Writer {
       for (const auto& [name, value] : e.xattrs) xattr_bytes += name.size() + value.size() + 20;
       if (xattr_bytes > 80) blocks += (xattr_bytes + bs - 1) / bs;  // past the in-inode space
     }
-    for (const auto& [dir, bytes] : dir_bytes) blocks += (bytes + bs - 13) / (bs - 12);
+    for (const auto& [dir, bytes] : dir_bytes) {
+      // Past one block, an htree: its leaves are half to fully used, and
+      // it has index blocks.
+      uint64_t n = (bytes + bs - 13) / (bs - 12);
+      blocks += n > 1 ? 2 * n + 1 + n / ((bs - 32) / 8) : n;
+    }
     uint64_t free_blocks = ext2fs_free_blocks_count(fs_->super);
     uint64_t free_inodes = fs_->super->s_free_inodes_count;
     if (blocks > free_blocks) {
@@ -178,19 +201,38 @@ class Writer {
       if (skipped_.count(e.path)) continue;
       if (e.path.empty()) {
         inodes_[""] = top;
-        TRY(SetAttrs(top, e));
-        TRY(SetXattrs(top, e));
+        dirs_.insert("");
+        if (!e.synthesized) {
+          TRY(SetAttrs(top, e));
+          TRY(SetXattrs(top, e));
+        }
+        Progress();
         continue;
       }
-      auto parent = inodes_.find(Parent(e.path));
-      if (parent == inodes_.end()) continue;  // under something skipped
-      TRY(Add(parent->second, e));
+      std::string parent_path = Parent(e.path);
+      auto parent = inodes_.find(parent_path);
+      if (parent == inodes_.end()) {  // under something skipped
+        skipped_.insert(e.path);
+        continue;
+      }
+      if (!dirs_.count(parent_path)) {
+        Warn(e.path + ": " + parent_path + " is not a directory (skipped)");
+        skipped_.insert(e.path);
+        continue;
+      }
+      TRY(Add(parent->second, parent_path, e));
+      if (e.type != EntryType::kHardLink) Progress();
     }
     return Status::Ok();
   }
 
  private:
   void Warn(std::string text) { report_.warnings.push_back(std::move(text)); }
+
+  void Progress() {
+    ++progress_.files_done;
+    if (options_.progress) options_.progress(progress_);
+  }
 
   // Resolves `path` (absolute in the file system), creating missing
   // directories.
@@ -223,15 +265,149 @@ class Writer {
     return ino;
   }
 
-  // Runs `op`, growing directory `dir` once when it is full.
+  // Runs `op`, growing directory `dir` once when it is full: into an
+  // htree when it is one linear block, else by a block.
   template <typename Op>
   Status Retry(Op op, ext2_ino_t dir, const std::string& context) {
     errcode_t err = op();
     if (err == EXT2_ET_DIR_NO_SPACE) {
-      TRY(ext4_.Check(ext2fs_expand_dir(fs_, dir), context + ": grow directory"));
+      ASSIGN_OR_RETURN(bool indexed, MakeIndexed(dir, context));
+      if (!indexed) {
+        TRY(ext4_.Check(ext2fs_expand_dir(fs_, dir), context + ": grow directory"));
+      }
       err = op();
     }
     return ext4_.Check(err, context);
+  }
+
+  // The hash ext2fs_link and the kernel use for names in `dir`.
+  int HashVersion() const {
+    int version = fs_->super->s_def_hash_version;
+    if (version <= EXT2_HASH_TEA && (fs_->super->s_flags & EXT2_FLAGS_UNSIGNED_HASH)) version += 3;
+    return version;
+  }
+
+  // Turns full one-block linear directory `dir` into an htree with two
+  // leaves (see the top of the file). false (nothing changed) when the
+  // file system has no dir_index or the directory is not one linear
+  // block.
+  Result<bool> MakeIndexed(ext2_ino_t dir, const std::string& context) {
+    const uint32_t bs = fs_->blocksize;
+    if (!ext2fs_has_feature_dir_index(fs_->super)) return false;
+    struct ext2_inode inode;
+    TRY(ext4_.Check(ext2fs_read_inode(fs_, dir, &inode), context + ": read directory"));
+    if ((inode.i_flags & (EXT2_INDEX_FL | EXT4_INLINE_DATA_FL)) || EXT2_I_SIZE(&inode) != bs) {
+      return false;
+    }
+    blk64_t root_block = 0;
+    TRY(ext4_.Check(ext2fs_bmap2(fs_, dir, &inode, nullptr, 0, 0, nullptr, &root_block),
+                    context + ": map directory"));
+    std::vector<char> buf(bs);
+    TRY(ext4_.Check(ext2fs_read_dir_block4(fs_, root_block, buf.data(), 0, dir),
+                    context + ": read directory"));
+    // (hash, minor hash, name, inode, file type) of every entry but . and ..
+    using Name = std::tuple<ext2_dirhash_t, ext2_dirhash_t, std::string, ext2_ino_t, int>;
+    std::vector<Name> names;
+    ext2_ino_t dotdot = 0;
+    const int version = HashVersion();
+    for (unsigned int off = 0; off + 8 <= bs;) {
+      auto* d = reinterpret_cast<struct ext2_dir_entry*>(buf.data() + off);
+      unsigned int rec_len = 0;
+      TRY(ext4_.Check(ext2fs_get_rec_len(fs_, d, &rec_len), context + ": read directory"));
+      if (rec_len < 8 || off + rec_len > bs) break;
+      int len = ext2fs_dirent_name_len(d);
+      std::string name(d->name, static_cast<size_t>(len));
+      if (d->inode != 0) {  // 0: free space or the checksum tail
+        if (name == "..") {
+          dotdot = d->inode;
+        } else if (name != ".") {
+          ext2_dirhash_t hash = 0, minor = 0;
+          TRY(ext4_.Check(ext2fs_dirhash2(version, name.data(), len, fs_->encoding, 0,
+                                          fs_->super->s_hash_seed, &hash, &minor),
+                          context + ": hash"));
+          names.emplace_back(hash, minor, std::move(name), d->inode, ext2fs_dirent_file_type(d));
+        }
+      }
+      off += rec_len;
+    }
+    if (names.size() < 2 || dotdot == 0) return false;
+    std::sort(names.begin(), names.end());
+    // Split in the middle, between two different hashes when there are.
+    size_t split = names.size() / 2;
+    while (split < names.size() && std::get<0>(names[split]) == std::get<0>(names[split - 1])) {
+      ++split;
+    }
+    if (split == names.size()) split = names.size() / 2;
+    ext2_dirhash_t split_hash = std::get<0>(names[split]);
+    if (split_hash == std::get<0>(names[split - 1])) split_hash |= 1;  // continued
+
+    // Two new blocks (1, 2) for the leaves.
+    for (int i = 0; i < 2; ++i) {
+      TRY(ext4_.Check(ext2fs_expand_dir(fs_, dir), context + ": grow directory"));
+    }
+    TRY(ext4_.Check(ext2fs_read_inode(fs_, dir, &inode), context + ": read directory"));
+    const bool csum = ext2fs_has_feature_metadata_csum(fs_->super);
+    const unsigned int tail = csum ? sizeof(struct ext2_dir_entry_tail) : 0;
+    for (int leaf = 0; leaf < 2; ++leaf) {
+      blk64_t block = 0;
+      TRY(ext4_.Check(ext2fs_bmap2(fs_, dir, &inode, nullptr, 0, leaf + 1, nullptr, &block),
+                      context + ": map directory"));
+      std::vector<char> out(bs, 0);
+      unsigned int off = 0, last_off = 0;
+      struct ext2_dir_entry* last = nullptr;
+      size_t begin = leaf == 0 ? 0 : split, end = leaf == 0 ? split : names.size();
+      for (size_t i = begin; i < end; ++i) {
+        const auto& [hash, minor, name, ino, type] = names[i];
+        unsigned int rec_len = (8 + static_cast<unsigned int>(name.size()) + 3) & ~3u;
+        auto* d = reinterpret_cast<struct ext2_dir_entry*>(out.data() + off);
+        d->inode = ino;
+        ext2fs_dirent_set_name_len(d, static_cast<int>(name.size()));
+        ext2fs_dirent_set_file_type(d, type);
+        std::memcpy(d->name, name.data(), name.size());
+        TRY(ext4_.Check(ext2fs_set_rec_len(fs_, rec_len, d), context + ": write directory"));
+        last = d;
+        last_off = off;
+        off += rec_len;
+      }
+      // The last entry covers the rest of the block (up to the tail).
+      if (last == nullptr) last = reinterpret_cast<struct ext2_dir_entry*>(out.data());
+      TRY(ext4_.Check(ext2fs_set_rec_len(fs_, bs - tail - last_off, last),
+                      context + ": write directory"));
+      if (csum) ext2fs_initialize_dirent_tail(fs_, EXT2_DIRENT_TAIL(out.data(), bs));
+      TRY(ext4_.Check(ext2fs_write_dir_block4(fs_, block, out.data(), 0, dir),
+                      context + ": write directory"));
+    }
+
+    // The root: "." and ".." (covering the rest), then the index.
+    std::vector<char> root(bs, 0);
+    auto* dot = reinterpret_cast<struct ext2_dir_entry*>(root.data());
+    dot->inode = dir;
+    ext2fs_dirent_set_name_len(dot, 1);
+    ext2fs_dirent_set_file_type(dot, EXT2_FT_DIR);
+    dot->name[0] = '.';
+    TRY(ext4_.Check(ext2fs_set_rec_len(fs_, 12, dot), context + ": write directory"));
+    auto* dotdot_entry = reinterpret_cast<struct ext2_dir_entry*>(root.data() + 12);
+    dotdot_entry->inode = dotdot;
+    ext2fs_dirent_set_name_len(dotdot_entry, 2);
+    ext2fs_dirent_set_file_type(dotdot_entry, EXT2_FT_DIR);
+    dotdot_entry->name[0] = dotdot_entry->name[1] = '.';
+    TRY(ext4_.Check(ext2fs_set_rec_len(fs_, bs - 12, dotdot_entry), context + ": write directory"));
+    auto* info = reinterpret_cast<struct ext2_dx_root_info*>(root.data() + 24);
+    info->hash_version = static_cast<uint8_t>(fs_->super->s_def_hash_version);
+    info->info_length = sizeof(struct ext2_dx_root_info);
+    auto* limit = reinterpret_cast<struct ext2_dx_countlimit*>(root.data() + 32);
+    limit->limit = static_cast<uint16_t>((bs - 32 - (csum ? sizeof(struct ext2_dx_tail) : 0)) /
+                                         sizeof(struct ext2_dx_entry));
+    limit->count = 2;
+    auto* entries = reinterpret_cast<struct ext2_dx_entry*>(root.data() + 32);
+    entries[0].block = 1;  // entries[0].hash is the count/limit
+    entries[1].hash = split_hash;
+    entries[1].block = 2;
+    TRY(ext4_.Check(ext2fs_write_dir_block4(fs_, root_block, root.data(), 0, dir),
+                    context + ": write directory index"));
+    inode.i_flags |= EXT2_INDEX_FL;
+    TRY(ext4_.Check(ext2fs_write_inode(fs_, dir, &inode), context + ": write directory"));
+    return true;
   }
 
   // Drops one link of `ino`, freeing it and its blocks at zero.
@@ -254,10 +430,13 @@ class Writer {
     return Status::Ok();
   }
 
-  Status Add(ext2_ino_t parent, const Entry& e) {
+  Status Add(ext2_ino_t parent, const std::string& parent_path, const Entry& e) {
     const std::string name = Base(e.path);
     ext2_ino_t existing = 0;
-    errcode_t err = ext2fs_lookup(fs_, parent, name.c_str(), name.size(), nullptr, &existing);
+    errcode_t err = EXT2_ET_FILE_NOT_FOUND;
+    if (!fresh_dirs_.count(parent_path) || inodes_.count(e.path)) {
+      err = ext2fs_lookup(fs_, parent, name.c_str(), name.size(), nullptr, &existing);
+    }
     if (err && err != EXT2_ET_FILE_NOT_FOUND) return ext4_.Check(err, "look up " + e.path);
     if (err == 0) {
       struct ext2_inode old;
@@ -265,6 +444,8 @@ class Writer {
       if (LINUX_S_ISDIR(old.i_mode)) {
         if (e.type == EntryType::kDirectory) {
           inodes_[e.path] = existing;  // merge
+          dirs_.insert(e.path);
+          if (e.synthesized) return Status::Ok();
           TRY(SetAttrs(existing, e));
           return SetXattrs(existing, e);
         }
@@ -274,6 +455,7 @@ class Writer {
       }
       TRY(ext4_.Check(ext2fs_unlink(fs_, parent, name.c_str(), existing, 0), "unlink " + e.path));
       TRY(Release(existing, e.path));
+      inodes_.erase(e.path);
     }
 
     if (e.type == EntryType::kHardLink) {
@@ -296,19 +478,22 @@ class Writer {
 
     ext2_ino_t ino = 0;
     if (e.type == EntryType::kDirectory) {
-      TRY(Retry([&] { return ext2fs_mkdir(fs_, parent, 0, name.c_str()); }, parent,
+      TRY(ext4_.Check(ext2fs_new_inode(fs_, parent, LINUX_S_IFDIR | 0755, nullptr, &ino),
+                      "allocate inode for " + e.path));
+      TRY(Retry([&] { return ext2fs_mkdir(fs_, parent, ino, name.c_str()); }, parent,
                 "mkdir " + e.path));
-      TRY(ext4_.Check(ext2fs_lookup(fs_, parent, name.c_str(), name.size(), nullptr, &ino),
-                      "look up " + e.path));
+      dirs_.insert(e.path);
+      fresh_dirs_.insert(e.path);
     } else if (e.type == EntryType::kSymlink) {
       if (e.link_target.size() >= fs_->blocksize) {
         Warn(e.path + ": symlink target longer than a block (skipped)");
         return Status::Ok();
       }
-      TRY(Retry([&] { return ext2fs_symlink(fs_, parent, 0, name.c_str(), e.link_target.c_str()); },
-                parent, "symlink " + e.path));
-      TRY(ext4_.Check(ext2fs_lookup(fs_, parent, name.c_str(), name.size(), nullptr, &ino),
-                      "look up " + e.path));
+      TRY(ext4_.Check(ext2fs_new_inode(fs_, parent, LINUX_S_IFLNK | 0777, nullptr, &ino),
+                      "allocate inode for " + e.path));
+      TRY(Retry(
+          [&] { return ext2fs_symlink(fs_, parent, ino, name.c_str(), e.link_target.c_str()); },
+          parent, "symlink " + e.path));
     } else {
       uint32_t mode = ModeType(e.type) | e.mode;
       TRY(ext4_.Check(ext2fs_new_inode(fs_, parent, static_cast<int>(mode), nullptr, &ino),
@@ -356,7 +541,9 @@ class Writer {
         if (written == 0) return Status::NoSpace("write " + e.path + ": no space");
         data = data.subspan(written);
         report_.data_bytes += written;
+        progress_.bytes_done += written;
       }
+      if (options_.progress) options_.progress(progress_);
       return Status::Ok();
     });
     if (s.ok()) s = ext4_.Check(ext2fs_file_set_size2(file, e.size_bytes), "size " + e.path);
@@ -411,6 +598,11 @@ class Writer {
   PopulateReport& report_;
   std::set<std::string> skipped_;
   std::unordered_map<std::string, ext2_ino_t> inodes_;
+  // Paths of inodes_ that are directories, and those of them this scan
+  // created.
+  std::unordered_set<std::string> dirs_;
+  std::unordered_set<std::string> fresh_dirs_;
+  PopulateProgress progress_;
 };
 
 }  // namespace

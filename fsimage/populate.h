@@ -1,5 +1,5 @@
 // Populating an ext4 file system inside an image from a TreeSource (a host
-// directory now; tarballs later): regular files (sparse: holes stay
+// directory or a tarball): regular files (sparse: holes stay
 // holes), directories, symlinks, hard links, devices, fifos, sockets,
 // owner, group, mode incl. setuid/setgid/sticky, a/m/ctime with
 // nanoseconds and xattrs (security.capability, POSIX ACLs).
@@ -10,11 +10,14 @@
 // anything is written. Existing names are handled as `fs-add` needs:
 // directories are merged (their metadata updated), other files replaced;
 // a directory is never replaced by a file (skipped with a warning).
+// A directory that grows past one block becomes a hashed index (htree),
+// so lookups in large directories stay fast.
 //
 // Thread-safety: functions. The Image is used by one caller at a time.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -24,6 +27,15 @@
 
 namespace ploop::fsimage {
 
+// How far the write scan is, for a progress display. Totals come from the
+// plan scan.
+struct PopulateProgress {
+  uint64_t files_done = 0;  // entries written (not hard links)
+  uint64_t files_total = 0;
+  uint64_t bytes_done = 0;  // file data written
+  uint64_t bytes_total = 0;
+};
+
 struct PopulateOptions {
   // Directory of the file system the tree's root maps onto; created (with
   // parents, mode 0755) when missing.
@@ -31,6 +43,9 @@ struct PopulateOptions {
   // Added to every uid / gid on the way in.
   uint32_t uid_shift = 0;
   uint32_t gid_shift = 0;
+  // Called during the write scan after each entry and each run of file
+  // data (often: the callee throttles). May be empty.
+  std::function<void(const PopulateProgress&)> progress;
 };
 
 struct PopulateReport {

@@ -1,5 +1,5 @@
 // A tree of files to put into a file system, as a stream of entries: the
-// common shape of a host directory (DirSource) and, later, a tarball.
+// common shape of a host directory (DirSource) and a tarball (TarSource).
 //
 // A source yields entries parents-first with '/'-separated paths relative
 // to the tree's root ("" is the root itself). Metadata comes with the
@@ -57,6 +57,10 @@ struct Entry {
   // Extended attributes, full names ("user.x", "security.capability",
   // "system.posix_acl_access" in the kernel's xattr format).
   std::vector<std::pair<std::string, std::string>> xattrs;
+  // A directory the source made up because it had children but no entry
+  // of its own (a tarball's missing parent, or its root): created when
+  // missing, but an existing directory keeps its metadata.
+  bool synthesized = false;
 };
 
 // Called for each run of file data: bytes at `offset_bytes` of the file.
@@ -82,5 +86,26 @@ class TreeSource {
 // entries after the first name. Unreadable entries are skipped with a
 // warning. NotFound / IOError when `root` is not a readable directory.
 Result<std::unique_ptr<TreeSource>> OpenDirSource(const std::string& root);
+
+// A tarball read with libarchive: tar, pax, GNU and ustar formats, plain
+// or compressed (gzip, xz, zstd, bzip2, ...; detected from the contents).
+// Entries come in archive order, each preceded by made-up (synthesized)
+// entries for parent directories not seen yet, so parents come first; the
+// root "" always comes first. Data of sparse members is read as extents, so
+// holes stay holes. Owners are the numeric ids (names are ignored); xattrs
+// (incl. security.capability) and POSIX ACLs (as system.posix_acl_* in the
+// kernel's format) come with the entry. Rewind() reopens the file.
+//
+// Hostile members are skipped with a warning each, and never reach the
+// file system: absolute paths, paths with "..", paths that go through a
+// symlink or a file of the archive, hard links whose target is not an
+// earlier regular file of the archive. Symlinks themselves are kept as
+// they are, whatever their target: inside the file system they resolve
+// against its own root, not the host's.
+//
+// NotFound / IOError when `path` cannot be opened; InvalidArgument when it
+// is not an archive libarchive reads. A damaged archive fails the scan with
+// Corruption.
+Result<std::unique_ptr<TreeSource>> OpenTarSource(const std::string& path);
 
 }  // namespace ploop::fsimage

@@ -45,6 +45,7 @@ struct InitArgs {
   uint64_t inodes = 0;     // --inodes
   std::string block_size;  // -B
   std::string from_dir;    // --from-dir: populate from a host directory
+  std::string from_tar;    // --from-tar: populate from a tarball
   uint32_t uid_shift = 0;  // --uid-shift
   uint32_t gid_shift = 0;  // --gid-shift
 };
@@ -130,6 +131,7 @@ struct FsArgs {
   std::string guid;
   std::string path;      // ls/cat: path in the file system
   std::string from_dir;  // fs-add
+  std::string from_tar;  // fs-add
   std::string at = "/";  // fs-add
   uint32_t uid_shift = 0;
   uint32_t gid_shift = 0;

@@ -1,6 +1,10 @@
 // The file-system commands: making (and filling) ext4 at init time,
 // fs-add, ls and cat, all through fsimage/ without root. Only this layer
 // parses and prints.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
 #include <ctime>
 #include <iomanip>
 #include <iostream>
@@ -20,10 +24,63 @@ void PrintWarnings(std::string_view command, const std::vector<std::string>& war
   for (const auto& w : warnings) std::cerr << "ploop " << command << ": warning: " << w << "\n";
 }
 
-Result<fsimage::PopulateReport> PopulateFromDir(Image& image, const std::string& dir,
-                                                const fsimage::PopulateOptions& options) {
-  ASSIGN_OR_RETURN_CTX(auto source, fsimage::OpenDirSource(dir), "--from-dir");
-  return fsimage::Populate(image, *source, options);
+// A one-line progress display on stderr while a tree is copied in:
+// "files 120/4000, 310 MiB/1.2 GiB, 95.2 MiB/s". Only on a terminal, at
+// most ten updates a second, erased when done.
+class ProgressBar {
+ public:
+  ProgressBar() : enabled_(::isatty(STDERR_FILENO) == 1), start_(Clock::now()) {}
+  ~ProgressBar() { Erase(); }
+
+  void Update(const fsimage::PopulateProgress& p) {
+    if (!enabled_) return;
+    auto now = Clock::now();
+    if (shown_ && now - last_ < std::chrono::milliseconds(100)) return;
+    last_ = now;
+    shown_ = true;
+    double seconds = std::chrono::duration<double>(now - start_).count();
+    double rate = seconds > 0 ? static_cast<double>(p.bytes_done) / seconds : 0;
+    std::string line = "files " + std::to_string(p.files_done) + "/" +
+                       std::to_string(p.files_total) + ", " + HumanSize(p.bytes_done) + "/" +
+                       HumanSize(p.bytes_total) + ", " + HumanSize(static_cast<uint64_t>(rate)) +
+                       "/s";
+    std::fprintf(stderr, "\r%s\033[K", line.c_str());
+    std::fflush(stderr);
+  }
+
+  void Erase() {
+    if (!shown_) return;
+    std::fprintf(stderr, "\r\033[K");
+    std::fflush(stderr);
+    shown_ = false;
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  bool enabled_;
+  bool shown_ = false;
+  Clock::time_point start_;
+  Clock::time_point last_;
+};
+
+// Copies --from-dir or --from-tar (exactly one must be given) into `image`.
+Result<fsimage::PopulateReport> PopulateFrom(Image& image, const std::string& dir,
+                                             const std::string& tar,
+                                             fsimage::PopulateOptions options) {
+  if (dir.empty() == tar.empty()) {
+    return Status::InvalidArgument("give one of --from-dir and --from-tar");
+  }
+  std::unique_ptr<fsimage::TreeSource> source;
+  if (!dir.empty()) {
+    ASSIGN_OR_RETURN_CTX(source, fsimage::OpenDirSource(dir), "--from-dir");
+  } else {
+    ASSIGN_OR_RETURN_CTX(source, fsimage::OpenTarSource(tar), "--from-tar");
+  }
+  ProgressBar bar;
+  options.progress = [&bar](const fsimage::PopulateProgress& p) { bar.Update(p); };
+  auto report = fsimage::Populate(image, *source, options);
+  bar.Erase();
+  return report;
 }
 
 Result<std::unique_ptr<Chain>> OpenDiskArg(const std::string& dd, const std::string& guid,
@@ -95,10 +152,15 @@ Result<std::string> InitFsType(const InitArgs& args) {
   if (type != "ext4" && type != "none") {
     return Status::InvalidArgument("unknown file system type '" + type + "' (use ext4 or none)");
   }
-  if (type == "none" && (!args.label.empty() || args.inodes != 0 || !args.block_size.empty() ||
-                         !args.from_dir.empty() || args.uid_shift || args.gid_shift)) {
+  if (type == "none" &&
+      (!args.label.empty() || args.inodes != 0 || !args.block_size.empty() ||
+       !args.from_dir.empty() || !args.from_tar.empty() || args.uid_shift || args.gid_shift)) {
     return Status::InvalidArgument(
-        "-L, --inodes, -B, --from-dir and --uid/gid-shift need a file system (-t ext4)");
+        "-L, --inodes, -B, --from-dir, --from-tar and --uid/gid-shift need a file system (-t "
+        "ext4)");
+  }
+  if (!args.from_dir.empty() && !args.from_tar.empty()) {
+    return Status::InvalidArgument("give one of --from-dir and --from-tar");
   }
   return type;
 }
@@ -120,25 +182,29 @@ Result<std::string> MakeInitFilesystem(const InitArgs& args, Image& image) {
   if (!args.label.empty()) summary += ", label " + args.label;
   summary += ", " + std::to_string(made.inodes) + " inodes, " +
              std::to_string(made.block_bytes / 1024) + "K blocks)";
-  if (!args.from_dir.empty()) {
+  if (!args.from_dir.empty() || !args.from_tar.empty()) {
     fsimage::PopulateOptions po;
     po.uid_shift = args.uid_shift;
     po.gid_shift = args.gid_shift;
-    ASSIGN_OR_RETURN(auto report, PopulateFromDir(image, args.from_dir, po));
+    ASSIGN_OR_RETURN(auto report, PopulateFrom(image, args.from_dir, args.from_tar, po));
     PrintWarnings("init", report.warnings);
-    summary += ", " + std::to_string(report.files) + " files copied from " + args.from_dir;
+    summary += ", " + std::to_string(report.files) + " files copied from " +
+               (args.from_dir.empty() ? args.from_tar : args.from_dir);
   }
   return summary;
 }
 
 int RunFsAdd(const FsArgs& args) {
+  if (args.from_dir.empty() == args.from_tar.empty()) {
+    return Fail("fs-add", Status::InvalidArgument("give one of --from-dir and --from-tar"));
+  }
   auto chain = OpenDiskArg(args.dd, "", /*writable=*/true);
   if (!chain.ok()) return Fail("fs-add", chain.error());
   fsimage::PopulateOptions po;
   po.at = args.at;
   po.uid_shift = args.uid_shift;
   po.gid_shift = args.gid_shift;
-  auto report = PopulateFromDir(**chain, args.from_dir, po);
+  auto report = PopulateFrom(**chain, args.from_dir, args.from_tar, po);
   Status closed = (*chain)->Close();
   if (!report.ok()) return Fail("fs-add", report.error());
   if (!closed.ok()) return Fail("fs-add", closed);

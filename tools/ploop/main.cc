@@ -50,6 +50,8 @@ int main(int argc, char** argv) {
   c_init->add_option("-B,--block-size", init.block_size,
                      "ext4 block size: 1K, 2K or 4K (default 4K)");
   c_init->add_option("--from-dir", init.from_dir, "copy this directory tree into the new ext4");
+  c_init->add_option("--from-tar", init.from_tar,
+                     "copy this tarball (.tar, .gz, .xz, .zst, ...) into the new ext4");
   c_init->add_option("--uid-shift", init.uid_shift, "add N to every uid copied in");
   c_init->add_option("--gid-shift", init.gid_shift, "add N to every gid copied in");
   c_init->add_option("FILE", init.file, "image file to create")->required();
@@ -165,9 +167,11 @@ int main(int argc, char** argv) {
 
   FsArgs fs_add;
   auto* c_fs_add = app.add_subcommand(
-      "fs-add", "add a directory tree to the disk's ext4 (files replaced, directories merged)");
+      "fs-add",
+      "add a directory tree or tarball to the disk's ext4 (files replaced, directories merged)");
   c_fs_add->add_option("DD", fs_add.dd, "DiskDescriptor.xml")->required();
-  c_fs_add->add_option("--from-dir", fs_add.from_dir, "host directory to copy in")->required();
+  c_fs_add->add_option("--from-dir", fs_add.from_dir, "host directory to copy in");
+  c_fs_add->add_option("--from-tar", fs_add.from_tar, "tarball to copy in (.tar, .gz, .xz, .zst)");
   c_fs_add->add_option("--at", fs_add.at, "directory of the file system to copy into");
   c_fs_add->add_option("--uid-shift", fs_add.uid_shift, "add N to every uid copied in");
   c_fs_add->add_option("--gid-shift", fs_add.gid_shift, "add N to every gid copied in");

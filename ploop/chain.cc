@@ -61,10 +61,9 @@ Result<std::unique_ptr<Chain>> Chain::FromLayers(std::vector<std::unique_ptr<Ima
       return Status::InvalidArgument(layers[i]->path() + ": only the top layer may be writable");
     }
     if (layers[i]->size_bytes() > layers[i + 1]->size_bytes()) {
-      return Status::InvalidArgument(layers[i]->path() + " (" +
-                                     std::to_string(layers[i]->size_bytes()) +
-                                     " bytes) is larger than the delta above it, " +
-                                     layers[i + 1]->path());
+      return Status::InvalidArgument(
+          layers[i]->path() + " (" + std::to_string(layers[i]->size_bytes()) +
+          " bytes) is larger than the delta above it, " + layers[i + 1]->path());
     }
   }
   if (layers.size() > 1 && layers.back()->kind() == ImageKind::kRaw) {
@@ -124,9 +123,8 @@ Status Chain::ReadFrom(int max_level, uint64_t offset, std::span<std::byte> out)
   }
   // A lower layer may be smaller than the disk: past its end reads zeros.
   Image& layer = *layers_[level];
-  uint64_t avail = offset < layer.size_bytes()
-                       ? std::min<uint64_t>(out.size(), layer.size_bytes() - offset)
-                       : 0;
+  uint64_t avail =
+      offset < layer.size_bytes() ? std::min<uint64_t>(out.size(), layer.size_bytes() - offset) : 0;
   if (avail > 0) TRY(layer.Read(offset, out.first(avail)));
   std::memset(out.data() + avail, 0, out.size() - avail);
   return Status::Ok();
@@ -155,9 +153,8 @@ Status Chain::Read(uint64_t offset, std::span<std::byte> out) {
       std::memset(run.data(), 0, run.size());
     } else {
       Image& layer = *layers_[level];
-      uint64_t avail = voff < layer.size_bytes()
-                           ? std::min<uint64_t>(run.size(), layer.size_bytes() - voff)
-                           : 0;
+      uint64_t avail =
+          voff < layer.size_bytes() ? std::min<uint64_t>(run.size(), layer.size_bytes() - voff) : 0;
       if (avail > 0) TRY(layer.Read(voff, run.first(avail)));
       std::memset(run.data() + avail, 0, run.size() - avail);
     }
@@ -191,7 +188,8 @@ Status Chain::Write(uint64_t offset, std::span<const std::byte> data) {
   uint64_t pos = 0;
   uint64_t plain_start = 0;  // start of the pending plain run
   auto flush_plain = [&](uint64_t end) -> Status {
-    if (end > plain_start) TRY(top().Write(offset + plain_start, data.subspan(plain_start, end - plain_start)));
+    if (end > plain_start)
+      TRY(top().Write(offset + plain_start, data.subspan(plain_start, end - plain_start)));
     return Status::Ok();
   };
   while (pos < data.size()) {

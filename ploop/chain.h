@@ -80,8 +80,7 @@ class Chain final : public Image {
   Status ReadFrom(int max_level, uint64_t offset, std::span<std::byte> out);
   // Writes one cluster's worth into the top for a cluster a lower layer
   // holds: copy-up of the rest, then an allocating write.
-  Status CopyUpWrite(uint64_t cluster_index, uint64_t in_cluster,
-                     std::span<const std::byte> data);
+  Status CopyUpWrite(uint64_t cluster_index, uint64_t in_cluster, std::span<const std::byte> data);
 
   std::vector<std::unique_ptr<Image>> layers_;
   std::vector<Delta*> deltas_;  // per layer: the Delta, or nullptr for raw

@@ -74,8 +74,8 @@ Result<CheckReport> CheckImage(BlockFile& file, bool repair) {
   Problems problems(report);
   ASSIGN_OR_RETURN(report.file_bytes, file.Size());
   if (report.file_bytes < kHeaderBytes) {
-    problems.Add(Severity::kFatal, "file is too short for a ploop header (" +
-                                       Num(report.file_bytes) + " bytes)");
+    problems.Add(Severity::kFatal,
+                 "file is too short for a ploop header (" + Num(report.file_bytes) + " bytes)");
     return report;
   }
   std::array<std::byte, kHeaderBytes> raw_header;
@@ -167,9 +167,8 @@ Result<CheckReport> CheckImage(BlockFile& file, bool repair) {
   }
   for (uint64_t i = n; i < slots; ++i) {
     if (bat[i] != 0) {
-      problems.Add(Severity::kError,
-                   "BAT slot " + Num(i) + " is past the disk size (" + Num(n) +
-                       " clusters) but not zero");
+      problems.Add(Severity::kError, "BAT slot " + Num(i) + " is past the disk size (" + Num(n) +
+                                         " clusters) but not zero");
       bat[i] = 0;
       bat_changed = true;
     }
@@ -181,8 +180,8 @@ Result<CheckReport> CheckImage(BlockFile& file, bool repair) {
   if (!keep_extension) {
     if (file_clusters > end_cluster) {
       report.leaked_clusters = file_clusters - end_cluster;
-      problems.Add(Severity::kLeak, Num(report.leaked_clusters) +
-                                        " unreferenced clusters at the end of the file");
+      problems.Add(Severity::kLeak,
+                   Num(report.leaked_clusters) + " unreferenced clusters at the end of the file");
     }
     if (report.file_bytes % cb != 0) {
       problems.Add(Severity::kLeak, "file length " + Num(report.file_bytes) +

@@ -142,12 +142,14 @@ Result<std::unique_ptr<Delta>> Delta::Open(FileSystem& fs, const std::string& pa
     return Status::NotSupported(path + ": a format version conversion was interrupted");
   }
   if (options.writable && header.version == FormatVersion::kV1) {
-    return Status::NotSupported(path + ": v1 (WithoutFreeSpace) images are read-only here; "
-                                       "export and import to convert to v2");
+    return Status::NotSupported(path +
+                                ": v1 (WithoutFreeSpace) images are read-only here; "
+                                "export and import to convert to v2");
   }
   if (options.writable && header.dirty()) {
     if (!options.repair_dirty) {
-      return Status::FailedPrecondition(path + ": image was not closed cleanly; run check --repair");
+      return Status::FailedPrecondition(path +
+                                        ": image was not closed cleanly; run check --repair");
     }
     ASSIGN_OR_RETURN_CTX(CheckReport report, CheckImage(*file, /*repair=*/true), path);
     if (!report.clean()) return Status::Corruption(path + ": " + report.FirstProblem());

@@ -61,8 +61,8 @@ Status CreateDisk(FileSystem& fs, const std::string& image_path, const CreateOpt
   ASSIGN_OR_RETURN(Descriptor dd,
                    Descriptor::NewSingle(dd_path, size, options.cluster_bytes, options.kind,
                                          BaseName(image_path), kTopGuid,
-                                         options.kind == ImageKind::kPreallocated,
-                                         header.cylinders, header.heads));
+                                         options.kind == ImageKind::kPreallocated, header.cylinders,
+                                         header.heads));
   ASSIGN_OR_RETURN(auto image, CreateImage(fs, image_path, options));
   Status s = image->Close();
   image.reset();
@@ -122,10 +122,9 @@ Status RestoreDescriptor(FileSystem& fs, const std::string& dir, const std::stri
   }
   image.reset();
   ASSIGN_OR_RETURN(Descriptor dd,
-                   Descriptor::NewSingle(dd_path, size, cluster,
-                                         raw ? ImageKind::kRaw : ImageKind::kExpanded,
-                                         BaseName(image_path), kTopGuid, preallocated,
-                                         chs.cylinders, chs.heads));
+                   Descriptor::NewSingle(
+                       dd_path, size, cluster, raw ? ImageKind::kRaw : ImageKind::kExpanded,
+                       BaseName(image_path), kTopGuid, preallocated, chs.cylinders, chs.heads));
   return dd.Save(fs);
 }
 
@@ -212,12 +211,12 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
       if (entry.report.header_valid) {
         sizes[image.guid] = entry.report.header.size_bytes();
         if (entry.report.header.cluster_bytes() != dd.cluster_bytes()) {
-          report.problems.push_back(
-              {Severity::kFatal,
-               "delta " + image.guid + " has cluster size " +
-                   std::to_string(entry.report.header.cluster_bytes()) +
-                   " but the descriptor says " + std::to_string(dd.cluster_bytes()),
-               false});
+          report.problems.push_back({Severity::kFatal,
+                                     "delta " + image.guid + " has cluster size " +
+                                         std::to_string(entry.report.header.cluster_bytes()) +
+                                         " but the descriptor says " +
+                                         std::to_string(dd.cluster_bytes()),
+                                     false});
         }
       }
     }
@@ -228,19 +227,18 @@ Result<DiskCheckReport> CheckDisk(FileSystem& fs, const std::string& dd_path, bo
     // A merge into a root (the base) is interrupted just like one into a
     // middle delta: check this before skipping roots below.
     if (shot.temporary && dd.Children(shot.guid).size() == 1) {
-      report.problems.push_back({Severity::kError,
-                                 "merge into " + shot.guid +
-                                     " was interrupted; run snapshot-merge or check --repair",
-                                 false});
+      report.problems.push_back(
+          {Severity::kError,
+           "merge into " + shot.guid + " was interrupted; run snapshot-merge or check --repair",
+           false});
     }
     if (shot.parent_guid == kNullGuid) continue;
     auto child = sizes.find(shot.guid);
     auto parent = sizes.find(shot.parent_guid);
     if (child != sizes.end() && parent != sizes.end() && parent->second > child->second) {
-      report.problems.push_back({Severity::kFatal,
-                                 "delta " + shot.parent_guid + " is larger than its child " +
-                                     shot.guid,
-                                 false});
+      report.problems.push_back(
+          {Severity::kFatal, "delta " + shot.parent_guid + " is larger than its child " + shot.guid,
+           false});
     }
   }
   // Delta files in the folder that the descriptor does not name.

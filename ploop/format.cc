@@ -96,9 +96,8 @@ void EncodeHeader(const Header& h, std::span<std::byte, kHeaderBytes> out) {
 }
 
 bool HasPloopSignature(std::span<const std::byte> in) {
-  return in.size() >= 16 &&
-         (std::memcmp(in.data(), kSignatureV2, 16) == 0 ||
-          std::memcmp(in.data(), kSignatureV1, 16) == 0);
+  return in.size() >= 16 && (std::memcmp(in.data(), kSignatureV2, 16) == 0 ||
+                             std::memcmp(in.data(), kSignatureV1, 16) == 0);
 }
 
 Result<Header> DecodeHeader(std::span<const std::byte, kHeaderBytes> in) {

@@ -105,7 +105,7 @@ std::string_view StatusCodeName(StatusCode code);
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {}  // NOLINT: must not be OK
 
   bool has_value() const { return v_.index() == 0; }
@@ -136,21 +136,21 @@ class [[nodiscard]] Result {
 #define PLOOP_CONCAT_(a, b) PLOOP_CONCAT_INNER_(a, b)
 
 // Returns from the enclosing function if `expr` (a Status) is not OK.
-#define TRY(expr)                                 \
-  do {                                            \
-    ::ploop::Status ploop_try_status_ = (expr);   \
+#define TRY(expr)                                          \
+  do {                                                     \
+    ::ploop::Status ploop_try_status_ = (expr);            \
     if (!ploop_try_status_.ok()) return ploop_try_status_; \
   } while (0)
 
 // As TRY, adding "context: " in front of the error's message.
-#define TRY_CTX(expr, context)                                            \
-  do {                                                                    \
-    ::ploop::Status ploop_try_status_ = (expr);                           \
+#define TRY_CTX(expr, context)                                                             \
+  do {                                                                                     \
+    ::ploop::Status ploop_try_status_ = (expr);                                            \
     if (!ploop_try_status_.ok()) return std::move(ploop_try_status_).WithContext(context); \
   } while (0)
 
-#define ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr, ctx_expr) \
-  auto tmp = (expr);                                     \
+#define ASSIGN_OR_RETURN_IMPL_(tmp, lhs, expr, ctx_expr)        \
+  auto tmp = (expr);                                            \
   if (!tmp.has_value()) return std::move(tmp).error() ctx_expr; \
   lhs = std::move(tmp).value()
 
@@ -159,6 +159,5 @@ class [[nodiscard]] Result {
   ASSIGN_OR_RETURN_IMPL_(PLOOP_CONCAT_(ploop_result_, __LINE__), lhs, expr, )
 
 // As ASSIGN_OR_RETURN, adding context to the error.
-#define ASSIGN_OR_RETURN_CTX(lhs, expr, context)                          \
-  ASSIGN_OR_RETURN_IMPL_(PLOOP_CONCAT_(ploop_result_, __LINE__), lhs, expr, \
-                         .WithContext(context))
+#define ASSIGN_OR_RETURN_CTX(lhs, expr, context) \
+  ASSIGN_OR_RETURN_IMPL_(PLOOP_CONCAT_(ploop_result_, __LINE__), lhs, expr, .WithContext(context))

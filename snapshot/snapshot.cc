@@ -105,8 +105,7 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
       }
     }
     uint64_t needed = new_clusters * cb + FirstBlockBytes(child_delta->bat_entries(), cb);
-    ASSIGN_OR_RETURN(uint64_t free_bytes,
-                     fs.FreeSpace(dd.folder().empty() ? "." : dd.folder()));
+    ASSIGN_OR_RETURN(uint64_t free_bytes, fs.FreeSpace(dd.folder().empty() ? "." : dd.folder()));
     if (free_bytes < needed) {
       return Status::NoSpace(ctx + ": needs up to " + std::to_string(needed) + " bytes, only " +
                              std::to_string(free_bytes) + " available");
@@ -326,9 +325,7 @@ Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
   // A leaf off the active chain: nobody reads it. Taking its write lock
   // proves nobody has it open (a read-only snapshot mount, say).
   const DescriptorImage victim = *image;
-  {
-    ASSIGN_OR_RETURN(auto locked, OpenDelta(fs, dd, victim, true));
-  }
+  { ASSIGN_OR_RETURN(auto locked, OpenDelta(fs, dd, victim, true)); }
   TRY(dd.RemoveImage(target));
   TRY(dd.Save(fs));
   fs.Remove(victim.path).IgnoreError();  // an orphan at worst

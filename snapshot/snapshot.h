@@ -53,8 +53,7 @@ Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vie
                      const DescriptorLoadOptions& load = {});
 
 // Merges the whole active chain into its base, so the disk is one delta.
-Status MergeAll(FileSystem& fs, const std::string& dd_path,
-                const DescriptorLoadOptions& load = {});
+Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load = {});
 
 // Deletes snapshot `guid` (see the top of this file).
 Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,

@@ -24,16 +24,26 @@ bool IsMutation(FaultOp op) {
 
 const char* OpName(FaultOp op) {
   switch (op) {
-    case FaultOp::kRead: return "read";
-    case FaultOp::kWrite: return "write";
-    case FaultOp::kSync: return "sync";
-    case FaultOp::kTruncate: return "truncate";
-    case FaultOp::kPunchHole: return "punch";
-    case FaultOp::kAllocate: return "allocate";
-    case FaultOp::kOpen: return "open";
-    case FaultOp::kCreate: return "create";
-    case FaultOp::kRename: return "rename";
-    case FaultOp::kRemove: return "remove";
+    case FaultOp::kRead:
+      return "read";
+    case FaultOp::kWrite:
+      return "write";
+    case FaultOp::kSync:
+      return "sync";
+    case FaultOp::kTruncate:
+      return "truncate";
+    case FaultOp::kPunchHole:
+      return "punch";
+    case FaultOp::kAllocate:
+      return "allocate";
+    case FaultOp::kOpen:
+      return "open";
+    case FaultOp::kCreate:
+      return "create";
+    case FaultOp::kRename:
+      return "rename";
+    case FaultOp::kRemove:
+      return "remove";
   }
   return "?";
 }
@@ -64,7 +74,8 @@ class FaultFile final : public BlockFile {
       : fs_(fs), base_(std::move(base)) {}
 
   Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
-    TRY(fs_.Before(FaultOp::kRead, path(), std::to_string(offset) + "+" + std::to_string(out.size()), nullptr));
+    TRY(fs_.Before(FaultOp::kRead, path(),
+                   std::to_string(offset) + "+" + std::to_string(out.size()), nullptr));
     return base_->ReadAt(offset, out);
   }
 
@@ -227,8 +238,8 @@ void FaultFileSystem::Record(const std::string& path, BlockFile& file, JournalKi
   auto size = file.Size();
   e.old_size = size.ok() ? *size : 0;
   // The bytes this operation may change, as they are now.
-  uint64_t old_end = kind == JournalKind::kTruncate ? e.old_size
-                                                    : std::min(e.old_size, offset + length);
+  uint64_t old_end =
+      kind == JournalKind::kTruncate ? e.old_size : std::min(e.old_size, offset + length);
   if (old_end > offset) {
     e.old_bytes.resize(old_end - offset);
     if (!file.ReadAt(offset, e.old_bytes).ok()) e.old_bytes.clear();
@@ -304,8 +315,7 @@ Status FaultFileSystem::Crash(CrashMode mode, uint64_t seed) {
   return Status::Ok();
 }
 
-Result<std::unique_ptr<BlockFile>> FaultFileSystem::Open(const std::string& path,
-                                                         OpenMode mode) {
+Result<std::unique_ptr<BlockFile>> FaultFileSystem::Open(const std::string& path, OpenMode mode) {
   TRY(Before(FaultOp::kOpen, path, "", nullptr));
   ASSIGN_OR_RETURN(auto base, base_.Open(path, mode));
   return std::unique_ptr<BlockFile>(new FaultFile(*this, std::move(base)));
@@ -363,8 +373,8 @@ namespace {
 
 bool ParseErrno(std::string_view s, int* err) {
   static const std::pair<const char*, int> kNames[] = {
-      {"EIO", EIO}, {"ENOSPC", ENOSPC}, {"EDQUOT", EDQUOT}, {"EROFS", EROFS},
-      {"EACCES", EACCES}, {"EPERM", EPERM}, {"EFBIG", EFBIG}, {"EINTR", EINTR}};
+      {"EIO", EIO},       {"ENOSPC", ENOSPC}, {"EDQUOT", EDQUOT}, {"EROFS", EROFS},
+      {"EACCES", EACCES}, {"EPERM", EPERM},   {"EFBIG", EFBIG},   {"EINTR", EINTR}};
   for (const auto& [name, value] : kNames) {
     if (s == name) {
       *err = value;
@@ -383,10 +393,11 @@ bool ParseCount(std::string_view s, uint64_t* n) {
 
 bool ParseOp(std::string_view s, FaultOp* op) {
   static const std::pair<const char*, FaultOp> kOps[] = {
-      {"read", FaultOp::kRead}, {"write", FaultOp::kWrite}, {"sync", FaultOp::kSync},
-      {"truncate", FaultOp::kTruncate}, {"punch", FaultOp::kPunchHole},
-      {"allocate", FaultOp::kAllocate}, {"open", FaultOp::kOpen}, {"create", FaultOp::kCreate},
-      {"rename", FaultOp::kRename}, {"remove", FaultOp::kRemove}};
+      {"read", FaultOp::kRead},       {"write", FaultOp::kWrite},
+      {"sync", FaultOp::kSync},       {"truncate", FaultOp::kTruncate},
+      {"punch", FaultOp::kPunchHole}, {"allocate", FaultOp::kAllocate},
+      {"open", FaultOp::kOpen},       {"create", FaultOp::kCreate},
+      {"rename", FaultOp::kRename},   {"remove", FaultOp::kRemove}};
   for (const auto& [name, value] : kOps) {
     if (s == name) {
       *op = value;

@@ -27,14 +27,24 @@
 
 namespace ploop {
 
-enum class FaultOp { kRead, kWrite, kSync, kTruncate, kPunchHole, kAllocate, kOpen, kCreate,
-                     kRename, kRemove };
+enum class FaultOp {
+  kRead,
+  kWrite,
+  kSync,
+  kTruncate,
+  kPunchHole,
+  kAllocate,
+  kOpen,
+  kCreate,
+  kRename,
+  kRemove
+};
 
 // Which unsynced writes survive a Crash().
 enum class CrashMode {
-  kDropAll,   // every unsynced write is lost (power cut before write-back)
-  kKeepAll,   // every write survives (the process died, the kernel did not)
-  kRandom,    // each unsynced write survives or not, chosen by a seeded RNG
+  kDropAll,  // every unsynced write is lost (power cut before write-back)
+  kKeepAll,  // every write survives (the process died, the kernel did not)
+  kRandom,   // each unsynced write survives or not, chosen by a seeded RNG
 };
 
 class FaultFileSystem final : public FileSystem {

@@ -80,7 +80,9 @@ class MemoryFile final : public BlockFile {
  public:
   MemoryFile(std::shared_ptr<State> state, std::shared_ptr<Node> node, std::string path,
              bool writable)
-      : state_(std::move(state)), node_(std::move(node)), path_(std::move(path)),
+      : state_(std::move(state)),
+        node_(std::move(node)),
+        path_(std::move(path)),
         writable_(writable) {
     std::lock_guard lock(state_->mu);
     handle_ = state_->next_handle++;
@@ -106,11 +108,11 @@ class MemoryFile final : public BlockFile {
     std::lock_guard lock(state_->mu);
     // Count the pages this write would add, for the capacity check.
     uint64_t new_pages = 0;
-    for (uint64_t p = offset / kPageBytes; data.size() > 0 && p <= (offset + data.size() - 1) / kPageBytes; ++p) {
+    for (uint64_t p = offset / kPageBytes;
+         data.size() > 0 && p <= (offset + data.size() - 1) / kPageBytes; ++p) {
       if (!node_->pages.count(p)) ++new_pages;
     }
-    if (state_->capacity != 0 &&
-        state_->UsedLocked() + new_pages * kPageBytes > state_->capacity) {
+    if (state_->capacity != 0 && state_->UsedLocked() + new_pages * kPageBytes > state_->capacity) {
       return Status::FromErrno(ENOSPC, "write " + path_ + " at " + std::to_string(offset));
     }
     size_t done = 0;
@@ -164,8 +166,7 @@ class MemoryFile final : public BlockFile {
     for (uint64_t p = offset / kPageBytes; length > 0 && p <= (end - 1) / kPageBytes; ++p) {
       if (!node_->pages.count(p)) ++new_pages;
     }
-    if (state_->capacity != 0 &&
-        state_->UsedLocked() + new_pages * kPageBytes > state_->capacity) {
+    if (state_->capacity != 0 && state_->UsedLocked() + new_pages * kPageBytes > state_->capacity) {
       return Status::FromErrno(ENOSPC, "allocate " + path_);
     }
     for (uint64_t p = offset / kPageBytes; length > 0 && p <= (end - 1) / kPageBytes; ++p) {
@@ -225,8 +226,7 @@ class MemoryFile final : public BlockFile {
 MemoryFileSystem::MemoryFileSystem() : state_(std::make_shared<State>()) {}
 MemoryFileSystem::~MemoryFileSystem() = default;
 
-Result<std::unique_ptr<BlockFile>> MemoryFileSystem::Open(const std::string& path,
-                                                          OpenMode mode) {
+Result<std::unique_ptr<BlockFile>> MemoryFileSystem::Open(const std::string& path, OpenMode mode) {
   std::shared_ptr<Node> node;
   {
     std::lock_guard lock(state_->mu);

@@ -250,7 +250,7 @@ Result<std::vector<std::string>> PosixFileSystem::ListDir(const std::string& dir
 
 FileSystem& DefaultFileSystem() {
   static PosixFileSystem posix;
-  static FileSystem* fs = [] () -> FileSystem* {
+  static FileSystem* fs = []() -> FileSystem* {
     const char* spec = std::getenv("PLOOP_FAULT");
     if (spec == nullptr || *spec == '\0') return &posix;
     static FaultFileSystem fault(posix);

@@ -77,7 +77,7 @@ struct Fixture {
   }
 };
 
-TEST_SUITE("unit") {
+TEST_SUITE_BEGIN("unit");
 
 TEST_CASE("a clean image checks clean and repair changes nothing") {
   Fixture fx;
@@ -198,7 +198,7 @@ TEST_CASE("a flood of bad entries is counted without listing each one") {
   CHECK(fx.Check(false).clean());
 }
 
-}  // TEST_SUITE
+TEST_SUITE_END();
 
 }  // namespace
 }  // namespace ploop

@@ -385,389 +385,389 @@ struct Piece {
   std::vector<std::byte> data;
 };
 
-TEST_SUITE("unit") {
-  TEST_CASE("crash during writes that allocate new clusters - then flush") {
-    TestRng rng;
-    uint64_t cb = 0;
-    bool same_session = false;
-    SUBCASE("32K clusters, fresh session") { cb = 32 * kKiB; }
-    SUBCASE("64K clusters, fresh session") { cb = 64 * kKiB; }
-    SUBCASE("32K clusters, the setup's session continues") {
-      cb = 32 * kKiB;
-      same_session = true;
+TEST_SUITE_BEGIN("unit");
+TEST_CASE("crash during writes that allocate new clusters - then flush") {
+  TestRng rng;
+  uint64_t cb = 0;
+  bool same_session = false;
+  SUBCASE("32K clusters, fresh session") { cb = 32 * kKiB; }
+  SUBCASE("64K clusters, fresh session") { cb = 64 * kKiB; }
+  SUBCASE("32K clusters, the setup's session continues") {
+    cb = 32 * kKiB;
+    same_session = true;
+  }
+  CAPTURE(cb);
+  CAPTURE(same_session);
+  const uint64_t size = 64 * cb;
+
+  // Before: clusters 0-3, a partial cluster 10, a write across 20-21;
+  // cluster 2 is discarded again, so its file cluster (3) is free and is
+  // the first the operation reuses -- holding stale bytes.
+  std::vector<Piece> setup_writes = {
+      {0, rng.Bytes(4 * cb)}, {10 * cb + 100, rng.Bytes(5000)}, {20 * cb + 1000, rng.Bytes(cb)}};
+  // The operation: a partial cluster (into the reused one, so the rest of
+  // it must be zeroed), a whole one, a write across two new clusters, a
+  // four-cluster write whose third cluster is zeros, zeros alone, the last
+  // cluster; flush; one more write; flush.
+  auto four = rng.Bytes(4 * cb);
+  std::memset(four.data() + 2 * cb, 0, cb);
+  std::vector<Piece> first_writes = {{31 * cb + 512, rng.Bytes(1000)}, {30 * cb, rng.Bytes(cb)},
+                                     {40 * cb - 700, rng.Bytes(1400)}, {44 * cb, four},
+                                     {50 * cb, Pattern(cb, 0)},        {63 * cb, rng.Bytes(cb)}};
+  std::vector<Piece> second_writes = {{55 * cb + 3000, rng.Bytes(2000)}};
+
+  DiskModel before(size, cb);
+  for (const auto& w : setup_writes) before.Write(w.offset_bytes, w.data);
+  before.Zero(2 * cb, cb);
+  DiskModel after = before;
+  for (const auto& w : first_writes) after.Write(w.offset_bytes, w.data);
+  for (const auto& w : second_writes) after.Write(w.offset_bytes, w.data);
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    auto image = CreateOn(same_session ? static_cast<FileSystem&>(fault) : mem, size, cb,
+                          ImageKind::kExpanded);
+    for (const auto& w : setup_writes) REQUIRE_OK(image->Write(w.offset_bytes, w.data));
+    REQUIRE_OK(image->Discard(2 * cb, cb));
+    REQUIRE_OK(image->Flush());
+    // In the same session the hole punched into the freed cluster is not
+    // yet durable, so a crash brings cluster 2's old bytes back into it.
+    if (same_session) return image;
+    REQUIRE_OK(image->Close());
+    Scribble(mem, 3, cb);
+    return OpenOrFail(fault, kImagePath, /*writable=*/true);
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status {
+    for (const auto& w : first_writes) TRY(image->Write(w.offset_bytes, w.data));
+    TRY(image->Flush());
+    for (const auto& w : second_writes) TRY(image->Write(w.offset_bytes, w.data));
+    return image->Flush();
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    // A new cluster appears whole or not at all.
+    Outcome outcome{&before, &after, cb, {}};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("crash during overwrites and discards - then flush") {
+  TestRng rng;
+  uint64_t cb = 0;
+  ImageKind kind = ImageKind::kExpanded;
+  SUBCASE("expanded, 32K clusters") { cb = 32 * kKiB; }
+  SUBCASE("expanded, 64K clusters") { cb = 64 * kKiB; }
+  SUBCASE("preallocated, 32K clusters") {
+    cb = 32 * kKiB;
+    kind = ImageKind::kPreallocated;
+  }
+  CAPTURE(cb);
+  CAPTURE(ImageKindName(kind));
+  const uint64_t size = 32 * cb;
+  // Cluster 30 stays a hole: an expanded image with every cluster in order
+  // has an identity BAT and reopens as preallocated.
+  auto initial = rng.Bytes(size);
+  std::memset(initial.data() + 30 * cb, 0, cb);
+
+  // Overwrites in place (sector-aligned, one across five clusters), whole
+  // and partial discards, zeros written over data, and last a write to the
+  // one unallocated cluster, which must not reuse a cluster discarded in
+  // the same flush. No two touch the same bytes, so each sector has one
+  // old and one new value.
+  std::vector<Piece> writes = {{cb + 512, rng.Bytes(4096)},
+                               {4 * cb - 1024, rng.Bytes(3 * cb + 2048)},
+                               {21 * cb + 4096, Pattern(4096, 0)},
+                               {24 * cb + 1536, rng.Bytes(cb)},
+                               {30 * cb, rng.Bytes(cb)}};
+  std::vector<std::pair<uint64_t, uint64_t>> discards = {
+      {10 * cb, cb}, {12 * cb, 2 * cb}, {15 * cb + 1024, 8192}, {17 * cb + cb / 2, 2 * cb}};
+
+  DiskModel before(size, cb);
+  before.Write(0, initial);
+  DiskModel after = before;
+  for (const auto& w : writes) after.Write(w.offset_bytes, w.data);
+  for (auto [offset, length] : discards) after.Zero(offset, length);
+  // An expanded image unmaps wholly discarded clusters: one BAT entry each,
+  // so they read all old or all zeros. Everything else changes in place,
+  // sector by sector.
+  std::set<uint64_t> atomic;
+  if (kind == ImageKind::kExpanded) atomic = {10, 12, 13, 18, 30};
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    auto image = CreateOn(mem, size, cb, kind);
+    REQUIRE_OK(image->Write(0, initial));
+    REQUIRE_OK(image->Close());
+    auto reopened = OpenOrFail(fault, kImagePath, /*writable=*/true);
+    REQUIRE(reopened->kind() == kind);
+    return reopened;
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status {
+    TRY(image->Write(writes[0].offset_bytes, writes[0].data));
+    TRY(image->Discard(discards[0].first, discards[0].second));
+    TRY(image->Write(writes[1].offset_bytes, writes[1].data));
+    TRY(image->Discard(discards[1].first, discards[1].second));
+    TRY(image->Discard(discards[2].first, discards[2].second));
+    TRY(image->Write(writes[2].offset_bytes, writes[2].data));
+    TRY(image->Discard(discards[3].first, discards[3].second));
+    TRY(image->Write(writes[3].offset_bytes, writes[3].data));
+    TRY(image->Write(writes[4].offset_bytes, writes[4].data));
+    return image->Flush();
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    Outcome outcome{&before, &after, kSectorBytes, atomic};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("crash while closing: flush - trim of discarded clusters at the end - clean marker") {
+  TestRng rng;
+  const uint64_t cb = 32 * kKiB;
+  const uint64_t size = 32 * cb;
+  // Clusters 0-9 in file clusters 1-10. The operation discards cluster 8
+  // and flushes, so file cluster 9 is free; then writes cluster 20 (into
+  // file cluster 9), discards cluster 9 (the last in the file), overwrites
+  // part of cluster 3 and closes: the close must make the BAT durable
+  // before it trims file cluster 10 and before it marks the image clean.
+  auto initial = rng.Bytes(10 * cb);
+  auto overwrite = rng.Bytes(4096);
+  auto fresh = rng.Bytes(cb);
+  DiskModel before(size, cb);
+  before.Write(0, initial);
+  DiskModel after = before;
+  after.Zero(8 * cb, 2 * cb);
+  after.Write(3 * cb + 1024, overwrite);
+  after.Write(20 * cb, fresh);
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    auto image = CreateOn(mem, size, cb, ImageKind::kExpanded);
+    REQUIRE_OK(image->Write(0, initial));
+    REQUIRE_OK(image->Close());
+    return OpenOrFail(fault, kImagePath, /*writable=*/true);
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status {
+    TRY(image->Discard(8 * cb, cb));
+    TRY(image->Flush());
+    TRY(image->Write(20 * cb, fresh));
+    TRY(image->Discard(9 * cb, cb));
+    TRY(image->Write(3 * cb + 1024, overwrite));
+    return image->Close();
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    if (op_succeeded) {
+      CheckReport report = CheckFile(mem, kImagePath, /*repair=*/false);
+      INFO("check after a successful close:" << ProblemList(report));
+      REQUIRE(report.problems.empty());
+      REQUIRE(mem.Contents(kImagePath).size() == 10 * cb);
     }
-    CAPTURE(cb);
-    CAPTURE(same_session);
-    const uint64_t size = 64 * cb;
+    Outcome outcome{&before, &after, kSectorBytes, {8, 9, 20}};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
 
-    // Before: clusters 0-3, a partial cluster 10, a write across 20-21;
-    // cluster 2 is discarded again, so its file cluster (3) is free and is
-    // the first the operation reuses -- holding stale bytes.
-    std::vector<Piece> setup_writes = {
-        {0, rng.Bytes(4 * cb)}, {10 * cb + 100, rng.Bytes(5000)}, {20 * cb + 1000, rng.Bytes(cb)}};
-    // The operation: a partial cluster (into the reused one, so the rest of
-    // it must be zeroed), a whole one, a write across two new clusters, a
-    // four-cluster write whose third cluster is zeros, zeros alone, the last
-    // cluster; flush; one more write; flush.
-    auto four = rng.Bytes(4 * cb);
-    std::memset(four.data() + 2 * cb, 0, cb);
-    std::vector<Piece> first_writes = {{31 * cb + 512, rng.Bytes(1000)}, {30 * cb, rng.Bytes(cb)},
-                                       {40 * cb - 700, rng.Bytes(1400)}, {44 * cb, four},
-                                       {50 * cb, Pattern(cb, 0)},        {63 * cb, rng.Bytes(cb)}};
-    std::vector<Piece> second_writes = {{55 * cb + 3000, rng.Bytes(2000)}};
+TEST_CASE("crash during import of a raw file") {
+  TestRng rng;
+  ImageKind kind = ImageKind::kExpanded;
+  SUBCASE("expanded") {}
+  SUBCASE("preallocated") { kind = ImageKind::kPreallocated; }
+  CAPTURE(ImageKindName(kind));
+  const uint64_t cb = 32 * kKiB;
+  // A sparse source whose size is not a whole number of clusters: data,
+  // explicitly written zeros, holes, a partial cluster, data at the tail.
+  const uint64_t source_bytes = 32 * cb + 5 * kKiB;
+  std::vector<Piece> source = {{0, rng.Bytes(4 * cb)},
+                               {4 * cb, Pattern(cb, 0)},
+                               {10 * cb + 100, rng.Bytes(300)},
+                               {11 * cb, rng.Bytes(10 * cb)},
+                               {32 * cb, rng.Bytes(5 * kKiB)}};
+  DiskModel expected(33 * cb, cb);
+  for (const auto& p : source) expected.Write(p.offset_bytes, p.data);
+  const DiskModel empty(33 * cb, cb);
+  CreateOptions options;
+  options.cluster_bytes = cb;
+  options.kind = kind;
 
-    DiskModel before(size, cb);
-    for (const auto& w : setup_writes) before.Write(w.offset_bytes, w.data);
-    before.Zero(2 * cb, cb);
-    DiskModel after = before;
-    for (const auto& w : first_writes) after.Write(w.offset_bytes, w.data);
-    for (const auto& w : second_writes) after.Write(w.offset_bytes, w.data);
+  auto require_imported = [&](MemoryFileSystem& mem) {
+    CheckReport report = CheckFile(mem, "dst.hds", /*repair=*/true);
+    INFO("check --repair of the imported image:" << ProblemList(report));
+    REQUIRE(report.clean());
+    auto image = OpenOrFail(mem, "dst.hds", /*writable=*/false);
+    REQUIRE(ReadDisk(*image, {&expected}) == expected);
+  };
 
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
-      auto image = CreateOn(same_session ? static_cast<FileSystem&>(fault) : mem, size, cb,
-                            ImageKind::kExpanded);
-      for (const auto& w : setup_writes) REQUIRE_OK(image->Write(w.offset_bytes, w.data));
-      REQUIRE_OK(image->Discard(2 * cb, cb));
-      REQUIRE_OK(image->Flush());
-      // In the same session the hole punched into the freed cluster is not
-      // yet durable, so a crash brings cluster 2's old bytes back into it.
-      if (same_session) return image;
-      REQUIRE_OK(image->Close());
-      Scribble(mem, 3, cb);
-      return OpenOrFail(fault, kImagePath, /*writable=*/true);
-    };
-    c.op = [&](FileSystem&, Image* image) -> Status {
-      for (const auto& w : first_writes) TRY(image->Write(w.offset_bytes, w.data));
-      TRY(image->Flush());
-      for (const auto& w : second_writes) TRY(image->Write(w.offset_bytes, w.data));
-      return image->Flush();
-    };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      // A new cluster appears whole or not at all.
-      Outcome outcome{&before, &after, cb, {}};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-    };
-    RunCrashCase(c, rng);
-  }
-
-  TEST_CASE("crash during overwrites and discards - then flush") {
-    TestRng rng;
-    uint64_t cb = 0;
-    ImageKind kind = ImageKind::kExpanded;
-    SUBCASE("expanded, 32K clusters") { cb = 32 * kKiB; }
-    SUBCASE("expanded, 64K clusters") { cb = 64 * kKiB; }
-    SUBCASE("preallocated, 32K clusters") {
-      cb = 32 * kKiB;
-      kind = ImageKind::kPreallocated;
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem&) -> std::unique_ptr<Image> {
+    auto file = mem.Create("src.raw", /*exclusive=*/true);
+    REQUIRE_OK(file);
+    for (const auto& p : source) REQUIRE_OK((*file)->WriteAt(p.offset_bytes, p.data));
+    REQUIRE_ASSIGN(uint64_t size, (*file)->Size());
+    REQUIRE(size == source_bytes);
+    return nullptr;
+  };
+  c.op = [&](FileSystem& fault, Image*) -> Status {
+    return ImportRaw(fault, "src.raw", "dst.hds", options);
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int) {
+    // The destination is absent or unusable, or it is the whole source;
+    // never a disk that reads as half of it.
+    REQUIRE_ASSIGN(bool exists, mem.Exists("dst.hds"));
+    if (op_succeeded) REQUIRE(exists);
+    bool usable = false;
+    if (exists) {
+      OpenOptions read_only;
+      auto image = OpenImage(mem, "dst.hds", read_only);
+      if (image.ok()) {
+        INFO("the imported image opens but does not read as the source");
+        REQUIRE(ReadDisk(**image, {&expected}) == expected);
+        usable = true;
+      }
     }
-    CAPTURE(cb);
-    CAPTURE(ImageKindName(kind));
-    const uint64_t size = 32 * cb;
-    // Cluster 30 stays a hole: an expanded image with every cluster in order
-    // has an identity BAT and reopens as preallocated.
-    auto initial = rng.Bytes(size);
-    std::memset(initial.data() + 30 * cb, 0, cb);
-
-    // Overwrites in place (sector-aligned, one across five clusters), whole
-    // and partial discards, zeros written over data, and last a write to the
-    // one unallocated cluster, which must not reuse a cluster discarded in
-    // the same flush. No two touch the same bytes, so each sector has one
-    // old and one new value.
-    std::vector<Piece> writes = {{cb + 512, rng.Bytes(4096)},
-                                 {4 * cb - 1024, rng.Bytes(3 * cb + 2048)},
-                                 {21 * cb + 4096, Pattern(4096, 0)},
-                                 {24 * cb + 1536, rng.Bytes(cb)},
-                                 {30 * cb, rng.Bytes(cb)}};
-    std::vector<std::pair<uint64_t, uint64_t>> discards = {
-        {10 * cb, cb}, {12 * cb, 2 * cb}, {15 * cb + 1024, 8192}, {17 * cb + cb / 2, 2 * cb}};
-
-    DiskModel before(size, cb);
-    before.Write(0, initial);
-    DiskModel after = before;
-    for (const auto& w : writes) after.Write(w.offset_bytes, w.data);
-    for (auto [offset, length] : discards) after.Zero(offset, length);
-    // An expanded image unmaps wholly discarded clusters: one BAT entry each,
-    // so they read all old or all zeros. Everything else changes in place,
-    // sector by sector.
-    std::set<uint64_t> atomic;
-    if (kind == ImageKind::kExpanded) atomic = {10, 12, 13, 18, 30};
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
-      auto image = CreateOn(mem, size, cb, kind);
-      REQUIRE_OK(image->Write(0, initial));
-      REQUIRE_OK(image->Close());
-      auto reopened = OpenOrFail(fault, kImagePath, /*writable=*/true);
-      REQUIRE(reopened->kind() == kind);
-      return reopened;
-    };
-    c.op = [&](FileSystem&, Image* image) -> Status {
-      TRY(image->Write(writes[0].offset_bytes, writes[0].data));
-      TRY(image->Discard(discards[0].first, discards[0].second));
-      TRY(image->Write(writes[1].offset_bytes, writes[1].data));
-      TRY(image->Discard(discards[1].first, discards[1].second));
-      TRY(image->Discard(discards[2].first, discards[2].second));
-      TRY(image->Write(writes[2].offset_bytes, writes[2].data));
-      TRY(image->Discard(discards[3].first, discards[3].second));
-      TRY(image->Write(writes[3].offset_bytes, writes[3].data));
-      TRY(image->Write(writes[4].offset_bytes, writes[4].data));
-      return image->Flush();
-    };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      Outcome outcome{&before, &after, kSectorBytes, atomic};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-    };
-    RunCrashCase(c, rng);
-  }
-
-  TEST_CASE("crash while closing: flush - trim of discarded clusters at the end - clean marker") {
-    TestRng rng;
-    const uint64_t cb = 32 * kKiB;
-    const uint64_t size = 32 * cb;
-    // Clusters 0-9 in file clusters 1-10. The operation discards cluster 8
-    // and flushes, so file cluster 9 is free; then writes cluster 20 (into
-    // file cluster 9), discards cluster 9 (the last in the file), overwrites
-    // part of cluster 3 and closes: the close must make the BAT durable
-    // before it trims file cluster 10 and before it marks the image clean.
-    auto initial = rng.Bytes(10 * cb);
-    auto overwrite = rng.Bytes(4096);
-    auto fresh = rng.Bytes(cb);
-    DiskModel before(size, cb);
-    before.Write(0, initial);
-    DiskModel after = before;
-    after.Zero(8 * cb, 2 * cb);
-    after.Write(3 * cb + 1024, overwrite);
-    after.Write(20 * cb, fresh);
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
-      auto image = CreateOn(mem, size, cb, ImageKind::kExpanded);
-      REQUIRE_OK(image->Write(0, initial));
-      REQUIRE_OK(image->Close());
-      return OpenOrFail(fault, kImagePath, /*writable=*/true);
-    };
-    c.op = [&](FileSystem&, Image* image) -> Status {
-      TRY(image->Discard(8 * cb, cb));
-      TRY(image->Flush());
-      TRY(image->Write(20 * cb, fresh));
-      TRY(image->Discard(9 * cb, cb));
-      TRY(image->Write(3 * cb + 1024, overwrite));
-      return image->Close();
-    };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      if (op_succeeded) {
-        CheckReport report = CheckFile(mem, kImagePath, /*repair=*/false);
-        INFO("check after a successful close:" << ProblemList(report));
-        REQUIRE(report.problems.empty());
-        REQUIRE(mem.Contents(kImagePath).size() == 10 * cb);
-      }
-      Outcome outcome{&before, &after, kSectorBytes, {8, 9, 20}};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-    };
-    RunCrashCase(c, rng);
-  }
-
-  TEST_CASE("crash during import of a raw file") {
-    TestRng rng;
-    ImageKind kind = ImageKind::kExpanded;
-    SUBCASE("expanded") {}
-    SUBCASE("preallocated") { kind = ImageKind::kPreallocated; }
-    CAPTURE(ImageKindName(kind));
-    const uint64_t cb = 32 * kKiB;
-    // A sparse source whose size is not a whole number of clusters: data,
-    // explicitly written zeros, holes, a partial cluster, data at the tail.
-    const uint64_t source_bytes = 32 * cb + 5 * kKiB;
-    std::vector<Piece> source = {{0, rng.Bytes(4 * cb)},
-                                 {4 * cb, Pattern(cb, 0)},
-                                 {10 * cb + 100, rng.Bytes(300)},
-                                 {11 * cb, rng.Bytes(10 * cb)},
-                                 {32 * cb, rng.Bytes(5 * kKiB)}};
-    DiskModel expected(33 * cb, cb);
-    for (const auto& p : source) expected.Write(p.offset_bytes, p.data);
-    const DiskModel empty(33 * cb, cb);
-    CreateOptions options;
-    options.cluster_bytes = cb;
-    options.kind = kind;
-
-    auto require_imported = [&](MemoryFileSystem& mem) {
-      CheckReport report = CheckFile(mem, "dst.hds", /*repair=*/true);
-      INFO("check --repair of the imported image:" << ProblemList(report));
-      REQUIRE(report.clean());
-      auto image = OpenOrFail(mem, "dst.hds", /*writable=*/false);
-      REQUIRE(ReadDisk(*image, {&expected}) == expected);
-    };
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem&) -> std::unique_ptr<Image> {
-      auto file = mem.Create("src.raw", /*exclusive=*/true);
-      REQUIRE_OK(file);
-      for (const auto& p : source) REQUIRE_OK((*file)->WriteAt(p.offset_bytes, p.data));
-      REQUIRE_ASSIGN(uint64_t size, (*file)->Size());
-      REQUIRE(size == source_bytes);
-      return nullptr;
-    };
-    c.op = [&](FileSystem& fault, Image*) -> Status {
-      return ImportRaw(fault, "src.raw", "dst.hds", options);
-    };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int) {
-      // The destination is absent or unusable, or it is the whole source;
-      // never a disk that reads as half of it.
-      REQUIRE_ASSIGN(bool exists, mem.Exists("dst.hds"));
-      if (op_succeeded) REQUIRE(exists);
-      bool usable = false;
-      if (exists) {
-        OpenOptions read_only;
-        auto image = OpenImage(mem, "dst.hds", read_only);
-        if (image.ok()) {
-          INFO("the imported image opens but does not read as the source");
-          REQUIRE(ReadDisk(**image, {&expected}) == expected);
-          usable = true;
-        }
-      }
-      if (usable) {
-        require_imported(mem);
-        return;
-      }
-      // Whatever the crash left behind, importing again works.
-      REQUIRE_FALSE(op_succeeded);
-      if (exists) REQUIRE_OK(mem.Remove("dst.hds"));
-      REQUIRE_OK(ImportRaw(mem, "src.raw", "dst.hds", options));
+    if (usable) {
       require_imported(mem);
+      return;
+    }
+    // Whatever the crash left behind, importing again works.
+    REQUIRE_FALSE(op_succeeded);
+    if (exists) REQUIRE_OK(mem.Remove("dst.hds"));
+    REQUIRE_OK(ImportRaw(mem, "src.raw", "dst.hds", options));
+    require_imported(mem);
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("crash during grow that relocates data clusters for a bigger BAT") {
+  TestRng rng;
+  // One 32K BAT cluster holds (32768 - 64) / 4 = 8176 entries: 8100
+  // clusters fit in it, 20000 need three, so the data in file clusters 1
+  // and 2 must move first -- into clusters freed by discards, which hold
+  // stale bytes.
+  const uint64_t cb = 32 * kKiB;
+  const uint64_t old_size = 8100 * cb;
+  const uint64_t new_size = 20000 * cb;
+  REQUIRE_ASSIGN(Header old_header, MakeHeader(old_size, cb));
+  REQUIRE_ASSIGN(Header new_header, MakeHeader(new_size, cb));
+  REQUIRE(old_header.first_block_bytes() == cb);
+  REQUIRE(new_header.first_block_bytes() == 3 * cb);
+
+  // Written in this order, virtual cluster i lands in file cluster
+  // 1, 2, 3, ...; 3 and 5 are then discarded, freeing file clusters 3 and 5.
+  const std::vector<uint64_t> order = {0, 1, 3, 7, 5, 500, 4000, 8099};
+  std::vector<Piece> writes;
+  for (uint64_t index : order) writes.push_back({index * cb, rng.Bytes(cb)});
+  writes.push_back({7 * cb + 100, rng.Bytes(cb)});  // across 7 and 8: file cluster 9
+
+  DiskModel before(old_size, cb);
+  for (const auto& w : writes) before.Write(w.offset_bytes, w.data);
+  before.Zero(3 * cb, cb);
+  before.Zero(5 * cb, cb);
+  DiskModel after = before;
+  after.Resize(new_size);
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    auto image = CreateOn(mem, old_size, cb, ImageKind::kExpanded);
+    for (const auto& w : writes) REQUIRE_OK(image->Write(w.offset_bytes, w.data));
+    REQUIRE_OK(image->Discard(3 * cb, cb));
+    REQUIRE_OK(image->Discard(5 * cb, cb));
+    REQUIRE_OK(image->Close());
+    Scribble(mem, 3, cb);
+    Scribble(mem, 5, cb);
+    return OpenOrFail(fault, kImagePath, /*writable=*/true);
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status { return image->Grow(new_size); };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    Outcome outcome{&before, &after, cb, {}};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("crash during grow of a preallocated image") {
+  TestRng rng;
+  const uint64_t cb = 32 * kKiB;
+  const uint64_t old_size = 32 * cb;
+  const uint64_t new_size = 80 * cb;
+  auto initial = rng.Bytes(old_size);
+  DiskModel before(old_size, cb);
+  before.Write(0, initial);
+  DiskModel after = before;
+  after.Resize(new_size);
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    auto image = CreateOn(mem, old_size, cb, ImageKind::kPreallocated);
+    REQUIRE_OK(image->Write(0, initial));
+    REQUIRE_OK(image->Close());
+    return OpenOrFail(fault, kImagePath, /*writable=*/true);
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status { return image->Grow(new_size); };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    Outcome outcome{&before, &after, cb, {}};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+    if (!op_succeeded) return;
+    auto image = OpenOrFail(mem, kImagePath, /*writable=*/false);
+    CHECK(image->kind() == ImageKind::kPreallocated);
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("crash during check --repair of a dirty image") {
+  TestRng rng;
+  const uint64_t cb = 32 * kKiB;
+  const uint64_t size = 32 * cb;
+  // Clusters 0-5 in file clusters 1-6. Then the damage: the dirty marker,
+  // entry 10 sharing file cluster 3 with entry 2, and
+  bool leaked_tail = false;
+  SUBCASE("entry 11 pointing just past EOF, where the repair appends, after a partial cluster") {}
+  SUBCASE("entry 11 past EOF, behind two leaked clusters") { leaked_tail = true; }
+  CAPTURE(leaked_tail);
+  auto initial = rng.Bytes(6 * cb);
+  // The repair gives entry 10 its own copy and drops entry 11.
+  DiskModel expected(size, cb);
+  expected.Write(0, initial);
+  expected.Write(10 * cb, std::span(initial).subspan(2 * cb, cb));
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem&) -> std::unique_ptr<Image> {
+    auto image = CreateOn(mem, size, cb, ImageKind::kExpanded);
+    REQUIRE_OK(image->Write(0, initial));
+    REQUIRE_OK(image->Close());
+    auto file = mem.Open(kImagePath, OpenMode::kReadWrite);
+    REQUIRE_OK(file);
+    auto put32 = [&](uint64_t offset, uint32_t value) {
+      std::byte raw[4];
+      StoreLe32(raw, value);
+      REQUIRE_OK((*file)->WriteAt(offset, raw));
     };
-    RunCrashCase(c, rng);
-  }
+    put32(44, kInUseDirty);
+    put32(kHeaderBytes + 4 * 10, 3);
+    if (leaked_tail) {
+      REQUIRE_OK((*file)->WriteAt(7 * cb, Pattern(2 * cb, 0xee)));
+      put32(kHeaderBytes + 4 * 11, 9);
+    } else {
+      REQUIRE_OK((*file)->WriteAt(7 * cb, Pattern(1000, 0xee)));
+      put32(kHeaderBytes + 4 * 11, 7);
+    }
+    return nullptr;
+  };
+  c.op = [&](FileSystem& fault, Image*) -> Status {
+    ASSIGN_OR_RETURN(auto file, fault.Open(kImagePath, OpenMode::kReadWrite));
+    ASSIGN_OR_RETURN(CheckReport report, CheckImage(*file, /*repair=*/true));
+    if (!report.clean()) return Status::Corruption("not repaired: " + report.FirstProblem());
+    return Status::Ok();
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    // The damaged image does not open before a repair (the shared cluster),
+    // so the outcome is checked after the repair that reopening runs.
+    Outcome outcome{&expected, &expected, cb, {}, /*opens_unrepaired=*/false};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
 
-  TEST_CASE("crash during grow that relocates data clusters for a bigger BAT") {
-    TestRng rng;
-    // One 32K BAT cluster holds (32768 - 64) / 4 = 8176 entries: 8100
-    // clusters fit in it, 20000 need three, so the data in file clusters 1
-    // and 2 must move first -- into clusters freed by discards, which hold
-    // stale bytes.
-    const uint64_t cb = 32 * kKiB;
-    const uint64_t old_size = 8100 * cb;
-    const uint64_t new_size = 20000 * cb;
-    REQUIRE_ASSIGN(Header old_header, MakeHeader(old_size, cb));
-    REQUIRE_ASSIGN(Header new_header, MakeHeader(new_size, cb));
-    REQUIRE(old_header.first_block_bytes() == cb);
-    REQUIRE(new_header.first_block_bytes() == 3 * cb);
-
-    // Written in this order, virtual cluster i lands in file cluster
-    // 1, 2, 3, ...; 3 and 5 are then discarded, freeing file clusters 3 and 5.
-    const std::vector<uint64_t> order = {0, 1, 3, 7, 5, 500, 4000, 8099};
-    std::vector<Piece> writes;
-    for (uint64_t index : order) writes.push_back({index * cb, rng.Bytes(cb)});
-    writes.push_back({7 * cb + 100, rng.Bytes(cb)});  // across 7 and 8: file cluster 9
-
-    DiskModel before(old_size, cb);
-    for (const auto& w : writes) before.Write(w.offset_bytes, w.data);
-    before.Zero(3 * cb, cb);
-    before.Zero(5 * cb, cb);
-    DiskModel after = before;
-    after.Resize(new_size);
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
-      auto image = CreateOn(mem, old_size, cb, ImageKind::kExpanded);
-      for (const auto& w : writes) REQUIRE_OK(image->Write(w.offset_bytes, w.data));
-      REQUIRE_OK(image->Discard(3 * cb, cb));
-      REQUIRE_OK(image->Discard(5 * cb, cb));
-      REQUIRE_OK(image->Close());
-      Scribble(mem, 3, cb);
-      Scribble(mem, 5, cb);
-      return OpenOrFail(fault, kImagePath, /*writable=*/true);
-    };
-    c.op = [&](FileSystem&, Image* image) -> Status { return image->Grow(new_size); };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      Outcome outcome{&before, &after, cb, {}};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-    };
-    RunCrashCase(c, rng);
-  }
-
-  TEST_CASE("crash during grow of a preallocated image") {
-    TestRng rng;
-    const uint64_t cb = 32 * kKiB;
-    const uint64_t old_size = 32 * cb;
-    const uint64_t new_size = 80 * cb;
-    auto initial = rng.Bytes(old_size);
-    DiskModel before(old_size, cb);
-    before.Write(0, initial);
-    DiskModel after = before;
-    after.Resize(new_size);
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
-      auto image = CreateOn(mem, old_size, cb, ImageKind::kPreallocated);
-      REQUIRE_OK(image->Write(0, initial));
-      REQUIRE_OK(image->Close());
-      return OpenOrFail(fault, kImagePath, /*writable=*/true);
-    };
-    c.op = [&](FileSystem&, Image* image) -> Status { return image->Grow(new_size); };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      Outcome outcome{&before, &after, cb, {}};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-      if (!op_succeeded) return;
-      auto image = OpenOrFail(mem, kImagePath, /*writable=*/false);
-      CHECK(image->kind() == ImageKind::kPreallocated);
-    };
-    RunCrashCase(c, rng);
-  }
-
-  TEST_CASE("crash during check --repair of a dirty image") {
-    TestRng rng;
-    const uint64_t cb = 32 * kKiB;
-    const uint64_t size = 32 * cb;
-    // Clusters 0-5 in file clusters 1-6. Then the damage: the dirty marker,
-    // entry 10 sharing file cluster 3 with entry 2, and
-    bool leaked_tail = false;
-    SUBCASE("entry 11 pointing just past EOF, where the repair appends, after a partial cluster") {}
-    SUBCASE("entry 11 past EOF, behind two leaked clusters") { leaked_tail = true; }
-    CAPTURE(leaked_tail);
-    auto initial = rng.Bytes(6 * cb);
-    // The repair gives entry 10 its own copy and drops entry 11.
-    DiskModel expected(size, cb);
-    expected.Write(0, initial);
-    expected.Write(10 * cb, std::span(initial).subspan(2 * cb, cb));
-
-    CrashCase c;
-    c.setup = [&](MemoryFileSystem& mem, FileSystem&) -> std::unique_ptr<Image> {
-      auto image = CreateOn(mem, size, cb, ImageKind::kExpanded);
-      REQUIRE_OK(image->Write(0, initial));
-      REQUIRE_OK(image->Close());
-      auto file = mem.Open(kImagePath, OpenMode::kReadWrite);
-      REQUIRE_OK(file);
-      auto put32 = [&](uint64_t offset, uint32_t value) {
-        std::byte raw[4];
-        StoreLe32(raw, value);
-        REQUIRE_OK((*file)->WriteAt(offset, raw));
-      };
-      put32(44, kInUseDirty);
-      put32(kHeaderBytes + 4 * 10, 3);
-      if (leaked_tail) {
-        REQUIRE_OK((*file)->WriteAt(7 * cb, Pattern(2 * cb, 0xee)));
-        put32(kHeaderBytes + 4 * 11, 9);
-      } else {
-        REQUIRE_OK((*file)->WriteAt(7 * cb, Pattern(1000, 0xee)));
-        put32(kHeaderBytes + 4 * 11, 7);
-      }
-      return nullptr;
-    };
-    c.op = [&](FileSystem& fault, Image*) -> Status {
-      ASSIGN_OR_RETURN(auto file, fault.Open(kImagePath, OpenMode::kReadWrite));
-      ASSIGN_OR_RETURN(CheckReport report, CheckImage(*file, /*repair=*/true));
-      if (!report.clean()) return Status::Corruption("not repaired: " + report.FirstProblem());
-      return Status::Ok();
-    };
-    c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
-      // The damaged image does not open before a repair (the shared cluster),
-      // so the outcome is checked after the repair that reopening runs.
-      Outcome outcome{&expected, &expected, cb, {}, /*opens_unrepaired=*/false};
-      VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
-    };
-    RunCrashCase(c, rng);
-  }
-
-}  // TEST_SUITE
+TEST_SUITE_END();
 }  // namespace
 }  // namespace ploop

@@ -52,7 +52,7 @@ uint32_t BatEntry(MemoryFileSystem& fs, uint64_t index, const std::string& path 
   return LoadLe32(bytes.data() + kHeaderBytes + 4 * index);
 }
 
-TEST_SUITE("unit") {
+TEST_SUITE_BEGIN("unit");
 
 TEST_CASE("a new expanded image is one header cluster and reads as zeros") {
   MemoryFileSystem fs;
@@ -119,8 +119,8 @@ TEST_CASE("discard of whole clusters unmaps them - partial discard writes zeros"
   const uint64_t cb = 64 * kKiB;
   auto d = MakeDelta(fs, kMiB, cb);
   REQUIRE_OK(d->Write(0, Pattern(4 * cb, 0x11)));
-  REQUIRE_OK(d->Discard(cb, cb));            // whole cluster 1
-  REQUIRE_OK(d->Discard(2 * cb + 10, 20));   // part of cluster 2
+  REQUIRE_OK(d->Discard(cb, cb));           // whole cluster 1
+  REQUIRE_OK(d->Discard(2 * cb + 10, 20));  // part of cluster 2
   REQUIRE_OK(d->Flush());
   CHECK(d->ClusterFileOffset(1) == 0);
   CHECK(d->ClusterFileOffset(2) != 0);
@@ -387,7 +387,7 @@ TEST_CASE("raw images: created allocated - read/write/discard/grow") {
   CHECK(CreateImage(fs, "disk.raw", o).error().code() == StatusCode::kAlreadyExists);
 }
 
-}  // TEST_SUITE
+TEST_SUITE_END();
 
 }  // namespace
 }  // namespace ploop

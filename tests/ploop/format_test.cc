@@ -8,7 +8,7 @@
 namespace ploop {
 namespace {
 
-TEST_SUITE("unit") {
+TEST_SUITE_BEGIN("unit");
 
 TEST_CASE("MakeHeader matches OpenVZ ploop for a 10 GiB disk with 1 MiB clusters") {
   REQUIRE_ASSIGN(Header h, MakeHeader(10ull << 30, 1 << 20));
@@ -81,7 +81,8 @@ TEST_CASE("DecodeHeader rejects what no reader may trust") {
     CHECK(r.error().code() == StatusCode::kCorruption);
     return r.error().message();
   };
-  CHECK(corrupt([](std::byte* p) { p[0] = std::byte{'X'}; }).find("signature") != std::string::npos);
+  CHECK(corrupt([](std::byte* p) { p[0] = std::byte{'X'}; }).find("signature") !=
+        std::string::npos);
   CHECK(corrupt([](std::byte* p) { StoreLe32(p + 16, 3); }).find("type") != std::string::npos);
   CHECK(corrupt([](std::byte* p) { StoreLe32(p + 28, 100); }).find("cluster") != std::string::npos);
   CHECK(corrupt([](std::byte* p) { StoreLe32(p + 32, 5); }).find("entries") != std::string::npos);
@@ -99,7 +100,7 @@ TEST_CASE("v1 headers keep the size in 32 bits") {
   CHECK(back.size_sectors == h.size_sectors);
 }
 
-}  // TEST_SUITE
+TEST_SUITE_END();
 
 }  // namespace
 }  // namespace ploop

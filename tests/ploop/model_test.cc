@@ -179,49 +179,52 @@ void RunModel(FileSystem& fs, const std::string& path, const ModelConfig& config
   RequireDiskEquals(**reopened, model);
 }
 
-TEST_SUITE("unit") {
-  TEST_CASE("random writes - discards - flushes - reopens and grows read back as the model") {
-    TestRng rng;
-    ModelConfig config{};
-    SUBCASE("expanded, 32K clusters") {
-      config = {32 * kKiB, ImageKind::kExpanded, 2 * kMiB, 3 * kMiB, 400};
-    }
-    SUBCASE("expanded, 64K clusters") {
-      config = {64 * kKiB, ImageKind::kExpanded, 4 * kMiB, 6 * kMiB, 400};
-    }
-    SUBCASE("expanded, 1M clusters, disk not a whole number of clusters") {
-      config = {kMiB, ImageKind::kExpanded, 7 * kMiB + 512, 12 * kMiB, 250};
-    }
-    SUBCASE("preallocated, 32K clusters") {
-      config = {32 * kKiB, ImageKind::kPreallocated, 2 * kMiB, 3 * kMiB, 400};
-    }
-    SUBCASE("preallocated, 256K clusters") {
-      config = {256 * kKiB, ImageKind::kPreallocated, 4 * kMiB, 8 * kMiB, 300};
-    }
-    CAPTURE(config.cluster_bytes);
-    CAPTURE(ImageKindName(config.kind));
-    MemoryFileSystem fs;
-    RunModel(fs, "img.hds", config, rng);
+TEST_SUITE_BEGIN("unit");
+TEST_CASE("random writes - discards - flushes - reopens and grows read back as the model") {
+  TestRng rng;
+  ModelConfig config{};
+  SUBCASE("expanded, 32K clusters") {
+    config = {32 * kKiB, ImageKind::kExpanded, 2 * kMiB, 3 * kMiB, 400};
   }
+  SUBCASE("expanded, 64K clusters") {
+    config = {64 * kKiB, ImageKind::kExpanded, 4 * kMiB, 6 * kMiB, 400};
+  }
+  SUBCASE("expanded, 1M clusters, disk not a whole number of clusters") {
+    config = {kMiB, ImageKind::kExpanded, 7 * kMiB + 512, 12 * kMiB, 250};
+  }
+  SUBCASE("preallocated, 32K clusters") {
+    config = {32 * kKiB, ImageKind::kPreallocated, 2 * kMiB, 3 * kMiB, 400};
+  }
+  SUBCASE("preallocated, 256K clusters") {
+    config = {256 * kKiB, ImageKind::kPreallocated, 4 * kMiB, 8 * kMiB, 300};
+  }
+  CAPTURE(config.cluster_bytes);
+  CAPTURE(ImageKindName(config.kind));
+  MemoryFileSystem fs;
+  RunModel(fs, "img.hds", config, rng);
 }
 
-TEST_SUITE("posix") {
-  TEST_CASE("random operations on a real file read back as the model") {
-    TestRng rng;
-    ModelConfig config{};
-    SUBCASE("expanded, 64K clusters") {
-      config = {64 * kKiB, ImageKind::kExpanded, 4 * kMiB, 6 * kMiB, 200};
-    }
-    SUBCASE("preallocated, 32K clusters") {
-      config = {32 * kKiB, ImageKind::kPreallocated, 2 * kMiB, 3 * kMiB, 200};
-    }
-    CAPTURE(config.cluster_bytes);
-    CAPTURE(ImageKindName(config.kind));
-    TempDir dir;
-    PosixFileSystem fs;
-    RunModel(fs, dir / "img.hds", config, rng);
+TEST_SUITE_END();
+
+TEST_SUITE_BEGIN("posix");
+
+TEST_CASE("random operations on a real file read back as the model") {
+  TestRng rng;
+  ModelConfig config{};
+  SUBCASE("expanded, 64K clusters") {
+    config = {64 * kKiB, ImageKind::kExpanded, 4 * kMiB, 6 * kMiB, 200};
   }
+  SUBCASE("preallocated, 32K clusters") {
+    config = {32 * kKiB, ImageKind::kPreallocated, 2 * kMiB, 3 * kMiB, 200};
+  }
+  CAPTURE(config.cluster_bytes);
+  CAPTURE(ImageKindName(config.kind));
+  TempDir dir;
+  PosixFileSystem fs;
+  RunModel(fs, dir / "img.hds", config, rng);
 }
+
+TEST_SUITE_END();
 
 }  // namespace
 }  // namespace ploop

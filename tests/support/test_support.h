@@ -60,21 +60,23 @@ bool InCi();
 
 }  // namespace ploop::testing
 
-#define REQUIRE_OK(expr)                                                          \
-  do {                                                                            \
-    auto&& ploop_req_ = (expr);                                                   \
-    if (!ploop_req_.ok()) FAIL_CHECK(#expr " failed: " << ::ploop::testing::StatusText(ploop_req_)); \
-    REQUIRE(ploop_req_.ok());                                                     \
+#define REQUIRE_OK(expr)                                                         \
+  do {                                                                           \
+    auto&& ploop_req_ = (expr);                                                  \
+    if (!ploop_req_.ok())                                                        \
+      FAIL_CHECK(#expr " failed: " << ::ploop::testing::StatusText(ploop_req_)); \
+    REQUIRE(ploop_req_.ok());                                                    \
   } while (0)
 
-#define CHECK_OK(expr)                                                            \
-  do {                                                                            \
-    auto&& ploop_chk_ = (expr);                                                   \
-    if (!ploop_chk_.ok()) FAIL_CHECK(#expr " failed: " << ::ploop::testing::StatusText(ploop_chk_)); \
+#define CHECK_OK(expr)                                                           \
+  do {                                                                           \
+    auto&& ploop_chk_ = (expr);                                                  \
+    if (!ploop_chk_.ok())                                                        \
+      FAIL_CHECK(#expr " failed: " << ::ploop::testing::StatusText(ploop_chk_)); \
   } while (0)
 
 // Binds the value of a Result or fails the test with its error.
-#define REQUIRE_ASSIGN(lhs, expr)                                   \
-  auto PLOOP_CONCAT_(ploop_ra_, __LINE__) = (expr);                 \
-  REQUIRE_OK(PLOOP_CONCAT_(ploop_ra_, __LINE__));                   \
+#define REQUIRE_ASSIGN(lhs, expr)                   \
+  auto PLOOP_CONCAT_(ploop_ra_, __LINE__) = (expr); \
+  REQUIRE_OK(PLOOP_CONCAT_(ploop_ra_, __LINE__));   \
   lhs = std::move(PLOOP_CONCAT_(ploop_ra_, __LINE__)).value()

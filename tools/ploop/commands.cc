@@ -14,15 +14,15 @@
 #include <sstream>
 #include <thread>
 
+#include "cli_common.h"
 #include "ploop/check.h"
 #include "ploop/convert.h"
 #include "ploop/delta.h"
 #include "ploop/disk.h"
-#include "snapshot/snapshot.h"
 #include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/lock.h"
-#include "cli_common.h"
+#include "snapshot/snapshot.h"
 #include "units.h"
 
 namespace ploop::cli {
@@ -49,7 +49,9 @@ int Usage(std::string_view command, const std::string& message) {
 std::optional<uint64_t> SizeArg(const std::string& text, const char* what, std::string_view cmd,
                                 int* rc) {
   auto v = ParseSize(text);
-  if (!v) *rc = Usage(cmd, std::string("invalid ") + what + " '" + text + "' (use e.g. 4096, 64K, 1M, 10G)");
+  if (!v)
+    *rc = Usage(cmd,
+                std::string("invalid ") + what + " '" + text + "' (use e.g. 4096, 64K, 1M, 10G)");
   return v;
 }
 
@@ -97,18 +99,10 @@ Result<std::unique_ptr<Image>> OpenFor(const std::string& file, const std::strin
   auto image = OpenImage(fs, file, options);
   if (!image.ok() && image.error().code() == StatusCode::kCorruption && !options.raw &&
       image.error().message().find("bad signature") != std::string::npos) {
-    return Status::Corruption(file + ": not a ploop image (bad signature); use -f raw for a raw file");
+    return Status::Corruption(file +
+                              ": not a ploop image (bad signature); use -f raw for a raw file");
   }
   return image;
-}
-
-// The descriptor FILE names, or an InvalidArgument saying one is needed.
-Result<std::string> DescriptorArg(const std::string& file) {
-  std::string dd_path;
-  if (!IsDescriptorPath(DefaultFileSystem(), file, &dd_path)) {
-    return Status::InvalidArgument(file + " is not a DiskDescriptor.xml (nor a folder with one)");
-  }
-  return dd_path;
 }
 
 Result<CreateOptions> CreateArgs(const std::string& format, const std::string& cluster,
@@ -293,7 +287,8 @@ int RunInfo(const InfoArgs& args) {
 int RunCheck(const CheckArgs& args) {
   FileSystem& fs = DefaultFileSystem();
   std::string dd_path;
-  if (IsDescriptorPath(fs, args.file, &dd_path)) return RunDiskCheck(dd_path, args.repair, args.json);
+  if (IsDescriptorPath(fs, args.file, &dd_path))
+    return RunDiskCheck(dd_path, args.repair, args.json);
   auto file = fs.Open(args.file, args.repair ? OpenMode::kReadWrite : OpenMode::kReadOnly);
   if (!file.ok()) return Fail("check", file.error());
   if (Status s = LockImage(**file, args.repair); !s.ok()) return Fail("check", s);
@@ -317,7 +312,8 @@ int RunCheck(const CheckArgs& args) {
       const char* sev = p.severity == CheckProblem::Severity::kFatal   ? "fatal"
                         : p.severity == CheckProblem::Severity::kError ? "error"
                                                                        : "leak";
-      j["problems"].push_back({{"severity", sev}, {"message", p.message}, {"repaired", p.repaired}});
+      j["problems"].push_back(
+          {{"severity", sev}, {"message", p.message}, {"repaired", p.repaired}});
     }
     j["unlisted_problems"] = report->unlisted_problems;
     std::cout << j.dump(2) << "\n";
@@ -466,8 +462,9 @@ int RunIoCommand(Image& image, const std::string& text) {
     }
     uint64_t off, len;
     if (words.size() != i + 2 || !size_at(i, &off) || !size_at(i + 1, &len)) {
-      return bad(op == "write" ? "usage: write -P BYTE OFF LEN | write -z OFF LEN | write -f FILE OFF"
-                               : "usage: read [-P BYTE] OFF LEN");
+      return bad(op == "write"
+                     ? "usage: write -P BYTE OFF LEN | write -z OFF LEN | write -f FILE OFF"
+                     : "usage: read [-P BYTE] OFF LEN");
     }
     if (op == "write" && !pattern) return bad("write needs -P BYTE, -z or -f FILE");
     std::vector<std::byte> buf(std::min<uint64_t>(len, kIoChunk));
@@ -502,8 +499,8 @@ int RunIoCommand(Image& image, const std::string& text) {
 }  // namespace
 
 int RunIo(const IoArgs& args) {
-  auto image = OpenFor(args.file, args.format, /*writable=*/!args.read_only, /*lock=*/true,
-                       args.guid);
+  auto image =
+      OpenFor(args.file, args.format, /*writable=*/!args.read_only, /*lock=*/true, args.guid);
   if (!image.ok()) return Fail("io", image.error());
   for (const auto& command : args.commands) {
     int rc = RunIoCommand(**image, command);

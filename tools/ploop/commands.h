@@ -19,12 +19,12 @@ enum ExitCode : int {
   kExitUsage = 2,     // bad command line or argument value
   kExitNotFound = 3,
   kExitExists = 4,
-  kExitCorrupt = 5,   // image corrupt, or not a ploop image
+  kExitCorrupt = 5,  // image corrupt, or not a ploop image
   kExitUnsupported = 6,
   kExitIo = 7,
   kExitNoSpace = 8,
-  kExitBusy = 9,      // image in use by another program
-  kExitState = 10,    // wrong state: read-only, shrinking, ...
+  kExitBusy = 9,    // image in use by another program
+  kExitState = 10,  // wrong state: read-only, shrinking, ...
 };
 
 int ExitCodeFor(const Status& status);

@@ -17,8 +17,7 @@ namespace {
 using nlohmann::json;
 
 // Resolves FILE to a descriptor path; prints the error otherwise.
-std::optional<std::string> Descriptor(std::string_view command, const std::string& file,
-                                      int* rc) {
+std::optional<std::string> Descriptor(std::string_view command, const std::string& file, int* rc) {
   std::string dd_path;
   if (IsDescriptorPath(DefaultFileSystem(), file, &dd_path)) return dd_path;
   *rc = Usage(command, file + " is not a DiskDescriptor.xml (nor a folder holding one)");
@@ -74,9 +73,9 @@ int RunSnapshotList(const SnapshotArgs& args) {
   std::function<void(const std::string&, int)> walk = [&](const std::string& parent, int depth) {
     for (const auto& child : dd->Children(parent)) {
       const DescriptorImage* image = dd->FindImage(child);
-      std::cout << std::string(2 * depth, ' ') << child
-                << (child == dd->top_guid() ? " *" : "  ") << dd->FindShot(child)->parent_guid
-                << "  " << image->file << (dd->FindShot(child)->temporary ? "  (temporary)" : "") << "\n";
+      std::cout << std::string(2 * depth, ' ') << child << (child == dd->top_guid() ? " *" : "  ")
+                << dd->FindShot(child)->parent_guid << "  " << image->file
+                << (dd->FindShot(child)->temporary ? "  (temporary)" : "") << "\n";
       walk(child, depth + 1);
     }
   };
@@ -98,7 +97,8 @@ int RunSnapshotMerge(const SnapshotArgs& args) {
   int rc = kExitOk;
   auto dd = Descriptor("snapshot-merge", args.dd, &rc);
   if (!dd) return rc;
-  if (args.all && !args.guid.empty()) return Usage("snapshot-merge", "-u and -A exclude each other");
+  if (args.all && !args.guid.empty())
+    return Usage("snapshot-merge", "-u and -A exclude each other");
   Status s = args.all ? MergeAll(DefaultFileSystem(), *dd, LoadOptions())
                       : MergeSnapshot(DefaultFileSystem(), *dd, args.guid, LoadOptions());
   return s.ok() ? kExitOk : Fail("snapshot-merge", s);
@@ -159,19 +159,18 @@ int RunDiskInfo(const std::string& dd_path, bool as_json) {
     return kExitOk;
   }
   std::cout << "descriptor:    " << dd_path << "\n"
-            << "virtual size:  " << HumanSize(virtual_size) << " (" << virtual_size
-            << " bytes)\n"
+            << "virtual size:  " << HumanSize(virtual_size) << " (" << virtual_size << " bytes)\n"
             << "cluster size:  " << HumanSize(dd->cluster_bytes()) << "\n"
             << "deltas:        " << deltas->size() << " (" << dd->Chain().size()
             << " in the active chain)\n";
   std::cout << "chain (base first):\n";
   for (const auto& d : *deltas) {
     if (!d.in_active_chain) continue;
-    std::cout << "  " << d.image.guid << (d.image.guid == dd->top_guid() ? " (top)" : "")
-              << "  " << d.image.file << "  size " << HumanSize(d.size_bytes) << ", file "
+    std::cout << "  " << d.image.guid << (d.image.guid == dd->top_guid() ? " (top)" : "") << "  "
+              << d.image.file << "  size " << HumanSize(d.size_bytes) << ", file "
               << HumanSize(d.file_bytes) << ", allocated "
-              << HumanSize(d.allocated_clusters * dd->cluster_bytes())
-              << (d.dirty ? ", DIRTY" : "") << "\n";
+              << HumanSize(d.allocated_clusters * dd->cluster_bytes()) << (d.dirty ? ", DIRTY" : "")
+              << "\n";
   }
   for (const auto& d : *deltas) {
     if (d.in_active_chain) continue;
@@ -206,8 +205,9 @@ int RunDiskCheck(const std::string& dd_path, bool repair, bool as_json) {
     j["merges_finished"] = finished;
     j["problems"] = json::array();
     for (const auto& p : report->problems) {
-      j["problems"].push_back(
-          {{"severity", SeverityName(p.severity)}, {"message", p.message}, {"repaired", p.repaired}});
+      j["problems"].push_back({{"severity", SeverityName(p.severity)},
+                               {"message", p.message},
+                               {"repaired", p.repaired}});
     }
     j["deltas"] = json::array();
     for (const auto& d : report->deltas) {
@@ -225,7 +225,8 @@ int RunDiskCheck(const std::string& dd_path, bool repair, bool as_json) {
     }
     std::cout << j.dump(2) << "\n";
   } else {
-    if (finished > 0) std::cout << dd_path << ": finished " << finished << " interrupted merge(s)\n";
+    if (finished > 0)
+      std::cout << dd_path << ": finished " << finished << " interrupted merge(s)\n";
     for (const auto& d : report->deltas) {
       if (d.missing) std::cout << d.file << ": file is missing\n";
       for (const auto& p : d.report.problems) {

@@ -4,10 +4,9 @@
 #include <cstdlib>
 #include <iostream>
 
+#include "commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
-
-#include "commands.h"
 
 namespace {
 
@@ -88,8 +87,7 @@ int main(int argc, char** argv) {
   c_export->callback([&] { rc = RunExport(exp); });
 
   IoArgs io;
-  auto* c_io = app.add_subcommand(
-      "io", "run I/O commands on an image, in order (like qemu-io)");
+  auto* c_io = app.add_subcommand("io", "run I/O commands on an image, in order (like qemu-io)");
   c_io->add_flag("-r,--read-only", io.read_only, "open read-only");
   c_io->add_option("-f,--format", io.format, "raw: treat FILE as a raw image");
   c_io->add_option("-u,--uuid", io.guid, "work on this snapshot (read-only unless it is the top)");
@@ -122,15 +120,15 @@ int main(int argc, char** argv) {
   c_list->callback([&] { rc = RunSnapshotList(list); });
 
   SnapshotArgs del;
-  auto* c_del = app.add_subcommand(
-      "snapshot-delete", "delete a snapshot (one with a single child is merged with it)");
+  auto* c_del = app.add_subcommand("snapshot-delete",
+                                   "delete a snapshot (one with a single child is merged with it)");
   c_del->add_option("-u,--uuid", del.guid, "snapshot GUID")->required();
   c_del->add_option("DD", del.dd, "DiskDescriptor.xml")->required();
   c_del->callback([&] { rc = RunSnapshotDelete(del); });
 
   SnapshotArgs merge;
-  auto* c_merge = app.add_subcommand("snapshot-merge",
-                                     "merge a delta (default: the top) into its parent");
+  auto* c_merge =
+      app.add_subcommand("snapshot-merge", "merge a delta (default: the top) into its parent");
   c_merge->add_option("-u,--uuid", merge.guid, "the delta to merge down");
   c_merge->add_flag("-A,--all", merge.all, "merge the whole chain into the base");
   c_merge->add_option("DD", merge.dd, "DiskDescriptor.xml")->required();
@@ -144,8 +142,8 @@ int main(int argc, char** argv) {
   c_switch->callback([&] { rc = RunSnapshotSwitch(sw); });
 
   RestoreArgs restore;
-  auto* c_restore = app.add_subcommand("restore-descriptor",
-                                       "rebuild a lost DiskDescriptor.xml from an image");
+  auto* c_restore =
+      app.add_subcommand("restore-descriptor", "rebuild a lost DiskDescriptor.xml from an image");
   c_restore->add_option("-f,--format", restore.format, "raw: the image is a raw file");
   c_restore->add_option("DIR", restore.dir, "folder to write DiskDescriptor.xml into")->required();
   c_restore->add_option("IMAGE", restore.image, "the image, inside DIR")->required();

@@ -175,10 +175,21 @@ Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
   }
 }
 
+namespace {
+
+// Every operation starts here: whatever a crash interrupted is finished
+// first, then the descriptor is read afresh.
+Result<Descriptor> LoadRecovered(FileSystem& fs, const std::string& dd_path,
+                                 const DescriptorLoadOptions& load) {
+  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
+  return Descriptor::Load(fs, dd_path, load);
+}
+
+}  // namespace
+
 Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
                                    std::string_view guid, const DescriptorLoadOptions& load) {
-  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   std::string snap;
   if (guid.empty()) {
     ASSIGN_OR_RETURN(snap, NewRandomGuid());
@@ -212,8 +223,7 @@ Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
 
 Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                       const DescriptorLoadOptions& load) {
-  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   ASSIGN_OR_RETURN(std::string target, ParseGuid(guid));
   const DescriptorImage* image = dd.FindImage(target);
   if (image == nullptr) return Status::NotFound("no snapshot " + target);
@@ -256,8 +266,7 @@ Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
 
 Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                      const DescriptorLoadOptions& load) {
-  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   std::string child = dd.top_guid();
   if (!guid.empty()) {
     ASSIGN_OR_RETURN(child, ParseGuid(guid));
@@ -305,8 +314,7 @@ Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoad
 
 Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                       const DescriptorLoadOptions& load) {
-  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   ASSIGN_OR_RETURN(std::string target, ParseGuid(guid));
   const DescriptorImage* image = dd.FindImage(target);
   if (image == nullptr) return Status::NotFound("no snapshot " + target);
@@ -334,8 +342,7 @@ Status DeleteSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
 
 Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
                   const DescriptorLoadOptions& load) {
-  TRY(FinishInterruptedMerges(fs, dd_path, load).status());
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
   ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
   TRY(top->Grow(new_size_bytes));

@@ -299,7 +299,7 @@ for size in 1G 64G; do
   for ((r = 1; r <= snap_rounds; r++)); do
     rm -rf "$dir/snap"
     mkdir "$dir/snap"
-    "$ploop" init -s "$size" "$dir/snap/root.hds" >/dev/null
+    "$ploop" init -t none -s "$size" "$dir/snap/root.hds" >/dev/null
     sync
     times+=("$(timed "$ploop" snapshot "$dir/snap" 2>/dev/null)")
     [[ "$("$ploop" snapshot-list --json "$dir/snap" | grep -c '"guid"')" == 2 ]] ||

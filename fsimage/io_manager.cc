@@ -3,10 +3,19 @@
 // Goal: libext2fs sees an image (or a delta chain) as a block device. Each
 // channel is a small struct pointing at its ImageBinding; every callback
 // turns block numbers into byte ranges and calls Image::Read/Write/Flush/
-// Discard. There is no cache here: the Image layers already keep their BATs
-// in memory and libext2fs caches metadata itself, so write-through keeps
-// crash ordering simple (what Flush() makes durable is exactly what
-// libext2fs wrote before calling flush).
+// Discard.
+//
+// Single-block reads and writes go through a small write-back cache of
+// kCacheBlocks blocks (LRU), like unix_io's: libext2fs rewrites the block
+// holding an inode on every ext2fs_write_inode and a directory block on
+// every link, so without it populating a tree costs ~5x the pwrite calls of
+// `mke2fs -d` (910,000 against 176,000 for 30,000 files). Crash ordering is
+// unchanged: Flush() first writes every dirty block to the image, then
+// flushes the image, so what it makes durable is exactly what libext2fs
+// wrote before calling flush. Multi-block and byte writes, discards and
+// multi-block reads write the dirty blocks they overlap back first and then
+// bypass the cache (dropping the blocks they overlap). Close writes back
+// what is left (libext2fs flushes before closing a changed file system).
 //
 // Errors cross the callback boundary once, in ToErrcode(); the full Status
 // is parked in the binding so FromErrcode() can hand the caller the
@@ -16,9 +25,11 @@
 //                   read_blk64/write_blk64/...      last_error
 #include "fsimage/io_manager.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -32,9 +43,20 @@ std::map<std::string, ImageBinding*>& Registry() {
 }
 uint64_t g_next_id = 0;
 
+constexpr size_t kCacheBlocks = 32;
+
+struct CacheEntry {
+  uint64_t block = 0;
+  uint64_t last_use = 0;  // 0: empty
+  bool dirty = false;
+  std::unique_ptr<std::byte[]> data;
+};
+
 struct ImageChannel {
   ImageBinding* binding;
   struct struct_io_stats stats;
+  CacheEntry cache[kCacheBlocks];
+  uint64_t clock = 0;
 };
 
 ImageChannel* Private(io_channel channel) {
@@ -54,6 +76,95 @@ errcode_t Failed(io_channel channel, Status status, bool write) {
   return err;
 }
 
+// Writes one dirty cache entry to the image.
+errcode_t WriteBack(io_channel channel, CacheEntry& e) {
+  if (e.last_use == 0 || !e.dirty) return 0;
+  uint64_t bs = static_cast<uint64_t>(channel->block_size);
+  Status s = Private(channel)->binding->image().Write(e.block * bs,
+                                                      std::span<const std::byte>(e.data.get(), bs));
+  if (!s.ok()) {
+    return Failed(channel,
+                  std::move(s).WithContext("write of " + std::to_string(bs) + " bytes at " +
+                                           std::to_string(e.block * bs)),
+                  /*write=*/true);
+  }
+  e.dirty = false;
+  return 0;
+}
+
+// Writes back every dirty entry, in block order.
+errcode_t WriteBackAll(io_channel channel) {
+  ImageChannel* data = Private(channel);
+  std::vector<CacheEntry*> dirty;
+  for (CacheEntry& e : data->cache) {
+    if (e.last_use != 0 && e.dirty) dirty.push_back(&e);
+  }
+  std::sort(dirty.begin(), dirty.end(),
+            [](const CacheEntry* a, const CacheEntry* b) { return a->block < b->block; });
+  for (CacheEntry* e : dirty) {
+    if (errcode_t err = WriteBack(channel, *e)) return err;
+  }
+  return 0;
+}
+
+// Before an uncached access to bytes [offset, offset + length): writes back
+// the dirty entries it overlaps and drops every entry it overlaps.
+errcode_t WriteBackRange(io_channel channel, uint64_t offset, uint64_t length) {
+  uint64_t bs = static_cast<uint64_t>(channel->block_size);
+  for (CacheEntry& e : Private(channel)->cache) {
+    if (e.last_use == 0) continue;
+    uint64_t start = e.block * bs;
+    if (start >= offset + length || start + bs <= offset) continue;
+    if (errcode_t err = WriteBack(channel, e)) return err;
+    e.last_use = 0;
+  }
+  return 0;
+}
+
+// Drops the whole cache (its block size changed); dirty entries first go
+// to the image.
+errcode_t WriteBackAndDrop(io_channel channel) {
+  if (errcode_t err = WriteBackAll(channel)) return err;
+  for (CacheEntry& e : Private(channel)->cache) {
+    e.last_use = 0;
+    e.data.reset();
+  }
+  return 0;
+}
+
+CacheEntry* Lookup(io_channel channel, uint64_t block) {
+  ImageChannel* data = Private(channel);
+  for (CacheEntry& e : data->cache) {
+    if (e.last_use != 0 && e.block == block) {
+      e.last_use = ++data->clock;
+      return &e;
+    }
+  }
+  return nullptr;
+}
+
+// An entry for `block` (not cached): an empty one or the least recently
+// used, written back first. Null with *err set when the write-back failed.
+CacheEntry* Victim(io_channel channel, uint64_t block, errcode_t* err) {
+  ImageChannel* data = Private(channel);
+  CacheEntry* victim = &data->cache[0];
+  for (CacheEntry& e : data->cache) {
+    if (e.last_use < victim->last_use) victim = &e;
+  }
+  if ((*err = WriteBack(channel, *victim)) != 0) return nullptr;
+  if (!victim->data) {
+    victim->data.reset(new (std::nothrow) std::byte[static_cast<size_t>(channel->block_size)]);
+    if (!victim->data) {
+      *err = EXT2_ET_NO_MEMORY;
+      return nullptr;
+    }
+  }
+  victim->block = block;
+  victim->dirty = false;
+  victim->last_use = ++data->clock;
+  return victim;
+}
+
 errcode_t Open(const char* name, int flags, io_channel* channel_out) {
   if (name == nullptr) return EXT2_ET_BAD_DEVICE_NAME;
   ImageBinding* binding = nullptr;
@@ -68,16 +179,15 @@ errcode_t Open(const char* name, int flags, io_channel* channel_out) {
   io_channel channel = nullptr;
   errcode_t err = ext2fs_get_memzero(sizeof(struct struct_io_channel), &channel);
   if (err) return err;
-  ImageChannel* data = nullptr;
-  err = ext2fs_get_memzero(sizeof(ImageChannel), &data);
-  if (err) {
+  ImageChannel* data = new (std::nothrow) ImageChannel{};
+  if (data == nullptr) {
     ext2fs_free_mem(&channel);
-    return err;
+    return EXT2_ET_NO_MEMORY;
   }
   char* channel_name = nullptr;
   err = ext2fs_get_mem(std::strlen(name) + 1, &channel_name);
   if (err) {
-    ext2fs_free_mem(&data);
+    delete data;
     ext2fs_free_mem(&channel);
     return err;
   }
@@ -98,16 +208,20 @@ errcode_t Open(const char* name, int flags, io_channel* channel_out) {
 errcode_t Close(io_channel channel) {
   if (--channel->refcount > 0) return 0;
   ImageChannel* data = Private(channel);
-  // libext2fs flushes before closing; a close never loses writes because
-  // the channel does not buffer.
-  ext2fs_free_mem(&data);
+  // libext2fs flushes a changed file system before closing it; what is
+  // still cached (ext2fs_free after an error) goes to the image as it would
+  // have without the cache. A failure is parked in the binding.
+  errcode_t err = WriteBackAll(channel);
+  delete data;
   ext2fs_free_mem(&channel->name);
   ext2fs_free_mem(&channel);
-  return 0;
+  return err;
 }
 
 errcode_t SetBlockSize(io_channel channel, int block_bytes) {
   if (block_bytes <= 0) return EXT2_ET_INVALID_ARGUMENT;
+  if (block_bytes == channel->block_size) return 0;
+  if (errcode_t err = WriteBackAndDrop(channel)) return err;
   channel->block_size = block_bytes;
   return 0;
 }
@@ -115,6 +229,15 @@ errcode_t SetBlockSize(io_channel channel, int block_bytes) {
 errcode_t ReadBlocks64(io_channel channel, unsigned long long block, int count, void* buf) {
   uint64_t length = Bytes(channel, count);
   uint64_t offset = block * static_cast<uint64_t>(channel->block_size);
+  if (count == 1) {
+    if (CacheEntry* e = Lookup(channel, block)) {
+      std::memcpy(buf, e->data.get(), length);
+      Private(channel)->stats.bytes_read += length;
+      return 0;
+    }
+  } else if (errcode_t err = WriteBackRange(channel, offset, length)) {
+    return err;
+  }
   std::span<std::byte> out(static_cast<std::byte*>(buf), length);
   Status s = Private(channel)->binding->image().Read(offset, out);
   if (!s.ok()) {
@@ -126,6 +249,14 @@ errcode_t ReadBlocks64(io_channel channel, unsigned long long block, int count, 
     }
     return err;
   }
+  if (count == 1) {
+    errcode_t err = 0;
+    if (CacheEntry* e = Victim(channel, block, &err)) {
+      std::memcpy(e->data.get(), buf, length);
+    } else {
+      return err;
+    }
+  }
   Private(channel)->stats.bytes_read += length;
   return 0;
 }
@@ -133,6 +264,16 @@ errcode_t ReadBlocks64(io_channel channel, unsigned long long block, int count, 
 errcode_t WriteBlocks64(io_channel channel, unsigned long long block, int count, const void* buf) {
   uint64_t length = Bytes(channel, count);
   uint64_t offset = block * static_cast<uint64_t>(channel->block_size);
+  if (count == 1 && Private(channel)->binding->image().writable()) {
+    CacheEntry* e = Lookup(channel, block);
+    errcode_t err = 0;
+    if (e == nullptr && (e = Victim(channel, block, &err)) == nullptr) return err;
+    std::memcpy(e->data.get(), buf, length);
+    e->dirty = true;
+    Private(channel)->stats.bytes_written += length;
+    return 0;
+  }
+  if (errcode_t err = WriteBackRange(channel, offset, length)) return err;
   std::span<const std::byte> data(static_cast<const std::byte*>(buf), length);
   Status s = Private(channel)->binding->image().Write(offset, data);
   if (!s.ok()) {
@@ -158,6 +299,7 @@ errcode_t WriteBlocks(io_channel channel, unsigned long block, int count, const 
 
 errcode_t WriteBytes(io_channel channel, unsigned long offset, int count, const void* buf) {
   if (count < 0) return EXT2_ET_INVALID_ARGUMENT;
+  if (errcode_t err = WriteBackRange(channel, offset, static_cast<uint64_t>(count))) return err;
   std::span<const std::byte> data(static_cast<const std::byte*>(buf), static_cast<size_t>(count));
   Status s = Private(channel)->binding->image().Write(offset, data);
   if (!s.ok()) return Failed(channel, std::move(s).WithContext("write"), /*write=*/true);
@@ -168,6 +310,7 @@ errcode_t WriteBytes(io_channel channel, unsigned long offset, int count, const 
 errcode_t Flush(io_channel channel) {
   Image& image = Private(channel)->binding->image();
   if (!image.writable()) return 0;
+  if (errcode_t err = WriteBackAll(channel)) return err;
   Status s = image.Flush();
   if (!s.ok()) return Failed(channel, std::move(s).WithContext("flush"), /*write=*/true);
   return 0;
@@ -184,6 +327,7 @@ errcode_t GetStats(io_channel channel, io_stats* stats) {
 
 errcode_t Discard(io_channel channel, unsigned long long block, unsigned long long count) {
   uint64_t bs = static_cast<uint64_t>(channel->block_size);
+  if (errcode_t err = WriteBackRange(channel, block * bs, count * bs)) return err;
   Status s = Private(channel)->binding->image().Discard(block * bs, count * bs);
   if (!s.ok()) return Failed(channel, std::move(s).WithContext("discard"), /*write=*/true);
   return 0;

@@ -1,12 +1,14 @@
 // DirSource: a host directory as a TreeSource.
 //
 // Open() walks the tree once, depth-first with names sorted, into a list of
-// relative paths (parents before children). Each scan then lstat()s the
-// paths in that order, so the plan scan and the write scan see the same
-// entries. A regular file stays open between Next() and ReadData(); data is
-// found with SEEK_DATA/SEEK_HOLE so holes are never read. Hard links are
-// recognised by (st_dev, st_ino) within one scan. Warnings are recorded
-// once per path even though the tree is scanned twice.
+// relative paths (parents before children), telling directories by the
+// entries' d_type (lstat only where the file system does not fill it). The
+// first scan lstat()s the paths in that order and keeps each Entry; later
+// scans (the write scan after the plan scan) replay the kept entries, so
+// both scans see the same tree and the metadata is read once. A regular
+// file stays open between Next() and ReadData(); data is found with
+// SEEK_DATA/SEEK_HOLE so holes are never read. Hard links are recognised by
+// (st_dev, st_ino) in the first scan. Warnings are recorded once per path.
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -18,6 +20,7 @@
 #include <cerrno>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 
 #include "fsimage/tree.h"
@@ -33,11 +36,15 @@ class DirSource final : public TreeSource {
   Status Walk() {
     paths_.clear();
     paths_.push_back("");
-    return WalkDir("");
+    TRY(WalkDir(""));
+    kept_.assign(paths_.size(), std::nullopt);
+    return Status::Ok();
   }
 
   Status Rewind() override {
     CloseFile();
+    // A scan that reached the end has kept every entry: replay from now on.
+    if (next_ == paths_.size() && next_ > 0) replay_ = true;
     next_ = 0;
     links_.clear();
     return Status::Ok();
@@ -45,9 +52,12 @@ class DirSource final : public TreeSource {
 
   Result<bool> Next(Entry* entry) override {
     CloseFile();
+    if (replay_) return Replay(entry);
     while (next_ < paths_.size()) {
+      const size_t index = next_;
       const std::string& rel = paths_[next_++];
       std::string host = Host(rel);
+      current_ = host;
       struct stat st;
       if (::lstat(host.c_str(), &st) != 0) {
         Warn(host + ": " + std::strerror(errno) + " (skipped)");
@@ -68,6 +78,7 @@ class DirSource final : public TreeSource {
           if (it != links_.end()) {
             entry->type = EntryType::kHardLink;
             entry->link_target = it->second;
+            kept_[index] = *entry;
             return true;
           }
         }
@@ -108,6 +119,30 @@ class DirSource final : public TreeSource {
         continue;
       }
       ReadXattrs(host, entry);
+      kept_[index] = *entry;
+      return true;
+    }
+    return false;
+  }
+
+  // Next() of a later scan: the entry the first scan kept (skipped paths
+  // stay skipped); a regular file is opened again for ReadData().
+  Result<bool> Replay(Entry* entry) {
+    while (next_ < paths_.size()) {
+      const size_t index = next_++;
+      if (!kept_[index]) continue;
+      *entry = *kept_[index];
+      if (entry->type == EntryType::kRegular) {
+        std::string host = Host(entry->path);
+        int fd = ::open(host.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) {
+          Warn(host + ": " + std::strerror(errno) + " (skipped)");
+          continue;
+        }
+        fd_ = fd;
+        size_ = entry->size_bytes;
+        current_ = host;
+      }
       return true;
     }
     return false;
@@ -165,9 +200,11 @@ class DirSource final : public TreeSource {
       return Status::Ok();
     }
     std::vector<std::string> names;
+    std::map<std::string, unsigned char> types;
     while (struct dirent* d = ::readdir(dir)) {
       std::string name = d->d_name;
       if (name == "." || name == "..") continue;
+      types[name] = d->d_type;
       names.push_back(std::move(name));
     }
     ::closedir(dir);
@@ -175,8 +212,12 @@ class DirSource final : public TreeSource {
     for (const std::string& name : names) {
       std::string child = rel.empty() ? name : rel + "/" + name;
       paths_.push_back(child);
-      struct stat st;
-      if (::lstat(Host(child).c_str(), &st) == 0 && S_ISDIR(st.st_mode)) TRY(WalkDir(child));
+      bool is_dir = types[name] == DT_DIR;
+      if (types[name] == DT_UNKNOWN) {
+        struct stat st;
+        is_dir = ::lstat(Host(child).c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+      }
+      if (is_dir) TRY(WalkDir(child));
     }
     return Status::Ok();
   }
@@ -207,6 +248,9 @@ class DirSource final : public TreeSource {
 
   std::string root_;
   std::vector<std::string> paths_;
+  // Per path: the entry the first scan made (nullopt: skipped).
+  std::vector<std::optional<Entry>> kept_;
+  bool replay_ = false;
   size_t next_ = 0;
   int fd_ = -1;
   std::vector<std::byte> buf_;  // ReadData's read buffer

@@ -132,11 +132,7 @@ Status Chain::ReadFrom(int max_level, uint64_t offset, std::span<std::byte> out)
 
 Status Chain::Read(uint64_t offset, std::span<std::byte> out) {
   if (closed_) return Status::FailedPrecondition("chain is closed");
-  if (offset > size_bytes() || out.size() > size_bytes() - offset) {
-    return Status::InvalidArgument("range " + std::to_string(offset) + "+" +
-                                   std::to_string(out.size()) + " is past the end of the disk (" +
-                                   std::to_string(size_bytes()) + " bytes)");
-  }
+  TRY(CheckDiskRange(offset, out.size(), size_bytes()));
   const int top_level = static_cast<int>(layers_.size()) - 1;
   const uint64_t cb = cluster_bytes_;
   uint64_t pos = 0;
@@ -179,9 +175,7 @@ Status Chain::Write(uint64_t offset, std::span<const std::byte> data) {
   if (closed_) return Status::FailedPrecondition("chain is closed");
   if (layers_.size() == 1) return top().Write(offset, data);
   if (!writable()) return Status::FailedPrecondition(path() + " is open read-only");
-  if (offset > size_bytes() || data.size() > size_bytes() - offset) {
-    return top().Write(offset, data);  // reports the range error
-  }
+  TRY(CheckDiskRange(offset, data.size(), size_bytes()));
   const uint64_t cb = cluster_bytes_;
   const int below_top = static_cast<int>(layers_.size()) - 2;
   Delta* top_delta = deltas_.back();
@@ -212,9 +206,7 @@ Status Chain::Discard(uint64_t offset, uint64_t length) {
   if (closed_) return Status::FailedPrecondition("chain is closed");
   if (layers_.size() == 1) return top().Discard(offset, length);
   if (!writable()) return Status::FailedPrecondition(path() + " is open read-only");
-  if (offset > size_bytes() || length > size_bytes() - offset) {
-    return top().Discard(offset, length);  // reports the range error
-  }
+  TRY(CheckDiskRange(offset, length, size_bytes()));
   const uint64_t cb = cluster_bytes_;
   const int below_top = static_cast<int>(layers_.size()) - 2;
   Delta* top_delta = deltas_.back();

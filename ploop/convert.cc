@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ploop/lock.h"
+#include "ploop/path.h"
 
 namespace ploop {
 
@@ -132,8 +133,10 @@ Status ImportRaw(FileSystem& fs, const std::string& src, const std::string& dst,
     fs.Remove(tmp).IgnoreError();
     return s;
   }
-  size_t slash = dst.rfind('/');
-  fs.SyncDir(slash == std::string::npos ? "." : dst.substr(0, slash)).IgnoreError();
+  // Best effort: the image at `dst` is complete and clean; if the folder
+  // sync fails, a power cut can at worst undo the rename, leaving no `dst`
+  // -- either state is whole, so the import has succeeded.
+  fs.SyncDir(DirName(dst)).IgnoreError();
   return Status::Ok();
 }
 

@@ -30,6 +30,7 @@
 
 #include "ploop/check.h"
 #include "ploop/lock.h"
+#include "ploop/path.h"
 
 namespace ploop {
 
@@ -118,8 +119,11 @@ Result<std::unique_ptr<Delta>> Delta::Create(FileSystem& fs, const std::string& 
     fs.Remove(path).IgnoreError();
     return std::move(s).WithContext("create " + path);
   }
-  size_t slash = path.rfind('/');
-  fs.SyncDir(slash == std::string::npos ? "." : path.substr(0, slash)).IgnoreError();
+  // The new name must be durable before anything (a descriptor) names it.
+  if (Status synced = fs.SyncDir(DirName(path)); !synced.ok()) {
+    fs.Remove(path).IgnoreError();
+    return std::move(synced).WithContext("create " + path);
+  }
   OpenOptions open;
   open.writable = true;
   return Open(fs, path, open);
@@ -241,12 +245,7 @@ Status Delta::LoadBat() {
 
 Status Delta::CheckRange(uint64_t offset, uint64_t length) const {
   if (closed_) return Status::FailedPrecondition(path() + " is closed");
-  if (offset > size_bytes() || length > size_bytes() - offset) {
-    return Status::InvalidArgument("range " + std::to_string(offset) + "+" +
-                                   std::to_string(length) + " is past the end of the disk (" +
-                                   std::to_string(size_bytes()) + " bytes)");
-  }
-  return Status::Ok();
+  return CheckDiskRange(offset, length, size_bytes());
 }
 
 Status Delta::WriteHeader() {

@@ -62,6 +62,8 @@
 #include <span>
 #include <unordered_map>
 
+#include "ploop/path.h"
+
 namespace ploop {
 
 namespace {
@@ -175,19 +177,6 @@ Result<std::string> RequiredGuid(xmlNode* parent, const char* name) {
     return Status::Corruption("<" + std::string(name) + "> is not a GUID: " + Quote(text));
   }
   return guid;
-}
-
-std::string JoinPath(const std::string& folder, const std::string& file) {
-  if (folder.empty() || (!file.empty() && file[0] == '/')) return file;
-  if (folder.back() == '/') return folder + file;
-  return folder + "/" + file;
-}
-
-std::string FolderOf(const std::string& path) {
-  size_t slash = path.rfind('/');
-  if (slash == std::string::npos) return "";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
 }
 
 // Why `file` can never name an image, or nullopt. Says nothing about where
@@ -638,7 +627,7 @@ class Descriptor::Parser {
 
 void Descriptor::XmlDocDeleter::operator()(_xmlDoc* doc) const { xmlFreeDoc(doc); }
 
-Descriptor::Descriptor(std::string path) : path_(std::move(path)), folder_(FolderOf(path_)) {}
+Descriptor::Descriptor(std::string path) : path_(std::move(path)), folder_(DirName(path_)) {}
 Descriptor::Descriptor(Descriptor&&) noexcept = default;
 Descriptor& Descriptor::operator=(Descriptor&&) noexcept = default;
 Descriptor::~Descriptor() = default;

@@ -16,14 +16,9 @@
 #include "ploop/check.h"
 #include "ploop/descriptor.h"
 #include "ploop/image.h"
+#include "ploop/path.h"
 
 namespace ploop {
-
-// The folder part of `path` ("" for a bare name) and the last component.
-std::string DirName(const std::string& path);
-std::string BaseName(const std::string& path);
-// `dir`/`name`, or `name` when `dir` is empty.
-std::string JoinPath(const std::string& dir, const std::string& name);
 
 // True when `path` names a descriptor: it ends in ".xml", or it is a
 // folder holding DiskDescriptor.xml (then *descriptor_path is set to it).

@@ -26,6 +26,15 @@ std::optional<ImageKind> ParseImageKind(std::string_view name) {
   return std::nullopt;
 }
 
+Status CheckDiskRange(uint64_t offset, uint64_t length, uint64_t size) {
+  if (offset > size || length > size - offset) {
+    return Status::InvalidArgument("range " + std::to_string(offset) + "+" +
+                                   std::to_string(length) + " is past the end of the disk (" +
+                                   std::to_string(size) + " bytes)");
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<Image>> CreateImage(FileSystem& fs, const std::string& path,
                                            const CreateOptions& options) {
   if (options.kind == ImageKind::kRaw) {

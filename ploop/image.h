@@ -100,6 +100,10 @@ Result<std::unique_ptr<Image>> CreateImage(FileSystem& fs, const std::string& pa
 Result<std::unique_ptr<Image>> OpenImage(FileSystem& fs, const std::string& path,
                                          const OpenOptions& options);
 
+// InvalidArgument unless [offset, offset+length) lies within a disk of
+// `size_bytes` (overflow-safe); the one range check of every Image.
+Status CheckDiskRange(uint64_t offset_bytes, uint64_t length_bytes, uint64_t size_bytes);
+
 // True when every byte of `data` is zero.
 bool IsZero(std::span<const std::byte> data);
 

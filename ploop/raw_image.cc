@@ -46,12 +46,7 @@ RawImage::~RawImage() {
 
 Status RawImage::CheckRange(uint64_t offset, uint64_t length) const {
   if (closed_) return Status::FailedPrecondition(path() + " is closed");
-  if (offset > size_bytes_ || length > size_bytes_ - offset) {
-    return Status::InvalidArgument("range " + std::to_string(offset) + "+" +
-                                   std::to_string(length) + " is past the end of the disk (" +
-                                   std::to_string(size_bytes_) + " bytes)");
-  }
-  return Status::Ok();
+  return CheckDiskRange(offset, length, size_bytes_);
 }
 
 Status RawImage::Read(uint64_t offset, std::span<std::byte> out) {

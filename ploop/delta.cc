@@ -612,4 +612,80 @@ Status Delta::Grow(uint64_t new_size_bytes) {
   return Status::Ok();
 }
 
+// Compaction. Each batch copies up to `batch_clusters` clusters from the
+// highest referenced file clusters into the lowest free ones and then runs
+// Flush(): the copies are synced before the BAT pages that point at them,
+// and the clusters they came from are only given back after that BAT is
+// durable (pending_free_). A crash mid-batch therefore leaves the old BAT
+// pointing at the old, intact copies and the new copies as leaks. The file
+// is cut only after the last BAT update is durable.
+Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batch_clusters) {
+  if (!writable_) return Status::FailedPrecondition(path() + " is open read-only");
+  if (closed_) return Status::FailedPrecondition(path() + " is closed");
+  if (kind_ != ImageKind::kExpanded) {
+    return Status::FailedPrecondition(path() + " is not an expanded image; nothing to compact");
+  }
+  CompactReport report;
+  ASSIGN_OR_RETURN(report.file_bytes_before, file_->Size());
+  TRY(MarkDirty());
+  TRY(Flush());
+  const uint64_t cb = cluster_bytes_;
+  std::vector<std::byte> buf(cb);
+
+  if (drop_zero_clusters) {
+    for (uint64_t i = 0; i < bat_.size(); ++i) {
+      if (bat_[i] == 0) continue;
+      uint64_t fc = EntryToFileCluster(bat_[i]);
+      ASSIGN_OR_RETURN(std::optional<uint64_t> data, file_->NextData(fc * cb));
+      if (data.has_value() && *data < (fc + 1) * cb) {
+        TRY_CTX(file_->ReadAt(fc * cb, buf), "compact: read cluster");
+        if (!IsZero(buf)) continue;
+      }  // else a hole in the file: zeros without reading them
+      SetEntry(i, 0);
+      pending_free_.push_back(fc);
+      ++report.dropped_zero_clusters;
+    }
+    TRY(Flush());
+  }
+
+  // Virtual cluster of each referenced file cluster, highest file cluster
+  // first.
+  std::vector<std::pair<uint64_t, uint64_t>> used;  // (file cluster, virtual)
+  for (uint64_t i = 0; i < bat_.size(); ++i) {
+    if (bat_[i] != 0) used.emplace_back(EntryToFileCluster(bat_[i]), i);
+  }
+  std::sort(used.rbegin(), used.rend());
+  batch_clusters = std::max<size_t>(batch_clusters, 1);
+  size_t next_used = 0;
+  while (next_used < used.size()) {
+    size_t moved = 0;
+    while (moved < batch_clusters && next_used < used.size() && !free_clusters_.empty() &&
+           free_clusters_.back() < used[next_used].first) {
+      const auto [from, index] = used[next_used++];
+      const uint64_t to = free_clusters_.back();
+      free_clusters_.pop_back();
+      TRY_CTX(file_->ReadAt(from * cb, buf), "compact: read cluster");
+      TRY_CTX(file_->WriteAt(to * cb, buf), "compact: write cluster");
+      data_unsynced_ = true;
+      SetEntry(index, to);
+      pending_free_.push_back(from);
+      ++moved;
+    }
+    if (moved == 0) break;
+    report.moved_clusters += moved;
+    TRY(Flush());
+  }
+
+  uint64_t end_cluster = (header_.first_block_bytes() + cb - 1) / cb;
+  for (uint32_t e : bat_) {
+    if (e != 0) end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
+  }
+  TRY_CTX(file_->Truncate(end_cluster * cb), "compact: cut the file");
+  TRY_CTX(file_->Sync(), "compact: cut the file");
+  std::erase_if(free_clusters_, [&](uint64_t fc) { return fc >= end_cluster; });
+  next_cluster_ = end_cluster;
+  report.file_bytes_after = end_cluster * cb;
+  return report;
+}
+
 }  // namespace ploop

@@ -52,6 +52,23 @@ class Delta final : public Image {
   // exactly cluster_bytes() long.
   Status WriteCluster(uint64_t cluster_index, std::span<const std::byte> data);
 
+  // What Compact() did.
+  struct CompactReport {
+    uint64_t moved_clusters = 0;
+    uint64_t dropped_zero_clusters = 0;
+    uint64_t file_bytes_before = 0;
+    uint64_t file_bytes_after = 0;
+  };
+  // Offline compaction of an expanded image: data clusters are moved from
+  // the end of the file into the unreferenced clusters (holes) below, and
+  // the file is cut after the last one in use. With `drop_zero_clusters`
+  // (only right for a delta with nothing below it: in an upper delta a zero
+  // cluster hides older data) all-zero clusters are unallocated first. The
+  // disk reads the same throughout and after a crash at any point. Clusters
+  // move in batches of `batch_clusters`, each made durable before the next.
+  // FailedPrecondition when read-only or not an expanded image.
+  Result<CompactReport> Compact(bool drop_zero_clusters, size_t batch_clusters = 256);
+
   const Header& header() const { return header_; }
   uint64_t bat_entries() const { return header_.bat_entries; }
   // File offset of virtual cluster `cluster_index`, or 0 when unallocated.

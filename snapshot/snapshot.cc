@@ -354,4 +354,31 @@ Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_
   return dd.Save(fs);
 }
 
+Result<CompactResult> CompactDisk(FileSystem& fs, const std::string& dd_path,
+                                  const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
+  CompactResult result;
+  // Every delta of the descriptor, snapshots included: moving clusters
+  // inside a file does not change what it holds, so a snapshot stays the
+  // same disk. Each is opened writable, which takes its write lock: a delta
+  // in use (mounted, served, read by a snapshot mount) is Busy.
+  for (const DescriptorImage& image : dd.images()) {
+    if (image.kind == ImageKind::kRaw) continue;
+    ASSIGN_OR_RETURN(auto opened, OpenDelta(fs, dd, image, /*writable=*/true));
+    auto* delta = dynamic_cast<Delta*>(opened.get());
+    if (delta == nullptr || delta->kind() != ImageKind::kExpanded) {
+      TRY(opened->Close());
+      continue;
+    }
+    const DescriptorShot* shot = dd.FindShot(image.guid);
+    const bool is_base = shot == nullptr || shot->parent_guid == kNullGuid;
+    const std::string ctx = "delta " + image.guid + " (" + image.file + ")";
+    ASSIGN_OR_RETURN_CTX(Delta::CompactReport r, delta->Compact(is_base), ctx);
+    TRY_CTX(delta->Close(), ctx);
+    result.deltas.push_back({image.guid, image.file, r.moved_clusters, r.dropped_zero_clusters,
+                             r.file_bytes_before, r.file_bytes_after});
+  }
+  return result;
+}
+
 }  // namespace ploop

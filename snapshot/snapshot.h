@@ -28,6 +28,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "ploop/descriptor.h"
 #include "ploop/io/file_system.h"
@@ -67,5 +68,26 @@ Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
 // Grows the disk offline: the top delta and the descriptor's size.
 Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
                   const DescriptorLoadOptions& load = {});
+
+// What CompactDisk() did, per delta file and in all.
+struct CompactResult {
+  struct PerDelta {
+    std::string guid;
+    std::string file;
+    uint64_t moved_clusters = 0;
+    uint64_t dropped_zero_clusters = 0;
+    uint64_t bytes_before = 0;
+    uint64_t bytes_after = 0;
+  };
+  std::vector<PerDelta> deltas;
+};
+
+// Compacts every expanded delta of the disk offline (Delta::Compact): the
+// space a fragmented image keeps in holes and at its end goes back to the
+// host. Zero clusters are dropped only from deltas with no parent, where
+// nothing shows through. Raw and preallocated deltas are left alone. Busy
+// when the disk is in use.
+Result<CompactResult> CompactDisk(FileSystem& fs, const std::string& dd_path,
+                                  const DescriptorLoadOptions& load = {});
 
 }  // namespace ploop

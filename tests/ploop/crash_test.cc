@@ -685,6 +685,61 @@ TEST_CASE("crash during grow that relocates data clusters for a bigger BAT") {
   RunCrashCase(c, rng);
 }
 
+TEST_CASE("crash during compact: clusters move from the file's end into holes - the file is cut") {
+  TestRng rng;
+  const uint64_t cb = 32 * kKiB;
+  const uint64_t size = 64 * cb;
+  bool drop_zero = false;
+  SUBCASE("moving only") {}
+  SUBCASE("dropping zero clusters too") { drop_zero = true; }
+  CAPTURE(drop_zero);
+  // Clusters 0..19 land in file clusters 1..20; discarding 2, 5, 6 and 11
+  // leaves holes there (with stale bytes, as without hole punching), so the
+  // last four data clusters move down, in two batches of three and one.
+  // Cluster 15 is all zeros (allocated by WriteCluster).
+  std::vector<Piece> writes;
+  for (uint64_t i = 0; i < 20; ++i) writes.push_back({i * cb, rng.Bytes(cb)});
+  const std::vector<uint64_t> discarded = {2, 5, 6, 11};
+  DiskModel model(size, cb);
+  for (const auto& w : writes) model.Write(w.offset_bytes, w.data);
+  for (uint64_t i : discarded) model.Zero(i * cb, cb);
+  model.Zero(15 * cb, cb);
+
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem, FileSystem& fault) {
+    REQUIRE_ASSIGN(auto delta, Delta::Create(mem, kImagePath, {size, cb, ImageKind::kExpanded}));
+    for (const auto& w : writes) REQUIRE_OK(delta->Write(w.offset_bytes, w.data));
+    REQUIRE_OK(delta->WriteCluster(15, std::vector<std::byte>(cb)));
+    for (uint64_t i : discarded) REQUIRE_OK(delta->Discard(i * cb, cb));
+    REQUIRE_OK(delta->Close());
+    for (uint64_t fc : {3, 6, 7, 12}) Scribble(mem, fc, cb);
+    OpenOptions o;
+    o.writable = true;
+    REQUIRE_ASSIGN(auto reopened, Delta::Open(fault, kImagePath, o));
+    return std::unique_ptr<Image>(std::move(reopened));
+  };
+  c.op = [&](FileSystem&, Image* image) -> Status {
+    auto* delta = dynamic_cast<Delta*>(image);
+    ASSIGN_OR_RETURN(Delta::CompactReport report, delta->Compact(drop_zero, 3));
+    if (report.file_bytes_after >= report.file_bytes_before) {
+      return Status::Corruption("compact did not shrink the file");
+    }
+    return Status::Ok();
+  };
+  c.verify = [&](MemoryFileSystem& mem, bool op_succeeded, int variant) {
+    if (op_succeeded) {
+      // The header cluster and 20 data clusters, less the 4 discarded and,
+      // when dropped, the zero cluster.
+      REQUIRE_ASSIGN(auto file, mem.Open(kImagePath, OpenMode::kReadOnly));
+      REQUIRE_ASSIGN(uint64_t bytes, file->Size());
+      CHECK(bytes == (drop_zero ? 16u : 17u) * cb);
+    }
+    Outcome outcome{&model, &model, cb, {}};
+    VerifyCrashedImage(mem, kImagePath, outcome, op_succeeded, variant % 2 == 1);
+  };
+  RunCrashCase(c, rng);
+}
+
 TEST_CASE("crash during grow of a preallocated image") {
   TestRng rng;
   const uint64_t cb = 32 * kKiB;

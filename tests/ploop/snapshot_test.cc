@@ -624,6 +624,67 @@ TEST_CASE("snapshot operations on a disk in use fail with Busy and change nothin
   RequireCleanDisk(fs);
 }
 
+TEST_CASE("compact moves clusters into holes and cuts files - every snapshot reads the same") {
+  MemoryFileSystem fs;
+  MakeDisk(fs, kSize, kCb);
+  // Base: clusters 0..11, then 3 overwritten with zeros (still allocated),
+  // 1, 4 and 9 discarded (holes).
+  WriteTop(fs, 0, Pattern(12 * kCb, 0x21));
+  WriteTop(fs, 3 * kCb, Bytes(kCb));
+  {
+    auto chain = OpenTop(fs);
+    for (uint64_t i : {1, 4, 9}) REQUIRE_OK(chain->Discard(i * kCb, kCb));
+    REQUIRE_OK(chain->Close());
+  }
+  REQUIRE_ASSIGN(std::string snap, CreateSnapshot(fs, kDd, ""));
+  // Top: zeros over base data in cluster 5 (must stay: they hide it), data
+  // in 20..29, then 21..24 discarded.
+  WriteTop(fs, 5 * kCb, Bytes(kCb));
+  WriteTop(fs, 20 * kCb, Pattern(10 * kCb, 0x42));
+  {
+    auto chain = OpenTop(fs);
+    REQUIRE_OK(chain->Discard(21 * kCb, 4 * kCb));
+    REQUIRE_OK(chain->Close());
+  }
+  const Bytes snap_before = ReadSnapshot(fs, snap);
+  const Bytes top_before = ReadSnapshot(fs, "");
+  const Descriptor dd = LoadDd(fs);
+  const std::string base_path = dd.FindImage(snap)->path;
+  const std::string top_path = dd.top().path;
+  const uint64_t base_bytes = fs.Contents(base_path).size();
+  const uint64_t top_bytes = fs.Contents(top_path).size();
+
+  REQUIRE_ASSIGN(CompactResult result, CompactDisk(fs, kDd));
+  REQUIRE(result.deltas.size() == 2);
+  CHECK(ReadSnapshot(fs, snap) == snap_before);
+  CHECK(ReadSnapshot(fs, "") == top_before);
+  RequireCleanDisk(fs);
+  // The base keeps 12 - 3 discarded - the zero cluster 3 = 8 clusters; the
+  // top keeps 1 + 10 - 4 = 7, its zero cluster included.
+  CHECK(fs.Contents(base_path).size() == (1 + 8) * kCb);
+  CHECK(fs.Contents(top_path).size() == (1 + 7) * kCb);
+  CHECK(fs.Contents(base_path).size() < base_bytes);
+  CHECK(fs.Contents(top_path).size() < top_bytes);
+  for (const auto& d : result.deltas) {
+    CHECK(d.bytes_after == fs.Contents(JoinPath(kDir, d.file)).size());
+    CHECK(d.dropped_zero_clusters == (d.guid == snap ? 1u : 0u));
+  }
+  // A second run finds nothing to do.
+  REQUIRE_ASSIGN(CompactResult again, CompactDisk(fs, kDd));
+  for (const auto& d : again.deltas) {
+    CHECK(d.moved_clusters == 0);
+    CHECK(d.bytes_after == d.bytes_before);
+  }
+  // In use: Busy, nothing changed.
+  const auto files = Files(fs);
+  {
+    auto in_use = OpenTop(fs);
+    CHECK(CompactDisk(fs, kDd).error().code() == StatusCode::kBusy);
+    REQUIRE_OK(in_use->Close());
+  }
+  CHECK(Files(fs) == files);
+}
+
 TEST_CASE("snapshot merge refuses with NoSpace before changing anything") {
   MemoryFileSystem fs;
   MakeDisk(fs, kSize, kCb);

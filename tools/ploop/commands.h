@@ -110,6 +110,8 @@ int RunSnapshotList(const SnapshotArgs& args);
 int RunSnapshotDelete(const SnapshotArgs& args);
 int RunSnapshotMerge(const SnapshotArgs& args);
 int RunSnapshotSwitch(const SnapshotArgs& args);
+// `compact`: uses dd and json.
+int RunCompact(const SnapshotArgs& args);
 
 struct RestoreArgs {
   std::string dir;

@@ -113,6 +113,39 @@ int RunSnapshotSwitch(const SnapshotArgs& args) {
   return s.ok() ? kExitOk : Fail("snapshot-switch", s);
 }
 
+int RunCompact(const SnapshotArgs& args) {
+  int rc = kExitOk;
+  auto dd = Descriptor("compact", args.dd, &rc);
+  if (!dd) return rc;
+  Result<CompactResult> result = CompactDisk(DefaultFileSystem(), *dd, LoadOptions());
+  if (!result.ok()) return Fail("compact", result.error());
+  if (args.json) {
+    json out = json::array();
+    for (const auto& d : result->deltas) {
+      out.push_back({{"guid", d.guid},
+                     {"file", d.file},
+                     {"moved_clusters", d.moved_clusters},
+                     {"dropped_zero_clusters", d.dropped_zero_clusters},
+                     {"bytes_before", d.bytes_before},
+                     {"bytes_after", d.bytes_after}});
+    }
+    std::cout << out.dump(2) << "\n";
+    return kExitOk;
+  }
+  uint64_t before = 0, after = 0;
+  for (const auto& d : result->deltas) {
+    before += d.bytes_before;
+    after += d.bytes_after;
+    std::cout << d.file << ": " << HumanSize(d.bytes_before) << " -> "
+              << HumanSize(d.bytes_after) << " (" << d.moved_clusters << " clusters moved";
+    if (d.dropped_zero_clusters > 0) std::cout << ", " << d.dropped_zero_clusters << " zero clusters dropped";
+    std::cout << ")\n";
+  }
+  std::cout << "compacted " << result->deltas.size() << " delta(s): " << HumanSize(before)
+            << " -> " << HumanSize(after) << "\n";
+  return kExitOk;
+}
+
 int RunRestoreDescriptor(const RestoreArgs& args) {
   if (!args.format.empty() && args.format != "raw" && args.format != "ploop") {
     return Usage("restore-descriptor", "unknown format '" + args.format + "' (use raw or ploop)");

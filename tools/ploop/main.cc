@@ -175,6 +175,13 @@ int main(int argc, char** argv) {
   c_fs_add->add_option("--gid-shift", fs_add.gid_shift, "add N to every gid copied in");
   c_fs_add->callback([&] { rc = RunFsAdd(fs_add); });
 
+  SnapshotArgs compact;
+  auto* c_compact = app.add_subcommand(
+      "compact", "give back the space a fragmented disk keeps: move clusters into holes, cut files");
+  c_compact->add_option("DD", compact.dd, "DiskDescriptor.xml")->required();
+  c_compact->add_flag("--json", compact.json, "print the result as JSON");
+  c_compact->callback([&] { rc = RunCompact(compact); });
+
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,
                "accept descriptors that name files outside their folder");

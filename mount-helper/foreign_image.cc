@@ -150,7 +150,12 @@ Status RunQemuImgAgainst(const NbdServeOptions& base, const std::vector<std::str
   Status served = server->Stop();
   if (!run.ok()) return run.error();
   if (run->exit.cancelled) return Interrupted();
-  if (!run->exit.ok()) return Status::FromErrno(EIO, what + ": " + run->LastError());
+  if (!run->exit.ok()) {
+    // The disk's own error (a full host file system, ...) says more than
+    // qemu-img's account of the NBD error it got.
+    if (auto disk_error = server->first_request_error()) return *disk_error;
+    return Status::FromErrno(EIO, what + ": " + run->LastError());
+  }
   return served;
 }
 

@@ -94,6 +94,7 @@ struct NbdServer::Shared {
   bool stop_requested = false;
   std::function<void()> kill_child;  // set once the child runs
   std::optional<Status> error;
+  std::optional<Status> request_error;
   std::deque<std::string> lines;  // nbdkit's stderr before "ready", and the last ones
   LogFn on_log;
 
@@ -112,6 +113,9 @@ struct NbdServer::Shared {
         case ServerReport::Kind::kError:
           if (!error) error = report->error;
           break;
+        case ServerReport::Kind::kRequestFailed:
+          if (!request_error) request_error = report->error;
+          return;
       }
       cv.notify_all();
       // Closed (or failed to) on our request: nothing is left to wait for.
@@ -291,6 +295,11 @@ NbdServer::~NbdServer() {
 }
 
 int NbdServer::pid() const { return child_ ? child_->pid() : -1; }
+
+std::optional<Status> NbdServer::first_request_error() const {
+  std::lock_guard lock(shared_->mu);
+  return shared_->request_error;
+}
 
 Status NbdServer::Wait(int stop_fd) {
   if (finished_) return final_;

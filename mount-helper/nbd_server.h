@@ -75,6 +75,9 @@ class NbdServer {
   const std::string& uri() const { return uri_; }
   // nbdkit's pid (for tests and diagnostics).
   int pid() const;
+  // The first client request that failed (the disk's error, e.g. NoSpace
+  // for a full host file system), if any: why a client gave up.
+  std::optional<Status> first_request_error() const;
 
   // Serves until `stop_fd` becomes readable (then stops the server) or the
   // server ends by itself. Returns the status of closing the disk: OK when

@@ -60,7 +60,9 @@ bool IsStopRequest(std::string_view line) {
   return line == "stop";
 }
 
-std::string ErrorReport(const Status& status) {
+namespace {
+
+std::string StatusReport(std::string_view word, const Status& status) {
   std::string message = status.message();
   const int err = status.error_number();
   if (status.code() == StatusCode::kIOError && err != 0) {
@@ -76,17 +78,32 @@ std::string ErrorReport(const Status& status) {
   for (char& c : message) {
     if (c == '\n' || c == '\r') c = ' ';
   }
-  return "error " + std::to_string(static_cast<int>(status.code())) + " " + std::to_string(err) +
-         " " + message + "\n";
+  return std::string(word) + " " + std::to_string(static_cast<int>(status.code())) + " " +
+         std::to_string(err) + " " + message + "\n";
 }
+
+}  // namespace
+
+std::string ErrorReport(const Status& status) { return StatusReport("error", status); }
+
+std::string RequestFailedReport(const Status& status) { return StatusReport("failed", status); }
 
 std::optional<ServerReport> ParseServerReport(std::string_view line) {
   if (!line.empty() && line.back() == '\n') line.remove_suffix(1);
   if (line == "ready") return ServerReport{ServerReport::Kind::kReady, {}};
   if (line == "closed") return ServerReport{ServerReport::Kind::kClosed, {}};
+  ServerReport::Kind kind;
   constexpr std::string_view kError = "error ";
-  if (line.substr(0, kError.size()) != kError) return std::nullopt;
-  line.remove_prefix(kError.size());
+  constexpr std::string_view kFailed = "failed ";
+  if (line.substr(0, kError.size()) == kError) {
+    kind = ServerReport::Kind::kError;
+    line.remove_prefix(kError.size());
+  } else if (line.substr(0, kFailed.size()) == kFailed) {
+    kind = ServerReport::Kind::kRequestFailed;
+    line.remove_prefix(kFailed.size());
+  } else {
+    return std::nullopt;
+  }
   int code = 0;
   int err = 0;
   if (!ParseInt(line, &code) || !ParseInt(line, &err)) return std::nullopt;
@@ -94,8 +111,7 @@ std::optional<ServerReport> ParseServerReport(std::string_view line) {
       code > static_cast<int>(StatusCode::kFailedPrecondition)) {
     return std::nullopt;
   }
-  return ServerReport{ServerReport::Kind::kError,
-                      MakeStatus(static_cast<StatusCode>(code), err, std::string(line))};
+  return ServerReport{kind, MakeStatus(static_cast<StatusCode>(code), err, std::string(line))};
 }
 
 }  // namespace ploop::mount

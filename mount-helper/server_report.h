@@ -3,6 +3,9 @@
 //
 //   ready                        the socket listens; clients may connect
 //   error CODE ERRNO MESSAGE     opening or closing the disk failed
+//   failed CODE ERRNO MESSAGE    a client's request failed (the server
+//                                goes on; a supervisor running a client,
+//                                like convert, can tell why it failed)
 //   closed                       the disk was flushed and closed cleanly
 //
 // and the one request going the other way:
@@ -30,14 +33,15 @@
 namespace ploop::mount {
 
 struct ServerReport {
-  enum class Kind { kReady, kError, kClosed };
+  enum class Kind { kReady, kError, kRequestFailed, kClosed };
   Kind kind = Kind::kReady;
-  Status error;  // for kError
+  Status error;  // for kError and kRequestFailed
 };
 
 // Each returns one line, newline included.
 std::string ReadyReport();
 std::string ErrorReport(const Status& status);
+std::string RequestFailedReport(const Status& status);
 std::string ClosedReport();
 
 // The supervisor's request to stop, newline included.

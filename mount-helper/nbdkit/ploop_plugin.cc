@@ -102,6 +102,7 @@ int Fail(const Status& status) {
     return -1;
   }
   nbdkit_error("%s", status.message().c_str());
+  Report(ploop::mount::RequestFailedReport(status));
   nbdkit_set_error(ploop::mount::NbdErrno(status));
   return -1;
 }
@@ -115,7 +116,8 @@ void CloseOnce() {
   g_stopping = true;
   Status s = g_export->Close();
   if (!s.ok()) {
-    nbdkit_error("closing the disk: %s", s.message().c_str());
+    // A supervisor prints the report; nbdkit's log is for runs by hand.
+    if (g_config.report_fd < 0) nbdkit_error("closing the disk: %s", s.message().c_str());
     Report(ploop::mount::ErrorReport(s.WithContext("close")));
     return;
   }

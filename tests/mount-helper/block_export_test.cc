@@ -75,7 +75,7 @@ Extent Hole(uint64_t off, uint64_t len) { return Extent{off, len, false}; }
 
 TEST_SUITE_BEGIN("unit");
 
-TEST_CASE("extents: data and holes at cluster granularity, merged and clipped to the request") {
+TEST_CASE("extents: data and holes at cluster granularity - merged and clipped to the request") {
   MemoryFileSystem fs;
   // Clusters 0, 1 and 4 hold data; 2, 3, 5..7 are holes.
   MakeLayer(fs, "img", 8 * kCb, {{0, Pattern(2 * kCb, 0x11)}, {4 * kCb + 100, Pattern(10, 0x22)}});
@@ -94,7 +94,7 @@ TEST_CASE("extents: data and holes at cluster granularity, merged and clipped to
   CHECK(tail == std::vector<Extent>{Hole(8 * kCb - 1, 1)});
 }
 
-TEST_CASE("extents: a cluster is data when any layer holds it, and a raw base holds everything") {
+TEST_CASE("extents: a cluster is data when any layer holds it and a raw base holds everything") {
   MemoryFileSystem fs;
   MakeLayer(fs, "base", 8 * kCb, {{kCb, Pattern(kCb, 1)}});
   MakeLayer(fs, "mid", 8 * kCb, {{3 * kCb, Pattern(kCb, 2)}});
@@ -122,7 +122,7 @@ TEST_CASE("extents: an empty range or one past the end is refused") {
   CHECK(AllocationExtents(*img, ~0ull, 2, false).error().code() == StatusCode::kInvalidArgument);
 }
 
-TEST_CASE("fast zero: nothing to do, or whole top clusters to unmap; never data to write") {
+TEST_CASE("fast zero: nothing to do - or whole top clusters to unmap - never data to write") {
   MemoryFileSystem fs;
   MakeLayer(fs, "img", 8 * kCb, {{2 * kCb, Pattern(2 * kCb, 7)}});
   auto img = OpenChain(fs, {"img"}, true);
@@ -153,7 +153,7 @@ TEST_CASE("fast zero: nothing to do, or whole top clusters to unmap; never data 
   CHECK(beside);
 }
 
-TEST_CASE("zero: fast-only refuses without changing anything; unmap frees top clusters") {
+TEST_CASE("zero: fast-only refuses without changing anything - unmap frees top clusters") {
   MemoryFileSystem fs;
   MakeLayer(fs, "img", 8 * kCb, {{kCb, Pattern(3 * kCb, 5)}});
   auto e = SerializeImage(OpenChain(fs, {"img"}, true));
@@ -179,7 +179,7 @@ TEST_CASE("zero: fast-only refuses without changing anything; unmap frees top cl
   REQUIRE_OK(e->Close());
 }
 
-TEST_CASE("zero and trim over a snapshot's data write zeros into the top; the base is untouched") {
+TEST_CASE("zero and trim over a snapshot's data write zeros into the top - the base is untouched") {
   MemoryFileSystem fs;
   TestRng rng;
   auto base_data = rng.Bytes(4 * kCb);
@@ -199,7 +199,7 @@ TEST_CASE("zero and trim over a snapshot's data write zeros into the top; the ba
   CHECK(ReadFile(fs, "base") == base_before);
 }
 
-TEST_CASE("close flushes and marks the image clean; later calls fail") {
+TEST_CASE("close flushes and marks the image clean - later calls fail") {
   MemoryFileSystem fs;
   MakeLayer(fs, "img", 4 * kCb, {});
   auto e = SerializeImage(OpenChain(fs, {"img"}, true));
@@ -224,7 +224,7 @@ TEST_CASE("close flushes and marks the image clean; later calls fail") {
   CHECK(back == Pattern(5000, 0x42));
 }
 
-TEST_CASE("a read-only export refuses writes, zeros and trims") {
+TEST_CASE("a read-only export refuses writes - zeros and trims") {
   MemoryFileSystem fs;
   MakeLayer(fs, "img", 4 * kCb, {{0, Pattern(kCb, 1)}});
   auto e = SerializeImage(OpenChain(fs, {"img"}, false));
@@ -250,7 +250,7 @@ TEST_CASE("NbdErrno maps every status to an errno NBD can carry") {
   CHECK(NbdErrno(Status::NotFound("x")) == EIO);
 }
 
-TEST_CASE("many threads reading, writing, zeroing and asking for extents at once") {
+TEST_CASE("many threads reading - writing - zeroing and asking for extents at once") {
   // Every thread owns its clusters, but they share the image's allocator,
   // BAT and free lists: whole-cluster writes allocate, unmapping zeros free,
   // flushes make freed clusters reusable. Without serialisation two threads
@@ -305,7 +305,7 @@ TEST_CASE("many threads reading, writing, zeroing and asking for extents at once
   REQUIRE_OK(e->Close());
 }
 
-TEST_CASE("OpenExport: a disk, a snapshot (read-only), and a single image") {
+TEST_CASE("OpenExport: a disk - a snapshot (read-only) and a single image") {
   MemoryFileSystem fs;
   CreateOptions o;
   o.size_bytes = 8 * kCb;

@@ -30,7 +30,7 @@ struct Collected {
 
 TEST_SUITE_BEGIN("posix");
 
-TEST_CASE("stdout and stderr arrive as lines, and the exit status is reported") {
+TEST_CASE("stdout and stderr arrive as lines and the exit status is reported") {
   Collected c;
   SpawnOptions o;
   o.argv = {"sh", "-c", "echo one; echo two >&2; printf 'no newline'; exit 3"};

@@ -11,7 +11,7 @@ namespace {
 
 TEST_SUITE_BEGIN("unit");
 
-TEST_CASE("ready, closed and stop are recognised; other lines are not reports") {
+TEST_CASE("ready - closed and stop are recognised - other lines are not reports") {
   auto ready = ParseServerReport(ReadyReport());
   REQUIRE(ready.has_value());
   CHECK(ready->kind == ServerReport::Kind::kReady);
@@ -27,7 +27,7 @@ TEST_CASE("ready, closed and stop are recognised; other lines are not reports") 
   }
 }
 
-TEST_CASE("an error report carries the code and the message") {
+TEST_CASE("error and request-failed reports carry the code and the message") {
   const Status cases[] = {
       Status::NotFound("delta {x} (root.hds): no such file"),
       Status::AlreadyExists("a"),
@@ -44,6 +44,10 @@ TEST_CASE("an error report carries the code and the message") {
   };
   for (const Status& s : cases) {
     CAPTURE(s.ToString());
+    auto failed = ParseServerReport(RequestFailedReport(s));
+    REQUIRE(failed.has_value());
+    CHECK(failed->kind == ServerReport::Kind::kRequestFailed);
+    CHECK(failed->error.code() == s.code());
     std::string line = ErrorReport(s);
     CHECK(line.back() == '\n');
     CHECK(line.find('\n') == line.size() - 1);

@@ -86,7 +86,14 @@ int RunConvert(const ConvertArgs& args) {
     }
     options.create.cluster_bytes = *cb;
   }
-  if (Status s = mount::ConvertFromForeign(fs, options); !s.ok()) return Fail(kCmd, s);
+  if (Status s = mount::ConvertFromForeign(fs, options); !s.ok()) {
+    if (s.code() == StatusCode::kCorruption) {
+      // A broken foreign image: Fail() would point at `ploop check`.
+      std::cerr << "ploop convert: " << s.message() << "\n";
+      return ExitCodeFor(s);
+    }
+    return Fail(kCmd, s);
+  }
   std::cout << "Created " << args.dst << " and "
             << JoinPath(DirName(args.dst), std::string(kDescriptorFileName)) << " from " << args.src
             << " (" << mount::ForeignFormatName(*format) << ")\n";

@@ -182,6 +182,15 @@ Result<uint64_t> ForeignVirtualSize(const std::string& in, ForeignFormat format,
   return size;
 }
 
+// NotFound unless the folder that is to hold `path` exists.
+Status CheckFolderOf(FileSystem& fs, const std::string& path) {
+  const std::string dir = DirName(path);
+  if (dir.empty()) return Status::Ok();
+  ASSIGN_OR_RETURN(bool exists, fs.Exists(dir));
+  if (!exists) return Status::NotFound("folder " + dir + " does not exist");
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::optional<ForeignFormat> ParseForeignFormat(std::string_view name) {
@@ -209,6 +218,7 @@ Status ConvertToForeign(FileSystem& fs, const ConvertToOptions& options) {
   const std::string& out = options.out_path;
   ASSIGN_OR_RETURN(bool out_exists, fs.Exists(out));
   if (out_exists) return Status::AlreadyExists(out + " already exists");
+  TRY(CheckFolderOf(fs, out));
   const std::string tmp = out + std::string(kTmpSuffix);
   TRY(RemoveIfExists(fs, tmp));
 
@@ -250,6 +260,7 @@ Status ConvertFromForeign(FileSystem& fs, const ConvertFromOptions& options) {
   if (dd_exists) return Status::AlreadyExists(dd_path + " already exists");
   ASSIGN_OR_RETURN(bool image_exists, fs.Exists(image_path));
   if (image_exists) return Status::AlreadyExists(image_path + " already exists");
+  TRY(CheckFolderOf(fs, image_path));
   ASSIGN_OR_RETURN(bool in_exists, fs.Exists(options.in_path));
   if (!in_exists) return Status::NotFound(options.in_path + " does not exist");
 

@@ -83,12 +83,15 @@ std::atomic<bool> g_stopping{false};  // requests now fail with ESHUTDOWN
 std::atomic<bool> g_cleaning{false};  // .cleanup runs: nbdkit is shutting down
 std::thread g_control;
 
+std::mutex g_report_mu;  // one report at a time: lines never interleave
+
 // One line to the supervisor; best effort (it may be gone).
 void Report(const std::string& line) {
   if (g_config.report_fd < 0) return;
+  std::lock_guard lock(g_report_mu);
   size_t done = 0;
   while (done < line.size()) {
-    ssize_t n = ::write(g_config.report_fd, line.data() + done, line.size() - done);
+    ssize_t n = ::send(g_config.report_fd, line.data() + done, line.size() - done, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return;
     done += static_cast<size_t>(n);
@@ -270,7 +273,7 @@ int PloopZero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
   if (s.ok()) return 0;
   if (fast_only && s.code() == ploop::StatusCode::kNotSupported) {
     // The expected answer to a fast-zero probe: no error message.
-    nbdkit_set_error(ENOTSUP);
+    nbdkit_set_error(ploop::mount::NbdErrno(s));
     return -1;
   }
   return Fail(s);

@@ -92,6 +92,9 @@ expect_error 5 "$PLOOP" convert --from qcow2 exp.raw e/root.hds
 err_has 'not a valid qcow2 image'
 expect_error 5 "$PLOOP" convert --from vmdk out.qcow2 e/root.hds
 expect_error 3 "$PLOOP" convert --to qcow2 nowhere/DiskDescriptor.xml x.qcow2
+expect_error 3 "$PLOOP" convert --to qcow2 "$DD" no-dir/x.qcow2
+expect_error 3 "$PLOOP" convert --from qcow2 out.qcow2 no-dir/root.hds
+assert_absent no-dir
 expect_error 3 "$PLOOP" convert --to qcow2 -u '{12345678-1234-1234-1234-123456789abc}' "$DD" x.qcow2
 assert_eq "$(ls e | wc -l)" 0 "files left in e"
 assert_absent x.qcow2

@@ -54,6 +54,23 @@ for fmt in raw qcow2 vmdk; do
   assert_eq "$(allocated_clusters "n_$fmt")" "$data_clusters" "clusters allocated by --from $fmt"
 done
 
+note "data that is all zeros allocates nothing (qcow2 and raw inputs)"
+expect_ok qemu-img create -q -f qcow2 zeros.qcow2 16M
+expect_ok qemu-io -f qcow2 -c 'write -P 0 0 4M' -c 'write -P 0x5a 8M 1M' -c 'write -P 0 12M 2M' \
+  zeros.qcow2
+expect_ok qemu-img map -f qcow2 --output=json zeros.qcow2
+grep -q '"start": 0, "length": 4194304, "depth": 0, "present": true, "zero": false, "data": true' \
+  "$TMP/.out" || fail "the zeros are not allocated data in zeros.qcow2: $OUT"
+mkdir z1 z2
+pl convert --from qcow2 zeros.qcow2 z1/root.hds
+assert_eq "$(allocated_clusters z1)" 1 "clusters allocated from zeros.qcow2"
+expect_ok qemu-img compare -f parallels z1/root.hds -F qcow2 zeros.qcow2
+out_has "Images are identical"
+expect_ok qemu-img convert -f qcow2 -O raw -S 0 zeros.qcow2 zeros.raw
+(($(allocated_bytes zeros.raw) >= 7 * M)) || fail "zeros.raw is not fully allocated"
+pl convert --from raw zeros.raw z2/root.hds
+assert_eq "$(allocated_clusters z2)" 1 "clusters allocated from zeros.raw"
+
 note "a snapshot (-u) to qcow2"
 pl convert --to qcow2 -u "$snap" "$DD" snap.qcow2
 qemu_same snap.qcow2 snap.raw qcow2

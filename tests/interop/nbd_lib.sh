@@ -18,11 +18,19 @@ serve_start() {
   wait_for_output "$SERVE_OUT" '^Serving ' "$SERVE_PID"
 }
 
-# nbdkit_of PID: the pid of the nbdkit child of `ploop serve` PID.
+# nbdkit_of PID: the pid of the nbdkit child of `ploop serve` PID (from
+# /proc: procps may not be installed).
 nbdkit_of() {
-  local pid
-  pid=$(pgrep -P "$1" -x nbdkit) || fail "ploop serve (pid $1) has no nbdkit child"
-  echo "$pid"
+  local f line
+  for f in /proc/[0-9]*/stat; do
+    read -r line <"$f" 2>/dev/null || continue
+    # "PID (COMM) STATE PPID ..."
+    if [[ $line =~ ^([0-9]+)\ \(nbdkit\)\ [A-Za-z]\ ([0-9]+)\  && ${BASH_REMATCH[2]} == "$1" ]]; then
+      echo "${BASH_REMATCH[1]}"
+      return
+    fi
+  done
+  fail "ploop serve (pid $1) has no nbdkit child"
 }
 
 # serve_stop PID OUTFILE [SIGNAL]: stop the server with SIGNAL (TERM by

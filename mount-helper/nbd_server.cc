@@ -63,6 +63,15 @@ bool Exists(const std::string& path) {
   return ::lstat(path.c_str(), &st) == 0;
 }
 
+// Removes the socket nbdkit created (it does not remove it itself); never
+// anything that is not a socket.
+void RemoveSocket(const std::string& path) {
+  struct stat st;
+  if (!path.empty() && ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+    ::unlink(path.c_str());
+  }
+}
+
 std::string ExeDir() {
   std::error_code ec;
   auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
@@ -282,9 +291,7 @@ Result<std::unique_ptr<NbdServer>> NbdServer::Start(const NbdServeOptions& optio
   lock.unlock();
   ChildExit exit = server->child_->Wait();
   lock.lock();
-  if (!server->socket_path_.empty() && Exists(server->socket_path_)) {
-    ::unlink(server->socket_path_.c_str());
-  }
+  RemoveSocket(server->socket_path_);
   server->finished_ = true;
   if (shared->error) return *shared->error;
   return shared->StderrError("nbdkit " + exit.Describe(), endpoint);
@@ -329,12 +336,7 @@ void NbdServer::RequestStop() {
 
 Status NbdServer::Finish(const ChildExit& exit) {
   finished_ = true;
-  if (!socket_path_.empty()) {
-    struct stat st;
-    if (::lstat(socket_path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
-      ::unlink(socket_path_.c_str());
-    }
-  }
+  RemoveSocket(socket_path_);
   std::lock_guard lock(shared_->mu);
   if (shared_->error) {
     final_ = *shared_->error;

@@ -5,6 +5,8 @@
 #include <iostream>
 
 #include "commands.h"
+#include "convert_commands.h"
+#include "serve_commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
 
@@ -181,6 +183,9 @@ int main(int argc, char** argv) {
   c_compact->add_option("DD", compact.dd, "DiskDescriptor.xml")->required();
   c_compact->add_flag("--json", compact.json, "print the result as JSON");
   c_compact->callback([&] { rc = RunCompact(compact); });
+
+  RegisterServeCommands(app, rc);
+  RegisterConvertCommands(app, rc);
 
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,

@@ -119,7 +119,7 @@ TEST_CASE("Descriptor golden: a single image as ploop init writes it") {
   CHECK(d.images()[0] ==
         DescriptorImage{kTop, ImageKind::kExpanded, "root.hds", "/vz/root.hdd/root.hds"});
   REQUIRE(d.shots().size() == 1);
-  CHECK(d.shots()[0] == DescriptorShot{kTop, kNull, false});
+  CHECK(d.shots()[0] == DescriptorShot{kTop, kNull, false, ""});
   CHECK(d.top_guid() == kTopGuid);
   CHECK(d.top().file == "root.hds");
   CHECK(Guids(d.Chain()) == std::vector<std::string>{kTop});

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <set>
 
 #include "ploop/descriptor.h"
@@ -143,14 +144,13 @@ LZ4F_preferences_t Lz4Prefs(size_t raw_bytes) {
 
 // --- Buffers -------------------------------------------------------------------------
 
-void AlignedFree::operator()(std::byte* p) const { std::free(p); }
+constexpr std::align_val_t kBufferAlignment{4096};
+
+void AlignedFree::operator()(std::byte* p) const { ::operator delete[](p, kBufferAlignment); }
 
 AlignedBuffer NewAlignedBuffer(size_t size_bytes) {
-  constexpr size_t kAlign = 4096;
-  size_t rounded = std::max<size_t>(kAlign, (size_bytes + kAlign - 1) / kAlign * kAlign);
-  void* p = std::aligned_alloc(kAlign, rounded);
-  if (p == nullptr) std::abort();  // as operator new would throw
-  return AlignedBuffer(static_cast<std::byte*>(p));
+  return AlignedBuffer(
+      static_cast<std::byte*>(::operator new[](std::max<size_t>(size_bytes, 1), kBufferAlignment)));
 }
 
 AlignedBuffer BufferPool::Get() {

@@ -520,7 +520,10 @@ Status Receiver::OpenBuilders() {
     const std::string path = JoinPath(dir_, state_.files[k]);
     ASSIGN_OR_RETURN(bool exists, fs_.Exists(path));
     std::unique_ptr<DeltaBuilder> b;
-    if (!exists && state_.data_clusters[k] == 0) {
+    if (state_.data_clusters[k] == 0) {
+      // Nothing of it was checkpointed: start it afresh (a crash may have
+      // cut its creation short).
+      if (exists) TRY(fs_.Remove(path));
       ASSIGN_OR_RETURN(b, DeltaBuilder::Create(fs_, path, header_.layers[k].size_bytes,
                                                header_.cluster_bytes));
     } else {

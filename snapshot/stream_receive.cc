@@ -696,7 +696,10 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   BufferPool raw_pool(std::max<uint64_t>(pooled, cb));
   payload_pool_ = &payload_pool;
   raw_pool_ = &raw_pool;
-  OrderedPipeline<ChunkJob> pipe(workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); });
+  // Destroyed (its workers joined) before the pools above go away.
+  auto pipe_owner = std::make_unique<OrderedPipeline<ChunkJob>>(
+      workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); });
+  OrderedPipeline<ChunkJob>& pipe = *pipe_owner;
   Status read_status;
   std::thread producer([&] {
     read_status = ReadChunks(in, first_tag, pipe, end_raw);
@@ -747,6 +750,7 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   pipe.Cancel();
   reader.Cancel();
   producer.join();
+  pipe_owner.reset();
   payload_pool_ = nullptr;
   raw_pool_ = nullptr;
   if (failed.ok()) failed = read_status;

@@ -50,6 +50,10 @@ class DeltaBuilder {
   Status AppendZero(uint64_t index);
   // Makes everything appended durable: data first, then the BAT.
   Status Checkpoint();
+  // Starts making the data appended so far durable (a plain data sync,
+  // no BAT): may run on another thread alongside Append(), so that
+  // Checkpoint() and Finish() find little left to write.
+  Status SyncData() { return file_->Sync(); }
   // Checkpoint, then marks the image clean; the builder is closed after.
   Status Finish();
 

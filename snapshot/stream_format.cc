@@ -21,6 +21,7 @@
 // Crash ordering: none here (no I/O).
 #include "snapshot/stream_format.h"
 
+#include <lz4.h>
 #include <lz4frame.h>
 #include <openssl/evp.h>
 
@@ -675,6 +676,24 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
     return Status::InvalidArgument(std::string("lz4 compression failed: ") + LZ4F_getErrorName(pos));
   }
   return pos;
+}
+
+bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in) {
+  constexpr size_t kSampleBytes = 8 << 10;
+  constexpr size_t kSamples = 8;
+  if (in.size() <= kSamples * kSampleBytes) return true;
+  scratch_.resize(LZ4_compressBound(kSampleBytes));
+  size_t raw = 0;
+  size_t packed = 0;
+  for (size_t i = 0; i < kSamples; ++i) {
+    const size_t offset = (in.size() - kSampleBytes) / (kSamples - 1) * i;
+    const int n = LZ4_compress_default(reinterpret_cast<const char*>(in.data() + offset),
+                                       scratch_.data(), kSampleBytes,
+                                       static_cast<int>(scratch_.size()));
+    raw += kSampleBytes;
+    packed += n > 0 ? static_cast<size_t>(n) : kSampleBytes;
+  }
+  return packed * 10 < raw * 9;
 }
 
 Result<std::unique_ptr<Lz4Decompressor>> Lz4Decompressor::Create() {

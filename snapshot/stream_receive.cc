@@ -50,6 +50,8 @@
 //     from there: the files end byte-identical to an uninterrupted receive.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <cstring>
 #include <optional>
 #include <set>
@@ -304,6 +306,57 @@ class StreamIn {
   StreamReader& in_;
   std::atomic<uint64_t> bytes_{0};
 };
+
+// Writes received data back to the disk while the stream goes on: a
+// thread that syncs the new deltas whenever the applier has written
+// another kWritebackBytes. Durability still comes only from checkpoints;
+// this only spreads the disk writes over the transfer instead of leaving
+// them all to the final sync (which would otherwise add the time to write
+// the whole disk after the last byte arrived). Errors are ignored here:
+// the checkpoint's own sync reports them.
+class BackgroundWriteback {
+ public:
+  explicit BackgroundWriteback(std::vector<DeltaBuilder*> builders)
+      : builders_(std::move(builders)), thread_([this] { Loop(); }) {}
+  ~BackgroundWriteback() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_one();
+    thread_.join();
+  }
+  // Asks for a sync of everything written so far; does not wait.
+  void Kick() {
+    {
+      std::lock_guard lock(mu_);
+      wanted_ = true;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [&] { return stop_ || wanted_; });
+      if (stop_) return;
+      wanted_ = false;
+      lock.unlock();
+      for (DeltaBuilder* b : builders_) b->SyncData().IgnoreError();
+      lock.lock();
+    }
+  }
+
+  std::vector<DeltaBuilder*> builders_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool wanted_ = false;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+constexpr uint64_t kWritebackBytes = 64ull << 20;
 
 struct ChunkJob {
   ChunkHeader header;
@@ -705,6 +758,10 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     read_status = ReadChunks(in, first_tag, pipe, end_raw);
     pipe.Finish();
   });
+  std::vector<DeltaBuilder*> raw_builders;
+  for (auto& b : builders_) raw_builders.push_back(b.get());
+  auto writeback = std::make_unique<BackgroundWriteback>(raw_builders);
+  uint64_t written_since_kick = 0;
   Status failed;
   bool at_boundary = true;  // everything applied is whole chunks
   while (auto next = pipe.Next()) {
@@ -738,6 +795,11 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     state_.record_count += h.record_count;
     state_.data_count += h.data_count;
     bytes_since_checkpoint_ += uint64_t{h.data_count} * cb;
+    written_since_kick += uint64_t{h.data_count} * cb;
+    if (written_since_kick >= kWritebackBytes) {
+      writeback->Kick();
+      written_since_kick = 0;
+    }
     if (job->raw_home != nullptr) job->raw_home->Put(std::move(job->raw));
     if (bytes_since_checkpoint_ >= options_.checkpoint_bytes) {
       at_boundary = false;  // a failed checkpoint leaves the older one in force
@@ -751,6 +813,7 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   reader.Cancel();
   producer.join();
   pipe_owner.reset();
+  writeback.reset();
   payload_pool_ = nullptr;
   raw_pool_ = nullptr;
   if (failed.ok()) failed = read_status;

@@ -134,6 +134,9 @@ class Sender {
   // Appends index i's records (from window `w`) to the chunk being built.
   void AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e);
   Status Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
+  // The flattened layout's producer: reads runs of the snapshot straight
+  // into chunk payloads (no window, no copy for the common case).
+  Status ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
   Status CutChunk(OrderedPipeline<ChunkJob>& pipe);
   Status Work(ChunkJob& job);
   Status Emit(ChunkJob& job, Digest* chain);
@@ -364,9 +367,8 @@ Status Sender::Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe
         std::vector<PendingData> group_data_v(pending_.end() - group_data, pending_.end());
         records_.resize(records_before);
         pending_.resize(data_before);
-        auto keep = held_windows_;
         TRY(CutChunk(pipe));
-        held_windows_ = keep;
+        held_windows_.push_back(w);  // the group's data is in this window
         for (PendingData& d : group_data_v) d.record -= static_cast<uint32_t>(records_before);
         records_ = std::move(group);
         pending_ = std::move(group_data_v);
@@ -376,6 +378,80 @@ Status Sender::Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe
     }
   }
   return CutChunk(pipe);
+}
+
+Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe) {
+  const StreamHeader& h = plan_.header;
+  const uint64_t clusters = h.disk_clusters();
+  const uint64_t slots = std::max<uint64_t>(1, kChunkDataBytes / cb_);
+  const bool incremental = plan_.f >= 0;
+  // A candidate: a cluster some delta above the base (any delta, for a
+  // full stream) holds.
+  auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
+  AlignedBuffer base = incremental ? NewAlignedBuffer(slots * cb_) : nullptr;
+  next_seq_ = start.next_seq;
+  progress_ = start.progress_bytes;
+  std::unique_ptr<ChunkJob> job;
+  uint64_t used = 0;  // data slots of the chunk's payload in use
+  auto cut = [&]() -> Status {
+    if (job == nullptr) return Status::Ok();
+    std::unique_ptr<ChunkJob> done = std::move(job);
+    if (done->records.empty()) {
+      payload_pool_.Put(std::move(done->payload));
+      return Status::Ok();
+    }
+    done->seq = next_seq_++;
+    done->progress_bytes = chunk_progress_;
+    done->data_count = static_cast<uint32_t>(used);
+    used = 0;
+    return pipe.Submit(std::move(done));
+  };
+  for (uint64_t i = start.next_index; i < clusters;) {
+    if (!candidate(i)) {
+      ++i;
+      continue;
+    }
+    if (job == nullptr) {
+      job = std::make_unique<ChunkJob>();
+      job->payload = payload_pool_.Get();
+    }
+    // A run of candidates, no longer than the free slots and records.
+    const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
+    uint64_t j = i + 1;
+    while (j < clusters && j - i < room && candidate(j)) ++j;
+    std::byte* const first = job->payload.get() + used * cb_;
+    TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
+    if (incremental) {
+      TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
+    }
+    for (uint64_t k = i; k < j; ++k) {
+      const std::byte* data = first + (k - i) * cb_;
+      const bool zero = IsZero(std::span<const std::byte>(data, cb_));
+      RecordKind kind = RecordKind::kData;
+      bool send = !zero;
+      if (incremental) {
+        const std::byte* old = base.get() + (k - i) * cb_;
+        send = std::memcmp(data, old, cb_) != 0;  // unchanged clusters stay home
+        if (zero) kind = RecordKind::kZero;
+      }
+      progress_ += cb_;
+      if (!send) continue;
+      if (kind == RecordKind::kData) {
+        // Compact: the slot of this cluster may be past the first free one.
+        std::byte* slot = job->payload.get() + used * cb_;
+        if (slot != data) std::memmove(slot, data, cb_);
+        job->payload_slot.push_back(static_cast<uint32_t>(used));
+        ++used;
+      } else {
+        job->payload_slot.push_back(0);
+      }
+      job->records.push_back(Record{k, 0, kind});
+      chunk_progress_ = progress_;
+    }
+    i = j;
+    if (used == slots || job->records.size() == kMaxChunkRecords) TRY(cut());
+  }
+  return cut();
 }
 
 Status Sender::Work(ChunkJob& job) {
@@ -389,6 +465,9 @@ Status Sender::Work(ChunkJob& job) {
       ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
     }
     const size_t raw = uint64_t{job.data_count} * cb_;
+    if (!compressor->WorthCompressing(std::span<const std::byte>(job.payload.get(), raw))) {
+      return Status::Ok();
+    }
     job.compressed = compressed_pool_.Get();
     ASSIGN_OR_RETURN(size_t n,
                      compressor->Compress(std::span<const std::byte>(job.payload.get(), raw),
@@ -476,7 +555,7 @@ Status Sender::StreamPass(const ResumeToken& start, SendSummary* summary) {
   OrderedPipeline<ChunkJob> pipe(workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); });
   Status produced;
   std::thread producer([&] {
-    produced = Produce(start, pipe);
+    produced = plan_.layered ? Produce(start, pipe) : ProduceFlat(start, pipe);
     pipe.Finish();
   });
   Status consumed;

@@ -62,6 +62,25 @@ uint64_t SourceChain::CountHeld(int min_level, int max_level) const {
   return held;
 }
 
+Status SourceChain::ReadView(int max_level, uint64_t first_index, uint64_t count,
+                             std::span<std::byte> out) {
+  const uint64_t cb = cluster_bytes_;
+  for (uint64_t k = 0; k < count;) {
+    const int level = Highest(first_index + k, max_level);
+    uint64_t run = 1;
+    while (k + run < count && Highest(first_index + k + run, max_level) == level) ++run;
+    auto piece = out.subspan(k * cb, run * cb);
+    if (level < 0) {
+      std::fill(piece.begin(), piece.end(), std::byte{0});
+    } else {
+      Image& image = layer(level);
+      TRY_CTX(image.Read((first_index + k) * cb, piece), "read " + image.path());
+    }
+    k += run;
+  }
+  return Status::Ok();
+}
+
 const WindowVersion* Window::Find(const WindowEntry& entry, int level) const {
   for (uint32_t v = entry.first; v < entry.first + entry.count; ++v) {
     if (versions[v].level == level) return &versions[v];

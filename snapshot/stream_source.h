@@ -35,6 +35,11 @@ class SourceChain {
   // max_level], counted (for progress totals).
   uint64_t CountHeld(int min_level, int max_level) const;
   Image& layer(int level) { return chain_.layer(level); }
+  // Reads what the chain up to `max_level` holds at clusters [first_index,
+  // first_index + count) into `out` (count clusters): one read per run of
+  // consecutive clusters coming from one level, zeros where no level at or
+  // below max_level holds a cluster (also for max_level -1).
+  Status ReadView(int max_level, uint64_t first_index, uint64_t count, std::span<std::byte> out);
 
  private:
   Chain& chain_;

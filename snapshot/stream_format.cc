@@ -678,22 +678,27 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
   return pos;
 }
 
-bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in) {
-  constexpr size_t kSampleBytes = 8 << 10;
-  constexpr size_t kSamples = 8;
-  if (in.size() <= kSamples * kSampleBytes) return true;
+bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in, size_t piece_bytes) {
+  // One 4 KiB sample per piece (cluster), at most 64 pieces spread evenly:
+  // a chunk that is mostly random but holds a few compressible clusters
+  // is still compressed.
+  constexpr size_t kSampleBytes = 4 << 10;
+  constexpr size_t kMaxSamples = 64;
+  const size_t pieces = piece_bytes == 0 ? 0 : in.size() / piece_bytes;
+  if (pieces == 0 || piece_bytes < kSampleBytes) return true;
+  const size_t samples = std::min(pieces, kMaxSamples);
   scratch_.resize(LZ4_compressBound(kSampleBytes));
   size_t raw = 0;
   size_t packed = 0;
-  for (size_t i = 0; i < kSamples; ++i) {
-    const size_t offset = (in.size() - kSampleBytes) / (kSamples - 1) * i;
+  for (size_t i = 0; i < samples; ++i) {
+    const size_t offset = (i * pieces / samples) * piece_bytes;
     const int n = LZ4_compress_default(reinterpret_cast<const char*>(in.data() + offset),
                                        scratch_.data(), kSampleBytes,
                                        static_cast<int>(scratch_.size()));
     raw += kSampleBytes;
-    packed += n > 0 ? static_cast<size_t>(n) : kSampleBytes;
+    packed += n > 0 ? std::min<size_t>(static_cast<size_t>(n), kSampleBytes) : kSampleBytes;
   }
-  return packed * 10 < raw * 9;
+  return packed * 20 < raw * 19;
 }
 
 Result<std::unique_ptr<Lz4Decompressor>> Lz4Decompressor::Create() {

@@ -241,12 +241,12 @@ class Lz4Compressor {
   // Compresses `in` into `out` (Bound(in.size()) long); returns the frame's
   // size.
   Result<size_t> Compress(std::span<const std::byte> in, std::span<std::byte> out);
-  // Whether `in` looks worth compressing: a few small samples spread over
-  // it are compressed (about 2% of the work of compressing it all) and
-  // must shrink by a tenth. Random data (most of a disk that holds
-  // compressed files) is then sent as it is without paying for a full
-  // attempt.
-  bool WorthCompressing(std::span<const std::byte> in);
+  // Whether `in` (pieces of `piece_bytes`, the clusters) looks worth
+  // compressing: a 4 KiB sample of each of up to 64 pieces is compressed
+  // (a few percent of the work of compressing it all) and together they
+  // must shrink by 5%. Random data (most of a disk that holds compressed
+  // files) is then sent as it is without paying for a full attempt.
+  bool WorthCompressing(std::span<const std::byte> in, size_t piece_bytes);
 
  private:
   explicit Lz4Compressor(LZ4F_cctx_s* cctx) : cctx_(cctx) {}

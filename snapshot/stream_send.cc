@@ -465,7 +465,7 @@ Status Sender::Work(ChunkJob& job) {
       ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
     }
     const size_t raw = uint64_t{job.data_count} * cb_;
-    if (!compressor->WorthCompressing(std::span<const std::byte>(job.payload.get(), raw))) {
+    if (!compressor->WorthCompressing(std::span<const std::byte>(job.payload.get(), raw), cb_)) {
       return Status::Ok();
     }
     job.compressed = compressed_pool_.Get();

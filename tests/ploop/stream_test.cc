@@ -265,8 +265,13 @@ TEST_CASE("stream: a full stream of the top keeps the top GUID and compresses") 
   Descriptor dd = LoadDd(dst, kDstDd);
   CHECK(dd.images().size() == 1);
   RequireSameSnapshot(src, kSrc, dst, kDstDd, "");
-  // 2 clusters of 0x11 pattern compress: the stream is smaller than the data.
-  CHECK(stream.size() < summary.data_clusters * kCb);
+  // S1's two clusters of 0x11 among 20 random ones are worth compressing:
+  // the stream is smaller than the data; without compression it is not.
+  Bytes s1 = Send(src, Full(kS1), kSrc, &summary);
+  CHECK(s1.size() < summary.data_clusters * kCb);
+  SendOptions plain = Full(kS1);
+  plain.compress = false;
+  CHECK(Send(src, plain).size() > summary.data_clusters * kCb);
 }
 
 TEST_CASE("stream: a full layered stream keeps every delta with its GUID and parent") {

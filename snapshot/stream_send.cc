@@ -109,8 +109,10 @@ struct ChunkJob {
 
 class Sender {
  public:
-  Sender(Chain& chain, const Plan& plan, const SendOptions& options, CountingWriter& out)
-      : source_(chain),
+  Sender(FileSystem& fs, Chain& chain, const Plan& plan, const SendOptions& options,
+         CountingWriter& out)
+      : fs_(fs),
+        source_(chain),
         plan_(plan),
         options_(options),
         out_(out),
@@ -144,6 +146,7 @@ class Sender {
     if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
   }
 
+  FileSystem& fs_;
   SourceChain source_;
   const Plan& plan_;
   const SendOptions& options_;
@@ -389,6 +392,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   // full stream) holds.
   auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
   AlignedBuffer base = incremental ? NewAlignedBuffer(slots * cb_) : nullptr;
+  Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
   next_seq_ = start.next_seq;
   progress_ = start.progress_bytes;
   std::unique_ptr<ChunkJob> job;
@@ -415,6 +419,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       job = std::make_unique<ChunkJob>();
       job->payload = payload_pool_.Get();
     }
+    prefetcher.Advance(i);
     // A run of candidates, no longer than the free slots and records.
     const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
     uint64_t j = i + 1;
@@ -695,7 +700,7 @@ Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, Strea
   h.total_bytes = total * h.cluster_bytes;
 
   CountingWriter writer(out);
-  std::unique_ptr<Sender> sender(new Sender(*chain, plan, options, writer));
+  std::unique_ptr<Sender> sender(new Sender(fs, *chain, plan, options, writer));
   if (h.incremental) {
     // The base's and the layers' content digests: recorded ones when the
     // descriptor has all of them, else a pass over the data.

@@ -62,6 +62,50 @@ uint64_t SourceChain::CountHeld(int min_level, int max_level) const {
   return held;
 }
 
+std::optional<uint64_t> SourceChain::FileOffset(int level, uint64_t index) const {
+  if (!Holds(level, index)) return std::nullopt;
+  const Level& l = levels_[level];
+  if (l.delta == nullptr) return index * cluster_bytes_;
+  return l.delta->ClusterFileOffset(index);
+}
+
+Prefetcher::Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index)
+    : source_(source), max_level_(max_level), end_index_(end_index) {
+  for (int level = 0; level <= max_level; ++level) {
+    auto file = fs.Open(source.layer(level).path(), OpenMode::kReadOnly);
+    files_.push_back(file.ok() ? std::move(*file) : nullptr);
+  }
+}
+
+void Prefetcher::Advance(uint64_t index) {
+  constexpr uint64_t kAheadBytes = 64ull << 20;
+  const uint64_t cb = source_.cluster_bytes();
+  const uint64_t limit = std::min(end_index_, index + std::max<uint64_t>(1, kAheadBytes / cb));
+  // Coalesce clusters that follow each other in one file into one hint.
+  int run_level = -1;
+  uint64_t run_start = 0;
+  uint64_t run_end = 0;
+  auto flush = [&] {
+    if (run_level >= 0 && files_[run_level] != nullptr) {
+      files_[run_level]->Prefetch(run_start, run_end - run_start);
+    }
+    run_level = -1;
+  };
+  for (uint64_t i = std::max(queued_, index); i < limit; ++i) {
+    const int level = source_.Highest(i, max_level_);
+    if (level < 0) continue;
+    const uint64_t offset = *source_.FileOffset(level, i);
+    if (level != run_level || offset != run_end) {
+      flush();
+      run_level = level;
+      run_start = offset;
+    }
+    run_end = offset + cb;
+  }
+  flush();
+  queued_ = std::max(queued_, limit);
+}
+
 Status SourceChain::ReadView(int max_level, uint64_t first_index, uint64_t count,
                              std::span<std::byte> out) {
   const uint64_t cb = cluster_bytes_;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -35,6 +36,9 @@ class SourceChain {
   // max_level], counted (for progress totals).
   uint64_t CountHeld(int min_level, int max_level) const;
   Image& layer(int level) { return chain_.layer(level); }
+  // Where cluster `index` of `level` is in that level's file (bytes), or
+  // nullopt when the level does not hold it.
+  std::optional<uint64_t> FileOffset(int level, uint64_t index) const;
   // Reads what the chain up to `max_level` holds at clusters [first_index,
   // first_index + count) into `out` (count clusters): one read per run of
   // consecutive clusters coming from one level, zeros where no level at or
@@ -49,6 +53,27 @@ class SourceChain {
     uint64_t clusters;
   };
   std::vector<Level> levels_;
+};
+
+// Keeps the clusters a reader will want soon queued for reading
+// (BlockFile::Prefetch, posix_fadvise WILLNEED on the delta files), up to
+// 64 MiB ahead of it, so the disk works on the next reads while this
+// process hashes and writes the current ones -- what qemu-img gets from
+// several requests in flight, without more threads.
+class Prefetcher {
+ public:
+  // Opens the chain's files a second time, read-only, for the hints only;
+  // a file that does not open gets no hints.
+  Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index);
+  // The reader is at `index`: queue what follows.
+  void Advance(uint64_t index);
+
+ private:
+  SourceChain& source_;
+  const int max_level_;
+  const uint64_t end_index_;
+  std::vector<std::unique_ptr<BlockFile>> files_;  // per level
+  uint64_t queued_ = 0;  // every index below is queued or passed
 };
 
 // One cluster of one level, read into a window's buffer.

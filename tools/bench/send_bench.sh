@@ -283,6 +283,8 @@ changed_bytes=$((changed * 1048576))
 "$ploop" send -u "$s1" "$work/a" | "$ploop" receive "$work/b" >/dev/null
 "$ploop" send -u "$s2" --from "$s1" "$work/a" >"$work/inc.stream"
 stream_bytes=$(stat -c %s "$work/inc.stream")
+# Without compression the stream shows its own overhead.
+plain_bytes=$("$ploop" send -u "$s2" --from "$s1" --no-compress "$work/a" | wc -c)
 "$ploop" receive "$work/b" <"$work/inc.stream" >/dev/null
 "$ploop" export -u "$s2" "$work/a" "$dir/a.export"
 "$ploop" export -u "$s2" "$work/b" "$dir/b.export"
@@ -292,22 +294,28 @@ if ! cmp -s "$dir/a.export" "$dir/b.export"; then
 fi
 rm -f "$dir"/*.export
 rm -rf "$work"
-printf 'incremental: %d MiB written, %d changed clusters (%d MiB), stream %.1f MiB, ratio %.3fx of the changed clusters (target <= 1.05x)\n' \
+printf 'incremental: %d MiB written, %d changed clusters (%d MiB); stream %.1f MiB, ratio %.3fx of the changed clusters (target <= 1.05x); without lz4 %.1f MiB, %.4fx\n' \
   "$change_mib" "$changed" "$((changed_bytes / 1048576))" \
   "$(awk -v s="$stream_bytes" 'BEGIN { print s / 1048576 }')" \
-  "$(awk -v s="$stream_bytes" -v c="$changed_bytes" 'BEGIN { print s / c }')"
+  "$(awk -v s="$stream_bytes" -v c="$changed_bytes" 'BEGIN { print s / c }')" \
+  "$(awk -v s="$plain_bytes" 'BEGIN { print s / 1048576 }')" \
+  "$(awk -v s="$plain_bytes" -v c="$changed_bytes" 'BEGIN { print s / c }')"
 
 # --- lz4 per core ------------------------------------------------------------------------
 
 echo
 if command -v lz4 >/dev/null; then
   sample="$dir/sample"
-  # The sample: the first runs of the disk's data (holes left out).
-  awk '{ print $2, $3 }' "$raw.layout" | head -40 | while read -r start count; do
+  # The first runs of the disk's data (holes left out), up to 256 MiB.
+  left=$((256 / div))
+  while read -r _ start count; do
+    ((left > 0)) || break
+    ((count > left)) && count=$left
     dd if="$raw" bs=1M skip="$start" count="$count" status=none
-  done | head -c $((256 * 1048576 / div)) >"$sample"
-  lz4 -b1 -i3 "$sample" 2>&1 | tr '\r' '\n' | grep -E 'MB/s' | tail -1 |
-    sed 's/^/lz4 (one core, level 1, the disk'"'"'s data): /'
+    left=$((left - count))
+  done <"$raw.layout" >"$sample"
+  result=$(lz4 -b1 -i3 "$sample" 2>&1 | tr '\r' '\n' | grep -E 'MB/s' | tail -1 || true)
+  echo "lz4 (one core, level 1, $(($(stat -c %s "$sample") / 1048576)) MiB of the disk's data): ${result#*:}"
   rm -f "$sample"
 else
   echo "lz4: the lz4 tool is not installed (apt install lz4) -- no per-core figure"

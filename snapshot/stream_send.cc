@@ -130,11 +130,13 @@ class Sender {
   Status StreamPass(const ResumeToken& start, SendSummary* summary);
 
  private:
-  // The levels whose own data index i needs in the stream pass.
+  // The levels whose own data index i needs in a layered stream.
   uint64_t StreamNeeds(uint64_t index, std::vector<int>& levels) const;
   uint64_t DigestNeeds(uint64_t index, std::vector<int>& levels) const;
-  // Appends index i's records (from window `w`) to the chunk being built.
+  // Appends index i's records of a layered stream (from window `w`) to
+  // the chunk being built.
   void AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e);
+  // The layered layout's producer: windows of every layer's clusters.
   Status Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
   // The flattened layout's producer: reads runs of the snapshot straight
   // into chunk payloads (no window, no copy for the common case).
@@ -176,20 +178,11 @@ class Sender {
 };
 
 uint64_t Sender::StreamNeeds(uint64_t i, std::vector<int>& levels) const {
-  if (plan_.layered) {
-    for (int level : plan_.stream_levels) {
-      if (source_.Holds(level, i)) levels.push_back(level);
-    }
-    return levels.size() * cb_;
+  // Layers: each stream layer's own cluster at i, where it holds one.
+  for (int level : plan_.stream_levels) {
+    if (source_.Holds(level, i)) levels.push_back(level);
   }
-  const int hs = source_.Highest(i, plan_.m);
-  if (hs <= plan_.f) return 0;  // nothing above the base holds it (or nothing at all)
-  levels.push_back(hs);
-  if (plan_.f >= 0) {
-    const int hf = source_.Highest(i, plan_.f);
-    if (hf >= 0) levels.push_back(hf);
-  }
-  return cb_;
+  return levels.size() * cb_;
 }
 
 uint64_t Sender::DigestNeeds(uint64_t i, std::vector<int>& levels) const {
@@ -282,36 +275,17 @@ Status Sender::DigestPass(Digest* base, std::vector<Digest>* layers) {
 
 void Sender::AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e) {
   const uint64_t i = e.index;
-  auto add = [&](uint16_t layer, RecordKind kind, const std::byte* src) {
-    if (kind == RecordKind::kData) {
-      pending_.push_back(PendingData{layer, i, static_cast<uint32_t>(records_.size()), src});
-    }
-    records_.push_back(Record{i, layer, kind});
-  };
-  if (plan_.layered) {
-    for (size_t k = 0; k < plan_.stream_levels.size(); ++k) {
-      const int level = plan_.stream_levels[k];
-      const WindowVersion* v = w->Find(e, level);
-      if (v == nullptr) continue;
-      auto data = w->Data(*v, cb_);
-      if (!IsZero(data)) {
-        add(static_cast<uint16_t>(k), RecordKind::kData, data.data());
-      } else if (source_.Highest(i, level - 1) >= 0) {
-        add(static_cast<uint16_t>(k), RecordKind::kZero, nullptr);  // hides data below
-      }
-    }
-  } else {
-    const int hs = source_.Highest(i, plan_.m);
-    auto data = w->Data(*w->Find(e, hs), cb_);
-    const bool zero = IsZero(data);
-    const int hf = plan_.f >= 0 ? source_.Highest(i, plan_.f) : -1;
-    if (hf < 0) {
-      if (!zero) add(0, RecordKind::kData, data.data());
-    } else {
-      auto base = w->Data(*w->Find(e, hf), cb_);
-      if (std::memcmp(data.data(), base.data(), cb_) != 0) {
-        add(0, zero ? RecordKind::kZero : RecordKind::kData, zero ? nullptr : data.data());
-      }
+  for (size_t k = 0; k < plan_.stream_levels.size(); ++k) {
+    const int level = plan_.stream_levels[k];
+    const WindowVersion* v = w->Find(e, level);
+    if (v == nullptr) continue;
+    auto data = w->Data(*v, cb_);
+    const auto layer = static_cast<uint16_t>(k);
+    if (!IsZero(data)) {
+      pending_.push_back(PendingData{layer, i, static_cast<uint32_t>(records_.size()), data.data()});
+      records_.push_back(Record{i, layer, RecordKind::kData});
+    } else if (source_.Highest(i, level - 1) >= 0) {
+      records_.push_back(Record{i, layer, RecordKind::kZero});  // hides data below
     }
   }
   if (held_windows_.empty() || held_windows_.back() != w) held_windows_.push_back(w);

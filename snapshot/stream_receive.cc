@@ -29,7 +29,9 @@
 //   4. chunks: a chunk's clusters are written only after its digest
 //      matched; every checkpoint_bytes the deltas are checkpointed (data,
 //      then BATs, synced) and only then the state file records the new
-//      position (atomic replace);
+//      position (atomic replace); meanwhile a background thread syncs the
+//      deltas' data every 64 MiB (an optimisation only: durability comes
+//      from the checkpoints);
 //   5. end: the end record's counts and final digest, nothing after it,
 //      the content digests (a full stream's are recomputed here and must
 //      match); then the commit.

@@ -737,6 +737,48 @@ TEST_CASE("stream: every sampled single-bit flip is rejected") {
   }
 }
 
+// A tiny stream (about 1 KiB: compressible clusters, a hole record, two
+// layers) for exhaustive checks.
+Bytes TinyStream(MemoryFileSystem& src) {
+  CreateOptions o;
+  o.size_bytes = 4 * kCb;
+  o.cluster_bytes = kCb;
+  REQUIRE_OK(CreateDisk(src, "src/root.hds", o));
+  auto chain = OpenTop(src, kSrc);
+  REQUIRE_OK(chain->Write(0, Pattern(kCb, 0x42)));
+  REQUIRE_OK(chain->Write(2 * kCb, Pattern(kCb, 0x43)));
+  REQUIRE_OK(chain->Close());
+  REQUIRE_OK(CreateSnapshot(src, kSrc, kS1).status());
+  chain = OpenTop(src, kSrc);
+  REQUIRE_OK(chain->Write(0, Bytes(kCb)));
+  REQUIRE_OK(chain->Write(3 * kCb, Pattern(kCb, 0x44)));
+  REQUIRE_OK(chain->Close());
+  return Send(src, Full("", StreamLayout::kLayers));
+}
+
+TEST_CASE("stream: every truncation point of a tiny stream is rejected") {
+  MemoryFileSystem src;
+  Bytes stream = TinyStream(src);
+  REQUIRE(stream.size() < 4096);
+  {
+    MemoryFileSystem dst;
+    REQUIRE_OK(Receive(dst, stream).status());
+    RequireSameSnapshot(src, kSrc, dst, kDstDd, "");
+  }
+  for (size_t len = 0; len < stream.size(); ++len) {
+    RequireRejected(nullptr, Bytes(stream.begin(), stream.begin() + len),
+                    "a stream cut at " + std::to_string(len));
+  }
+  // And every bit of every byte, flipped.
+  for (size_t pos = 0; pos < stream.size(); ++pos) {
+    for (int bit = 0; bit < 8; ++bit) {
+      Bytes bad = stream;
+      bad[pos] ^= std::byte(1u << bit);
+      RequireRejected(nullptr, bad, "bit " + std::to_string(bit) + " of byte " + std::to_string(pos));
+    }
+  }
+}
+
 TEST_CASE("stream: every truncation and appended garbage is rejected") {
   MemoryFileSystem src;
   Bytes stream = SmallStream(src, true, false);

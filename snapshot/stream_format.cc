@@ -332,6 +332,14 @@ Result<StreamHeader> DecodeStreamHeader(std::span<const std::byte> in) {
     h.layers.push_back(std::move(layer));
   }
   if (previous_size != h.disk_size_bytes) return bad("the last layer is not the disk's size");
+  // The receiver holds the new deltas' BATs in memory (4 bytes a
+  // cluster): together no more than one largest ploop image's.
+  uint64_t entries = 0;
+  for (size_t k = 0; k < h.layers.size(); ++k) entries += h.layer_clusters(k);
+  if (entries > kMaxBatEntries) {
+    return bad("the layers have " + std::to_string(entries) + " clusters together, more than " +
+               std::to_string(kMaxBatEntries));
+  }
   return h;
 }
 

@@ -622,8 +622,14 @@ Result<Plan> MakePlan(const Descriptor& dd, const std::vector<DescriptorImage>& 
   }
   // The flattened layer has the snapshot's size (its top delta's).
   h.layers.back().size_bytes = h.disk_size_bytes;
-  for (size_t k = 0; k + 1 < h.layers.size(); ++k) {
+  uint64_t entries = 0;
+  for (size_t k = 0; k < h.layers.size(); ++k) {
     h.layers[k].size_bytes = std::min(h.layers[k].size_bytes, h.disk_size_bytes);
+    entries += h.layers[k].size_bytes / cb;
+  }
+  if (entries > kMaxBatEntries) {
+    return Status::NotSupported("the layers have more clusters together than a receiver holds (" +
+                                std::to_string(kMaxBatEntries) + "); use --flatten");
   }
   return plan;
 }

@@ -909,6 +909,22 @@ TEST_CASE("stream: hostile headers are refused before any allocation or write") 
                           }
                         }),
                         kCorrupt, "layers times clusters over the per-cluster limit");
+  RequireHostileRefused(with([](auto& h) {
+                          // 256 layers of 2 TiB in 128 KiB clusters: 4 billion BAT entries.
+                          h.layered = true;
+                          h.cluster_bytes = 128 << 10;
+                          h.disk_size_bytes = 2ull << 40;
+                          h.total_bytes = 0;
+                          h.layers.clear();
+                          std::string parent(kNullGuid);
+                          for (int i = 0; i < 256; ++i) {
+                            char g[64];
+                            std::snprintf(g, sizeof(g), "{%08x-2222-4222-8222-222222222222}", i + 1);
+                            h.layers.push_back(stream::LayerEntry{g, parent, 2ull << 40});
+                            parent = g;
+                          }
+                        }),
+                        kCorrupt, "BATs of 4 billion entries in all");
   RequireHostileRefused(with([](auto& h) { h.base_guid = kS2; }), kCorrupt,
                         "a full stream naming a base");
   RequireHostileRefused(with([](auto& h) {

@@ -224,8 +224,8 @@ class Descriptor {
   // FailedPrecondition for the top or an image that still has children.
   Status RemoveImage(std::string_view guid);
   // Renames image + shot `old_guid` to `new_guid`, updating children's
-  // ParentGUID and TopGUID, and clearing its content digest. This is step one of a snapshot: the old top
-  // becomes the snapshot, then AddImage(kTopGuid, ...) adds the new top and
+  // ParentGUID and TopGUID, and clearing its content digest. This is step one of a snapshot: the
+  // old top becomes the snapshot, then AddImage(kTopGuid, ...) adds the new top and
   // SetTop(kTopGuid) keeps it on top. NotFound for `old_guid`;
   // AlreadyExists for `new_guid`; InvalidArgument for kNullGuid.
   Status RenameGuid(std::string_view old_guid, std::string_view new_guid);

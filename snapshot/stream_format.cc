@@ -199,27 +199,27 @@ uint64_t StreamHeader::max_chunk_data_bytes() const {
 std::vector<std::byte> EncodeStreamHeader(StreamHeader& h) {
   std::vector<std::byte> out;
   const uint32_t flags = (h.incremental ? kFlagIncremental : 0) | (h.layered ? kFlagLayered : 0);
-  PutBytes(out, std::as_bytes(std::span(kStreamMagic, 8)));        // 0 magic
-  PutLe32(out, kVersion);                                          // 8 version
+  PutBytes(out, std::as_bytes(std::span(kStreamMagic, 8)));  // 0 magic
+  PutLe32(out, kVersion);                                    // 8 version
   PutLe32(out, static_cast<uint32_t>(kHeaderFixedBytes + kLayerEntryBytes * h.layers.size() +
-                                     kDigestBytes));               // 12 header_bytes
-  PutLe32(out, flags);                                             // 16 flags
-  PutLe32(out, h.cluster_bytes);                                   // 20
-  PutLe64(out, h.disk_size_bytes);                                 // 24
-  PutLe32(out, h.heads);                                           // 32
-  PutLe32(out, h.cylinders);                                       // 36
-  PutLe32(out, static_cast<uint32_t>(h.layers.size()));            // 40 layer_count
-  PutLe32(out, 0);                                                 // 44 reserved
-  PutLe64(out, h.total_bytes);                                     // 48
-  PutGuid(out, h.base_guid);                                       // 56
-  out.resize(out.size() + 2);                                      // 94 reserved
-  PutBytes(out, h.base_digest);                                    // 96
-  for (const LayerEntry& layer : h.layers) {                       // 128 + 96 * i
-    PutGuid(out, layer.guid);                                      //   0
-    out.resize(out.size() + 2);                                    //  38 reserved
-    PutLe64(out, layer.size_bytes);                                //  40
-    PutGuid(out, layer.parent_guid);                               //  48
-    out.resize(out.size() + 10);                                   //  86 reserved
+                                     kDigestBytes));     // 12 header_bytes
+  PutLe32(out, flags);                                   // 16 flags
+  PutLe32(out, h.cluster_bytes);                         // 20
+  PutLe64(out, h.disk_size_bytes);                       // 24
+  PutLe32(out, h.heads);                                 // 32
+  PutLe32(out, h.cylinders);                             // 36
+  PutLe32(out, static_cast<uint32_t>(h.layers.size()));  // 40 layer_count
+  PutLe32(out, 0);                                       // 44 reserved
+  PutLe64(out, h.total_bytes);                           // 48
+  PutGuid(out, h.base_guid);                             // 56
+  out.resize(out.size() + 2);                            // 94 reserved
+  PutBytes(out, h.base_digest);                          // 96
+  for (const LayerEntry& layer : h.layers) {             // 128 + 96 * i
+    PutGuid(out, layer.guid);                            //   0
+    out.resize(out.size() + 2);                          //  38 reserved
+    PutLe64(out, layer.size_bytes);                      //  40
+    PutGuid(out, layer.parent_guid);                     //  48
+    out.resize(out.size() + 10);                         //  86 reserved
   }
   h.digest = Sha256::Of(out);
   PutBytes(out, h.digest);
@@ -238,8 +238,8 @@ Result<size_t> StreamHeaderBytes(std::span<const std::byte> prefix) {
   }
   const uint32_t layers = LoadLe32(prefix.data() + 40);
   if (layers == 0 || layers > kMaxLayers) {
-    return Status::Corruption("stream header: " + std::to_string(layers) +
-                              " layers (1 to " + std::to_string(kMaxLayers) + " allowed)");
+    return Status::Corruption("stream header: " + std::to_string(layers) + " layers (1 to " +
+                              std::to_string(kMaxLayers) + " allowed)");
   }
   const size_t expected = kHeaderFixedBytes + kLayerEntryBytes * layers + kDigestBytes;
   const uint32_t declared = LoadLe32(prefix.data() + 12);
@@ -426,7 +426,8 @@ Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const S
     r.index = LoadLe64(p);
     r.layer = static_cast<uint16_t>(uint32_t(p[8]) | uint32_t(p[9]) << 8);
     const uint8_t kind = uint8_t(p[10]);
-    if (p[11] != std::byte{0}) return Status::Corruption("record " + std::to_string(i) + ": reserved byte set");
+    if (p[11] != std::byte{0})
+      return Status::Corruption("record " + std::to_string(i) + ": reserved byte set");
     if (kind != uint8_t(RecordKind::kData) && kind != uint8_t(RecordKind::kZero)) {
       return Status::Corruption("record " + std::to_string(i) + ": unknown kind " +
                                 std::to_string(kind));
@@ -472,11 +473,11 @@ size_t EndRecordBytes(const StreamHeader& header) {
 std::vector<std::byte> EncodeEndRecord(EndRecord& end, const Digest& chain) {
   std::vector<std::byte> out;
   PutBytes(out, std::as_bytes(std::span(kEndTag, kTagBytes)));  // 0
-  PutLe32(out, 0);                                               // 4 reserved
-  PutLe64(out, end.chunk_count);                                 // 8
-  PutLe64(out, end.record_count);                                // 16
-  PutLe64(out, end.data_count);                                  // 24
-  for (const Digest& d : end.layer_digests) PutBytes(out, d);    // 32 + 32 * i
+  PutLe32(out, 0);                                              // 4 reserved
+  PutLe64(out, end.chunk_count);                                // 8
+  PutLe64(out, end.record_count);                               // 16
+  PutLe64(out, end.data_count);                                 // 24
+  for (const Digest& d : end.layer_digests) PutBytes(out, d);   // 32 + 32 * i
   Sha256 sha;
   sha.Update(chain);
   sha.Update(out);
@@ -512,10 +513,10 @@ Result<EndRecord> DecodeEndRecord(std::span<const std::byte> in, const StreamHea
 void EncodeResumeRecord(const ResumeRecord& r, std::span<std::byte, kResumeRecordBytes> out) {
   std::byte* p = out.data();
   std::memset(p, 0, kResumeRecordBytes);
-  std::memcpy(p, kResumeTag, kTagBytes);  // 0
-                                          // 4 reserved
-  StoreLe64(p + 8, r.next_seq);           // 8
-  StoreLe64(p + 16, r.next_index);        // 16
+  std::memcpy(p, kResumeTag, kTagBytes);              // 0
+                                                      // 4 reserved
+  StoreLe64(p + 8, r.next_seq);                       // 8
+  StoreLe64(p + 16, r.next_index);                    // 16
   std::memcpy(p + 24, r.chain.data(), kDigestBytes);  // 24
 }
 
@@ -555,14 +556,16 @@ Result<ResumeToken> DecodeToken(std::string_view text) {
     return Status::InvalidArgument("bad resume token: " + why);
   };
   constexpr size_t kMaxBinary = kTokenFixedBytes + kDigestBytes * kMaxLayers + kTokenCheckBytes;
-  if (!text.starts_with(kTokenPrefix)) return bad("it does not start with " + std::string(kTokenPrefix));
+  if (!text.starts_with(kTokenPrefix))
+    return bad("it does not start with " + std::string(kTokenPrefix));
   text.remove_prefix(kTokenPrefix.size());
   if (text.size() > kMaxBinary * 4 / 3 + 4) return bad("too long");
   std::vector<std::byte> bin;
   if (!FromBase64Url(text, bin)) return bad("not base64url");
   if (bin.size() < kTokenFixedBytes + kTokenCheckBytes) return bad("too short");
   Digest check = Sha256::Of(std::span(bin).first(bin.size() - kTokenCheckBytes));
-  if (std::memcmp(check.data(), bin.data() + bin.size() - kTokenCheckBytes, kTokenCheckBytes) != 0) {
+  if (std::memcmp(check.data(), bin.data() + bin.size() - kTokenCheckBytes, kTokenCheckBytes) !=
+      0) {
     return bad("checksum mismatch (copied incompletely?)");
   }
   const std::byte* p = bin.data();
@@ -582,7 +585,8 @@ Result<ResumeToken> DecodeToken(std::string_view text) {
       bin.size() != kTokenFixedBytes + kDigestBytes * views + kTokenCheckBytes) {
     return bad("inconsistent length");
   }
-  for (uint32_t i = 0; i < views; ++i) t.views.push_back(DigestAt(p + kTokenFixedBytes + kDigestBytes * i));
+  for (uint32_t i = 0; i < views; ++i)
+    t.views.push_back(DigestAt(p + kTokenFixedBytes + kDigestBytes * i));
   return t;
 }
 
@@ -673,7 +677,8 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
   auto* dst = reinterpret_cast<char*>(out.data());
   size_t pos = LZ4F_compressBegin(cctx_, dst, out.size(), &prefs);
   if (!LZ4F_isError(pos)) {
-    size_t n = LZ4F_compressUpdate(cctx_, dst + pos, out.size() - pos, in.data(), in.size(), nullptr);
+    size_t n =
+        LZ4F_compressUpdate(cctx_, dst + pos, out.size() - pos, in.data(), in.size(), nullptr);
     pos = LZ4F_isError(n) ? n : pos + n;
   }
   if (!LZ4F_isError(pos)) {
@@ -681,7 +686,8 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
     pos = LZ4F_isError(n) ? n : pos + n;
   }
   if (LZ4F_isError(pos)) {
-    return Status::InvalidArgument(std::string("lz4 compression failed: ") + LZ4F_getErrorName(pos));
+    return Status::InvalidArgument(std::string("lz4 compression failed: ") +
+                                   LZ4F_getErrorName(pos));
   }
   return pos;
 }
@@ -700,9 +706,9 @@ bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in, size_t piece
   size_t packed = 0;
   for (size_t i = 0; i < samples; ++i) {
     const size_t offset = (i * pieces / samples) * piece_bytes;
-    const int n = LZ4_compress_default(reinterpret_cast<const char*>(in.data() + offset),
-                                       scratch_.data(), kSampleBytes,
-                                       static_cast<int>(scratch_.size()));
+    const int n =
+        LZ4_compress_default(reinterpret_cast<const char*>(in.data() + offset), scratch_.data(),
+                             kSampleBytes, static_cast<int>(scratch_.size()));
     raw += kSampleBytes;
     packed += n > 0 ? std::min<size_t>(static_cast<size_t>(n), kSampleBytes) : kSampleBytes;
   }
@@ -745,13 +751,13 @@ Status Lz4Decompressor::Decompress(std::span<const std::byte> in, std::span<std:
     }
     in_pos += src;
     out_pos += dst;
-    if (hint == 0) break;  // the frame is complete
+    if (hint == 0) break;             // the frame is complete
     if (src == 0 && dst == 0) break;  // no progress: the output is full
   }
   if (hint != 0 || in_pos != in.size() || out_pos != out.size()) {
     LZ4F_resetDecompressionContext(dctx_);
-    return Status::Corruption("lz4 frame does not decode to exactly " +
-                              std::to_string(out.size()) + " bytes");
+    return Status::Corruption("lz4 frame does not decode to exactly " + std::to_string(out.size()) +
+                              " bytes");
   }
   return Status::Ok();
 }

@@ -53,8 +53,8 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <thread>
@@ -189,12 +189,12 @@ class Cursor {
 
 Result<ReceiveState> DecodeState(std::span<const std::byte> in, const std::string& path) {
   auto bad = [&] {
-    return Status::Corruption(path + " is damaged; discard the interrupted receive with "
-                                     "receive --abort");
+    return Status::Corruption(path +
+                              " is damaged; discard the interrupted receive with "
+                              "receive --abort");
   };
   if (in.size() < 8 + kDigestBytes || std::memcmp(in.data(), kStateMagic, 8) != 0) return bad();
-  if (Sha256::Of(in.first(in.size() - kDigestBytes)) !=
-      [&] {
+  if (Sha256::Of(in.first(in.size() - kDigestBytes)) != [&] {
         Digest d;
         std::memcpy(d.data(), in.data() + in.size() - kDigestBytes, kDigestBytes);
         return d;
@@ -237,17 +237,16 @@ Result<ReceiveState> DecodeState(std::span<const std::byte> in, const std::strin
   return s;
 }
 
-std::string StatePath(const std::string& dir) {
-  return JoinPath(dir, kReceiveStateFileName);
-}
+std::string StatePath(const std::string& dir) { return JoinPath(dir, kReceiveStateFileName); }
 
 Result<ReceiveState> LoadState(FileSystem& fs, const std::string& dir) {
   const std::string path = StatePath(dir);
   ASSIGN_OR_RETURN(auto file, fs.Open(path, OpenMode::kReadOnly));
   ASSIGN_OR_RETURN(uint64_t size, file->Size());
   if (size > kMaxStateBytes) {
-    return Status::Corruption(path + " is too large to be a receive state; discard it with "
-                                     "receive --abort");
+    return Status::Corruption(path +
+                              " is too large to be a receive state; discard it with "
+                              "receive --abort");
   }
   std::vector<std::byte> bytes(size);
   TRY(file->ReadAt(0, bytes));
@@ -367,7 +366,7 @@ struct ChunkJob {
   AlignedBuffer payload;
   bool pooled_payload = false;
   // Filled by a worker:
-  AlignedBuffer raw;  // decoded data, or the payload itself when stored
+  AlignedBuffer raw;               // decoded data, or the payload itself when stored
   BufferPool* raw_home = nullptr;  // the pool `raw` goes back to, if any
   std::vector<Digest> digests;
 };
@@ -415,8 +414,8 @@ class Receiver {
 
   StreamHeader header_;
   ReceiveState state_;
-  std::unique_ptr<Chain> base_;       // incremental: the base, read-only (locks, BAT lookups)
-  std::unique_ptr<Image> old_top_;    // incremental: held for writing until the commit
+  std::unique_ptr<Chain> base_;     // incremental: the base, read-only (locks, BAT lookups)
+  std::unique_ptr<Image> old_top_;  // incremental: held for writing until the commit
   std::unique_ptr<SourceChain> base_source_;
   std::vector<std::unique_ptr<DeltaBuilder>> builders_;
   std::vector<ViewChain> views_;
@@ -450,7 +449,8 @@ Status Receiver::ReadHeader(StreamIn& in) {
 Status Receiver::CheckFullTarget() {
   ASSIGN_OR_RETURN(bool exists, fs_.Exists(dd_path_));
   if (exists) {
-    return Status::AlreadyExists(dir_ + " already holds a disk (" + std::string(kDescriptorFileName) +
+    return Status::AlreadyExists(dir_ + " already holds a disk (" +
+                                 std::string(kDescriptorFileName) +
                                  "); a full stream needs an empty folder, an incremental one "
                                  "applies to a disk");
   }
@@ -467,10 +467,9 @@ Status Receiver::CheckIncrementalTarget() {
   TRY(FinishInterruptedMerges(fs_, dd_path_).status());
   ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs_, dd_path_));
   if (dd.cluster_bytes() != header_.cluster_bytes) {
-    return Status::FailedPrecondition("the disk in " + dir_ + " has " +
-                                      std::to_string(dd.cluster_bytes()) +
-                                      "-byte clusters, the stream " +
-                                      std::to_string(header_.cluster_bytes));
+    return Status::FailedPrecondition(
+        "the disk in " + dir_ + " has " + std::to_string(dd.cluster_bytes()) +
+        "-byte clusters, the stream " + std::to_string(header_.cluster_bytes));
   }
   const DescriptorShot* shot = dd.FindShot(base);
   if (shot == nullptr) {
@@ -503,7 +502,8 @@ Status Receiver::CheckIncrementalTarget() {
   ASSIGN_OR_RETURN(ImageStats stats, old_top_->Stats());
   if (stats.allocated_clusters != 0) {
     return Status::FailedPrecondition(
-        "the top of the disk in " + dir_ + " holds data written after its last snapshot; "
+        "the top of the disk in " + dir_ +
+        " holds data written after its last snapshot; "
         "take a snapshot of it (it stays as a branch) or roll it back with snapshot-switch");
   }
   state_.old_top_file = top.file;
@@ -532,7 +532,6 @@ Status Receiver::CheckIncrementalTarget() {
   root_name_ = BaseName(dd.Chain().front().file);
   return Status::Ok();
 }
-
 
 Status Receiver::PrepareFresh() {
   const size_t layers = header_.layers.size();
@@ -579,8 +578,8 @@ Status Receiver::OpenBuilders() {
       // Nothing of it was checkpointed: start it afresh (a crash may have
       // cut its creation short).
       if (exists) TRY(fs_.Remove(path));
-      ASSIGN_OR_RETURN(b, DeltaBuilder::Create(fs_, path, header_.layers[k].size_bytes,
-                                               header_.cluster_bytes));
+      ASSIGN_OR_RETURN(
+          b, DeltaBuilder::Create(fs_, path, header_.layers[k].size_bytes, header_.cluster_bytes));
     } else {
       ASSIGN_OR_RETURN(b, DeltaBuilder::Resume(fs_, path, header_.layers[k].size_bytes,
                                                header_.cluster_bytes, state_.data_clusters[k]));
@@ -616,16 +615,15 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
     }
     job->record_bytes.resize(size_t{job->header.record_count} * kRecordBytes);
     TRY(in.ReadExact(job->record_bytes, "a record table"));
-    ASSIGN_OR_RETURN_CTX(job->records,
-                         DecodeRecords(job->record_bytes, header_, min_index, job->header.data_count),
-                         "chunk " + std::to_string(seq));
+    ASSIGN_OR_RETURN_CTX(
+        job->records, DecodeRecords(job->record_bytes, header_, min_index, job->header.data_count),
+        "chunk " + std::to_string(seq));
     min_index = job->records.back().index + 1;
     if (job->header.payload_bytes > 0) {
       job->pooled_payload = job->header.payload_bytes <= payload_pool_->buffer_bytes();
-      job->payload = job->pooled_payload ? payload_pool_->Get()
-                                         : NewAlignedBuffer(job->header.payload_bytes);
-      TRY(in.ReadExact(std::span(job->payload.get(), job->header.payload_bytes),
-                       "a chunk's data"));
+      job->payload =
+          job->pooled_payload ? payload_pool_->Get() : NewAlignedBuffer(job->header.payload_bytes);
+      TRY(in.ReadExact(std::span(job->payload.get(), job->header.payload_bytes), "a chunk's data"));
     }
     if (!pipe.Submit(std::move(job)).ok()) return Status::Ok();  // the consumer stopped
     ++seq;
@@ -680,7 +678,8 @@ Status Receiver::Apply(const ChunkJob& job) {
   std::vector<uint64_t> run;
   for (size_t k = 0; k < header_.layers.size(); ++k) {
     if (layer_offset[k + 1] == layer_offset[k] &&
-        std::none_of(records.begin(), records.end(), [&](const Record& r) { return r.layer == k; })) {
+        std::none_of(records.begin(), records.end(),
+                     [&](const Record& r) { return r.layer == k; })) {
       continue;
     }
     uint64_t offset = layer_offset[k];
@@ -688,8 +687,8 @@ Status Receiver::Apply(const ChunkJob& job) {
     run.clear();
     auto flush = [&]() -> Status {
       if (run.empty()) return Status::Ok();
-      TRY(builders_[k]->Append(run, std::span<const std::byte>(job.raw.get() + run_start,
-                                                               run.size() * cb)));
+      TRY(builders_[k]->Append(
+          run, std::span<const std::byte>(job.raw.get() + run_start, run.size() * cb)));
       run.clear();
       return Status::Ok();
     };
@@ -861,11 +860,11 @@ Status Receiver::DoCommit() {
       TRY(top->Close());
     }
     if (!header_.incremental) {
-      ASSIGN_OR_RETURN(Descriptor fresh,
-                       Descriptor::NewSingle(dd_path_, header_.disk_size_bytes,
-                                             header_.cluster_bytes, ImageKind::kExpanded,
-                                             state_.files[0], header_.layers[0].guid, false,
-                                             header_.cylinders, header_.heads));
+      ASSIGN_OR_RETURN(
+          Descriptor fresh,
+          Descriptor::NewSingle(dd_path_, header_.disk_size_bytes, header_.cluster_bytes,
+                                ImageKind::kExpanded, state_.files[0], header_.layers[0].guid,
+                                false, header_.cylinders, header_.heads));
       dd.emplace(std::move(fresh));
       for (size_t k = 1; k < header_.layers.size(); ++k) {
         TRY(dd->AddImage(header_.layers[k].guid, ImageKind::kExpanded, state_.files[k],
@@ -895,8 +894,7 @@ Status Receiver::DoCommit() {
     TRY(dd->SetTop(kTopGuid));
     for (size_t k = 0; k < header_.layers.size(); ++k) {
       if (header_.layers[k].guid == kTopGuid) continue;
-      TRY(dd->SetContentDigest(header_.layers[k].guid,
-                               ContentDigestText(state_.final_digests[k])));
+      TRY(dd->SetContentDigest(header_.layers[k].guid, ContentDigestText(state_.final_digests[k])));
     }
     // The one step that makes the received disk exist.
     TRY(dd->Save(fs_));
@@ -959,8 +957,9 @@ Result<ReceiveSummary> Receiver::Run(StreamReader& reader) {
   ASSIGN_OR_RETURN(bool has_state, fs_.Exists(state_path));
   if (!options_.resume && has_state) {
     return Status::FailedPrecondition(
-        dir_ + " holds an interrupted receive: continue it with receive --resume (the sender "
-               "needs the token from receive --token) or discard it with receive --abort");
+        dir_ +
+        " holds an interrupted receive: continue it with receive --resume (the sender "
+        "needs the token from receive --token) or discard it with receive --abort");
   }
   if (options_.resume) {
     if (!has_state) return Status::NotFound("there is no interrupted receive in " + dir_);

@@ -282,7 +282,8 @@ void Sender::AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e) {
     auto data = w->Data(*v, cb_);
     const auto layer = static_cast<uint16_t>(k);
     if (!IsZero(data)) {
-      pending_.push_back(PendingData{layer, i, static_cast<uint32_t>(records_.size()), data.data()});
+      pending_.push_back(
+          PendingData{layer, i, static_cast<uint32_t>(records_.size()), data.data()});
       records_.push_back(Record{i, layer, RecordKind::kData});
     } else if (source_.Highest(i, level - 1) >= 0) {
       records_.push_back(Record{i, layer, RecordKind::kZero});  // hides data below
@@ -326,9 +327,8 @@ Status Sender::Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe
   for (;;) {
     ASSIGN_OR_RETURN(auto next, reader.Next());
     if (next == nullptr) break;
-    std::shared_ptr<Window> w(next.release(), [&reader](Window* p) {
-      reader.Recycle(std::unique_ptr<Window>(p));
-    });
+    std::shared_ptr<Window> w(next.release(),
+                              [&reader](Window* p) { reader.Recycle(std::unique_ptr<Window>(p)); });
     for (const WindowEntry& e : w->entries) {
       const size_t records_before = records_.size();
       const size_t data_before = pending_.size();
@@ -449,9 +449,9 @@ Status Sender::Work(ChunkJob& job) {
     }
     job.compressed = compressed_pool_.Get();
     ASSIGN_OR_RETURN(size_t n,
-                     compressor->Compress(std::span<const std::byte>(job.payload.get(), raw),
-                                          std::span<std::byte>(job.compressed.get(),
-                                                               Lz4Compressor::Bound(raw))));
+                     compressor->Compress(
+                         std::span<const std::byte>(job.payload.get(), raw),
+                         std::span<std::byte>(job.compressed.get(), Lz4Compressor::Bound(raw))));
     if (n < raw) {
       job.lz4 = true;
       job.compressed_bytes = n;
@@ -475,8 +475,8 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   EncodeChunkHeader(ch, std::span<std::byte, kChunkHeaderBytes>(head.data(), kChunkHeaderBytes));
   std::vector<std::byte> records;
   EncodeRecords(job.records, records);
-  ch.digest = ChunkDigest(*chain, std::span(head).first(kChunkHeaderDigestedBytes), records,
-                          job.digests);
+  ch.digest =
+      ChunkDigest(*chain, std::span(head).first(kChunkHeaderDigestedBytes), records, job.digests);
   std::memcpy(head.data() + kChunkHeaderDigestedBytes, ch.digest.data(), kDigestBytes);
   *chain = ch.digest;
   head.insert(head.end(), records.begin(), records.end());

@@ -73,7 +73,7 @@ class Prefetcher {
   const int max_level_;
   const uint64_t end_index_;
   std::vector<std::unique_ptr<BlockFile>> files_;  // per level
-  uint64_t queued_ = 0;  // every index below is queued or passed
+  uint64_t queued_ = 0;                            // every index below is queued or passed
 };
 
 // One cluster of one level, read into a window's buffer.

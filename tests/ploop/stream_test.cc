@@ -116,8 +116,8 @@ class MemReader final : public StreamReader {
   size_t pos_ = 0;
 };
 
-Result<Bytes> SendBytes(FileSystem& fs, const SendOptions& options,
-                        const std::string& dd = kSrc, SendSummary* summary = nullptr) {
+Result<Bytes> SendBytes(FileSystem& fs, const SendOptions& options, const std::string& dd = kSrc,
+                        SendSummary* summary = nullptr) {
   MemWriter out;
   ASSIGN_OR_RETURN(SendSummary s, SendStream(fs, dd, out, options));
   if (summary != nullptr) *summary = s;
@@ -348,17 +348,17 @@ TEST_CASE("stream: a three-snapshot incremental chain received onto a second fol
     const std::string dir = layout == StreamLayout::kLayers ? "layered" : "flat";
     const std::string dd = dir + "/DiskDescriptor.xml";
     REQUIRE_OK(Receive(dst, Send(src, Full(kS1, layout)), false, SIZE_MAX, dir).status());
-    REQUIRE_OK(Receive(dst, Send(src, Incremental(kS1, kS2, layout)), false, SIZE_MAX, dir)
-                   .status());
-    REQUIRE_OK(Receive(dst, Send(src, Incremental(kS2, kS3, layout)), false, SIZE_MAX, dir)
-                   .status());
+    REQUIRE_OK(
+        Receive(dst, Send(src, Incremental(kS1, kS2, layout)), false, SIZE_MAX, dir).status());
+    REQUIRE_OK(
+        Receive(dst, Send(src, Incremental(kS2, kS3, layout)), false, SIZE_MAX, dir).status());
     for (const std::string& g : {kS1, kS2, kS3}) RequireSameSnapshot(src, kSrc, dst, dd, g);
     CHECK(ParentOf(dst, dd, kS3) == kS2);
     CHECK(ParentOf(dst, dd, kTop) == kS3);
     // An incremental stream of the live top applies too (the top is
     // replaced by the received one).
-    REQUIRE_OK(Receive(dst, Send(src, Incremental(kS3, "", layout)), false, SIZE_MAX, dir)
-                   .status());
+    REQUIRE_OK(
+        Receive(dst, Send(src, Incremental(kS3, "", layout)), false, SIZE_MAX, dir).status());
     RequireSameSnapshot(src, kSrc, dst, dd, "");
     RequireCleanDisk(dst, dd);
   }
@@ -700,7 +700,8 @@ void RequireRejected(const MemoryFileSystem* base, const Bytes& stream, const st
     CHECK(!Exists(dst, kDstDd));
   } else {
     auto after = Files(dst, kDst);
-    CHECK(after.at(std::string(kDescriptorFileName)) == before.at(std::string(kDescriptorFileName)));
+    CHECK(after.at(std::string(kDescriptorFileName)) ==
+          before.at(std::string(kDescriptorFileName)));
   }
 }
 
@@ -731,7 +732,8 @@ TEST_CASE("stream: every sampled single-bit flip is rejected") {
       for (size_t pos : Positions(stream.size())) {
         Bytes bad = stream;
         bad[pos] ^= std::byte(1u << (pos % 8));
-        RequireRejected(incremental ? &base : nullptr, bad, "a flip at byte " + std::to_string(pos));
+        RequireRejected(incremental ? &base : nullptr, bad,
+                        "a flip at byte " + std::to_string(pos));
       }
     }
   }
@@ -774,7 +776,8 @@ TEST_CASE("stream: every truncation point of a tiny stream is rejected") {
     for (int bit = 0; bit < 8; ++bit) {
       Bytes bad = stream;
       bad[pos] ^= std::byte(1u << bit);
-      RequireRejected(nullptr, bad, "bit " + std::to_string(bit) + " of byte " + std::to_string(pos));
+      RequireRejected(nullptr, bad,
+                      "bit " + std::to_string(bit) + " of byte " + std::to_string(pos));
     }
   }
 }
@@ -869,12 +872,15 @@ TEST_CASE("stream: hostile headers are refused before any allocation or write") 
                         "a huge total");
   RequireHostileRefused(with([](auto& h) { h.layers[0].size_bytes = 1ull << 60; }), kCorrupt,
                         "a huge layer");
-  RequireHostileRefused(with([](auto& h) { h.layers[0].guid = "../../../../etc/passwd/xxxxxxxxxxxxxx"; }),
-                        kCorrupt, "a path as a GUID");
-  RequireHostileRefused(with([](auto& h) { h.layers[0].guid = "{11111111-1111-4111-8111-11111111111/}"; }),
-                        kCorrupt, "a GUID with a slash");
-  RequireHostileRefused(with([](auto& h) { h.layers[0].guid = "{AAAAAAAA-1111-4111-8111-111111111111}"; }),
-                        kCorrupt, "an upper-case GUID");
+  RequireHostileRefused(
+      with([](auto& h) { h.layers[0].guid = "../../../../etc/passwd/xxxxxxxxxxxxxx"; }), kCorrupt,
+      "a path as a GUID");
+  RequireHostileRefused(
+      with([](auto& h) { h.layers[0].guid = "{11111111-1111-4111-8111-11111111111/}"; }), kCorrupt,
+      "a GUID with a slash");
+  RequireHostileRefused(
+      with([](auto& h) { h.layers[0].guid = "{AAAAAAAA-1111-4111-8111-111111111111}"; }), kCorrupt,
+      "an upper-case GUID");
   RequireHostileRefused(with([](auto& h) { h.layers[0].guid = std::string(kNullGuid); }), kCorrupt,
                         "the null GUID");
   RequireHostileRefused(with([](auto& h) { h.layers[0].parent_guid = kS2; }), kCorrupt,
@@ -884,31 +890,32 @@ TEST_CASE("stream: hostile headers are refused before any allocation or write") 
                           h.layers[1].parent_guid = kS1;
                         }),
                         kCorrupt, "two layers in a flattened stream");
-  RequireHostileRefused(with([](auto& h) {
-                          h.layered = true;
-                          h.layers[0].guid = std::string(kTopGuid);
-                          h.layers.push_back(stream::LayerEntry{kS2, std::string(kTopGuid), 8 * kCb});
-                        }),
-                        kCorrupt, "the top GUID below another layer");
+  RequireHostileRefused(
+      with([](auto& h) {
+        h.layered = true;
+        h.layers[0].guid = std::string(kTopGuid);
+        h.layers.push_back(stream::LayerEntry{kS2, std::string(kTopGuid), 8 * kCb});
+      }),
+      kCorrupt, "the top GUID below another layer");
   RequireHostileRefused(with([](auto& h) {
                           h.layered = true;
                           h.layers.push_back(stream::LayerEntry{kS1, kS1, 8 * kCb});
                         }),
                         kCorrupt, "a repeated GUID");
-  RequireHostileRefused(with([](auto& h) {
-                          h.layered = true;
-                          h.cluster_bytes = 64 << 20;
-                          h.disk_size_bytes = 64ull << 20;
-                          h.layers[0].size_bytes = 64ull << 20;
-                          h.total_bytes = 0;
-                          for (int i = 0; i < 8; ++i) {
-                            char g[64];
-                            std::snprintf(g, sizeof(g), "{%08x-1111-4111-8111-111111111111}", i + 5);
-                            h.layers.push_back(
-                                stream::LayerEntry{g, h.layers.back().guid, 64ull << 20});
-                          }
-                        }),
-                        kCorrupt, "layers times clusters over the per-cluster limit");
+  RequireHostileRefused(
+      with([](auto& h) {
+        h.layered = true;
+        h.cluster_bytes = 64 << 20;
+        h.disk_size_bytes = 64ull << 20;
+        h.layers[0].size_bytes = 64ull << 20;
+        h.total_bytes = 0;
+        for (int i = 0; i < 8; ++i) {
+          char g[64];
+          std::snprintf(g, sizeof(g), "{%08x-1111-4111-8111-111111111111}", i + 5);
+          h.layers.push_back(stream::LayerEntry{g, h.layers.back().guid, 64ull << 20});
+        }
+      }),
+      kCorrupt, "layers times clusters over the per-cluster limit");
   RequireHostileRefused(with([](auto& h) {
                           // 256 layers of 2 TiB in 128 KiB clusters: 4 billion BAT entries.
                           h.layered = true;
@@ -919,7 +926,8 @@ TEST_CASE("stream: hostile headers are refused before any allocation or write") 
                           std::string parent(kNullGuid);
                           for (int i = 0; i < 256; ++i) {
                             char g[64];
-                            std::snprintf(g, sizeof(g), "{%08x-2222-4222-8222-222222222222}", i + 1);
+                            std::snprintf(g, sizeof(g), "{%08x-2222-4222-8222-222222222222}",
+                                          i + 1);
                             h.layers.push_back(stream::LayerEntry{g, parent, 2ull << 40});
                             parent = g;
                           }
@@ -1017,7 +1025,8 @@ void CrashTest(bool incremental) {
   TestRng rng;
   MemoryFileSystem src;
   MakeSource(src, rng);
-  const SendOptions options = incremental ? Incremental(kS1, kS2) : Full(kS2, StreamLayout::kLayers);
+  const SendOptions options =
+      incremental ? Incremental(kS1, kS2) : Full(kS2, StreamLayout::kLayers);
   const Bytes stream = Send(src, options);
   MemoryFileSystem seed;
   if (incremental) REQUIRE_OK(Receive(seed, Send(src, Full(kS1))).status());
@@ -1042,7 +1051,8 @@ void CrashTest(bool incremental) {
       FaultFileSystem fault(mem);
       fault.CutAfter(k, /*torn=*/mode == 1);
       auto r = Receive(fault, stream);
-      REQUIRE_OK(fault.Crash(mode == 0 ? CrashMode::kDropAll : CrashMode::kRandom, rng.Uniform(0, 1 << 30)));
+      REQUIRE_OK(fault.Crash(mode == 0 ? CrashMode::kDropAll : CrashMode::kRandom,
+                             rng.Uniform(0, 1 << 30)));
       if (r.ok()) CHECK(k == total);
       const bool has_dd = Exists(mem, kDstDd);
       if (!incremental && has_dd) {

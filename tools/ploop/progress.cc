@@ -34,8 +34,8 @@ void ProgressBar::Update(const ProgressSample& s) {
   last_done_ = s.done_bytes;
   last_total_ = s.total_bytes;
   last_stream_ = s.stream_bytes;
-  const auto min_gap =
-      mode_ == ProgressMode::kJson ? std::chrono::milliseconds(500) : std::chrono::milliseconds(100);
+  const auto min_gap = mode_ == ProgressMode::kJson ? std::chrono::milliseconds(500)
+                                                    : std::chrono::milliseconds(100);
   if (shown_ && !new_phase && now - last_ < min_gap) return;
   last_ = now;
   Show(s.done_bytes, s.total_bytes, s.prefix, s.stream_bytes);
@@ -57,7 +57,8 @@ void ProgressBar::Show(uint64_t done, uint64_t total, std::string_view prefix,
                  static_cast<unsigned long long>(total), static_cast<unsigned long long>(rate),
                  eta);
     if (stream_bytes) {
-      std::fprintf(stderr, ",\"stream_bytes\":%llu", static_cast<unsigned long long>(*stream_bytes));
+      std::fprintf(stderr, ",\"stream_bytes\":%llu",
+                   static_cast<unsigned long long>(*stream_bytes));
     }
     std::fprintf(stderr, "}\n");
     std::fflush(stderr);

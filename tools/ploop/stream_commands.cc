@@ -40,8 +40,8 @@ class FdWriter final : public StreamWriter {
       ssize_t n = ::write(fd_, data.data(), data.size());
       if (n < 0) {
         if (errno == EINTR) continue;
-        return Status::FromErrno(errno, errno == EPIPE ? "write to stdout (the receiver went away)"
-                                                       : "write to stdout");
+        return Status::FromErrno(
+            errno, errno == EPIPE ? "write to stdout (the receiver went away)" : "write to stdout");
       }
       data = data.subspan(static_cast<size_t>(n));
     }
@@ -144,8 +144,8 @@ const char* PhasePrefix(StreamProgress::Phase phase) {
 StreamProgressFn ProgressTo(ProgressBar& bar) {
   if (!bar.enabled()) return {};
   return [&bar](const StreamProgress& p) {
-    bar.Update(ProgressSample{PhaseName(p.phase), p.done_bytes, p.total_bytes,
-                              PhasePrefix(p.phase), p.stream_bytes});
+    bar.Update(ProgressSample{PhaseName(p.phase), p.done_bytes, p.total_bytes, PhasePrefix(p.phase),
+                              p.stream_bytes});
   };
 }
 

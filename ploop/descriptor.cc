@@ -20,7 +20,8 @@
 //       as 0 when missing; Max_delta_size and Encryption kept as they are.
 //   StorageData/Storage/{Start (added as 0 when missing), End, Blocksize,
 //       Preallocated (only when 1)}; one Image{GUID, Type, File} per image.
-//   Snapshots/{TopGUID, Shot{GUID, ParentGUID, Temporary marker}} likewise.
+//   Snapshots/{TopGUID, Shot{GUID, ParentGUID, Temporary marker,
+//       ContentDigest (only when known)}} likewise.
 //
 // Image and Shot nodes are matched to the model through source_guid_ (the
 // GUID a node carried when loaded), so a renamed image keeps its node and the
@@ -82,7 +83,8 @@ constexpr const char* kStorageDataOrder[] = {"Volume", "Storage"};
 constexpr const char* kStorageOrder[] = {"Start", "End", "Blocksize", "Preallocated", "Image"};
 constexpr const char* kImageOrder[] = {"GUID", "Type", "File"};
 constexpr const char* kSnapshotsOrder[] = {"TopGUID", "Shot"};
-constexpr const char* kShotOrder[] = {"GUID", "ParentGUID", "Temporary"};
+constexpr const char* kShotOrder[] = {"GUID", "ParentGUID", "Temporary", "ContentDigest"};
+constexpr std::string_view kContentDigestPrefix = "view-sha256-v1:";
 
 using Order = std::span<const char* const>;
 
@@ -357,6 +359,16 @@ std::string NodeGuid(xmlNode* node) {
 
 // --- GUIDs -----------------------------------------------------------------
 
+bool IsContentDigest(std::string_view text) {
+  if (text.size() != kContentDigestPrefix.size() + 64 || !text.starts_with(kContentDigestPrefix)) {
+    return false;
+  }
+  for (char c : text.substr(kContentDigestPrefix.size())) {
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+  }
+  return true;
+}
+
 Result<std::string> ParseGuid(std::string_view text) {
   std::string_view body = text;
   if (body.size() == 38 && body.front() == '{' && body.back() == '}') {
@@ -539,6 +551,13 @@ class Descriptor::Parser {
       }
       ASSIGN_OR_RETURN_CTX(shot.parent_guid, RequiredGuid(node, "ParentGUID"), ctx);
       shot.temporary = HasChild(node, "Temporary");
+      // A digest we cannot read is dropped (treated as unknown): it only
+      // ever saves work, and a wrong one must never be trusted.
+      ASSIGN_OR_RETURN(xmlNode * digest, OptionalChild(node, "ContentDigest"));
+      if (digest != nullptr) {
+        std::string text(Trim(Text(digest)));
+        if (IsContentDigest(text)) shot.content_digest = std::move(text);
+      }
       d_.shots_.push_back(std::move(shot));
     }
     return Status::Ok();
@@ -791,6 +810,11 @@ Status Descriptor::ApplyTo(_xmlDoc* doc) const {
       ASSIGN_OR_RETURN(xmlNode * marker, NewElement(doc, "Temporary"));
       InsertOrdered(node, marker, kShotOrder);
     }
+    if (shot.content_digest.empty()) {
+      RemoveChildren(node, "ContentDigest");
+    } else {
+      TRY(SetChildText(node, "ContentDigest", shot.content_digest, kShotOrder));
+    }
   }
   return Status::Ok();
 }
@@ -906,7 +930,7 @@ Status Descriptor::AddImage(std::string_view guid, ImageKind kind, const std::st
     return Status::NotFound("parent " + parent + " does not exist");
   }
   images_.push_back(DescriptorImage{g, kind, file, ResolvePath(file)});
-  shots_.push_back(DescriptorShot{g, parent, temporary});
+  shots_.push_back(DescriptorShot{g, parent, temporary, ""});
   return Status::Ok();
 }
 
@@ -934,6 +958,7 @@ Status Descriptor::RenameGuid(std::string_view old_guid, std::string_view new_gu
   if (ImageIndex(to) >= 0) return Status::AlreadyExists("image " + to + " already exists");
   images_[i].guid = to;
   shots_[ShotIndex(from)].guid = to;
+  shots_[ShotIndex(to)].content_digest.clear();
   for (DescriptorShot& shot : shots_) {
     if (shot.parent_guid == from) shot.parent_guid = to;
   }
@@ -982,6 +1007,20 @@ Status Descriptor::SetTemporary(std::string_view guid, bool temporary) {
     return Status::FailedPrecondition("the top image cannot be temporary: " + g);
   }
   shots_[i].temporary = temporary;
+  return Status::Ok();
+}
+
+Status Descriptor::SetContentDigest(std::string_view guid, const std::string& digest) {
+  ASSIGN_OR_RETURN(std::string g, ParseGuid(guid));
+  int i = ShotIndex(g);
+  if (i < 0) return Status::NotFound("no image " + g);
+  if (!digest.empty() && !IsContentDigest(digest)) {
+    return Status::InvalidArgument("malformed content digest '" + digest.substr(0, 80) + "'");
+  }
+  if (!digest.empty() && g == top_guid_) {
+    return Status::InvalidArgument("the top image changes with every write; it has no digest");
+  }
+  shots_[i].content_digest = digest;
   return Status::Ok();
 }
 

@@ -90,9 +90,20 @@ struct DescriptorShot {
   // away automatically. Other markers (TemporaryZero, ...) are kept as
   // unknown nodes.
   bool temporary = false;
+  // The snapshot's content digest (<ContentDigest>), recorded when it was
+  // received from a stream (snapshot/STREAM.md: "view-sha256-v1:" and 64
+  // hex digits); empty when none is known. It binds the GUID to what the
+  // snapshot reads as, so a later incremental stream can check its base in
+  // O(1). Every operation here keeps a shot's content while its GUID lives
+  // (a merge moves a GUID to another file, never changes what it reads);
+  // RenameGuid() clears it, since the renamed image is another snapshot.
+  std::string content_digest;
 
   bool operator==(const DescriptorShot&) const = default;
 };
+
+// True for a well-formed DescriptorShot::content_digest value.
+bool IsContentDigest(std::string_view text);
 
 struct DescriptorLoadOptions {
   // Accept <File> entries that leave the descriptor's folder: absolute
@@ -213,8 +224,8 @@ class Descriptor {
   // FailedPrecondition for the top or an image that still has children.
   Status RemoveImage(std::string_view guid);
   // Renames image + shot `old_guid` to `new_guid`, updating children's
-  // ParentGUID and TopGUID. This is step one of a snapshot: the old top
-  // becomes the snapshot, then AddImage(kTopGuid, ...) adds the new top and
+  // ParentGUID and TopGUID, and clearing its content digest. This is step one of a snapshot: the
+  // old top becomes the snapshot, then AddImage(kTopGuid, ...) adds the new top and
   // SetTop(kTopGuid) keeps it on top. NotFound for `old_guid`;
   // AlreadyExists for `new_guid`; InvalidArgument for kNullGuid.
   Status RenameGuid(std::string_view old_guid, std::string_view new_guid);
@@ -225,6 +236,10 @@ class Descriptor {
   Status SetTop(std::string_view guid);
   // NotFound when unknown; FailedPrecondition when marking the top.
   Status SetTemporary(std::string_view guid, bool temporary);
+  // Records (or with "" clears) the content digest of shot `guid`.
+  // NotFound when unknown; InvalidArgument for a malformed digest or for
+  // the top (whose content changes with every write).
+  Status SetContentDigest(std::string_view guid, const std::string& digest);
   // Points image `guid` at another file (a merge keeps the child's GUID on
   // the parent's file), and with `kind` changes its Type too (the parent's
   // file may be raw). NotFound; InvalidArgument for a bad file name (one

@@ -8,8 +8,9 @@
 //     crashes (drops unsynced writes) and torn writes.
 //
 // Thread-safety: a BlockFile may be used from several threads at once for
-// ReadAt/WriteAt on disjoint ranges; everything else needs external
-// serialisation. FileSystem methods are thread-safe.
+// ReadAt/WriteAt on disjoint ranges, and Sync() may run alongside them (it
+// makes durable at least what completed before it was called); everything
+// else needs external serialisation. FileSystem methods are thread-safe.
 // Ownership: a FileSystem must outlive every BlockFile it opened.
 #pragma once
 

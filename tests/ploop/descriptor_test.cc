@@ -119,7 +119,7 @@ TEST_CASE("Descriptor golden: a single image as ploop init writes it") {
   CHECK(d.images()[0] ==
         DescriptorImage{kTop, ImageKind::kExpanded, "root.hds", "/vz/root.hdd/root.hds"});
   REQUIRE(d.shots().size() == 1);
-  CHECK(d.shots()[0] == DescriptorShot{kTop, kNull, false});
+  CHECK(d.shots()[0] == DescriptorShot{kTop, kNull, false, ""});
   CHECK(d.top_guid() == kTopGuid);
   CHECK(d.top().file == "root.hds");
   CHECK(Guids(d.Chain()) == std::vector<std::string>{kTop});
@@ -362,6 +362,31 @@ TEST_CASE("Descriptor: the Temporary marker follows the model") {
   CHECK(marker < xml.find("</Shot>"));
 }
 
+
+TEST_CASE("Descriptor: a shot's content digest round-trips and a renamed image loses it") {
+  MemoryFileSystem fs;
+  Descriptor d = LoadGolden(fs, "temporary.xml");
+  const std::string digest = "view-sha256-v1:" + std::string(63, 'a') + "b";
+  REQUIRE_OK(d.SetContentDigest(kBase, digest));
+  CHECK(d.SetContentDigest(kBase, "sha256:abc").code() == StatusCode::kInvalidArgument);
+  CHECK(d.SetContentDigest(kTopGuid, digest).code() == StatusCode::kInvalidArgument);
+  CHECK(d.SetContentDigest("{44444444-4444-4444-8444-444444444444}", digest).code() ==
+        StatusCode::kNotFound);
+  Descriptor back = SaveAndReload(fs, d);
+  CHECK(back.FindShot(kBase)->content_digest == digest);
+  CHECK(Contains(Get(fs, kPath), "<ContentDigest>" + digest + "</ContentDigest>"));
+  // A malformed one in the file is dropped, never trusted.
+  Put(fs, kPath, Replace(Get(fs, kPath), digest, "view-sha256-v1:XYZ"));
+  REQUIRE_ASSIGN(Descriptor junk, Descriptor::Load(fs, kPath));
+  CHECK(junk.FindShot(kBase)->content_digest.empty());
+  // Renaming the image (what snapshot create does to the top) clears it,
+  // and the element goes from the file.
+  REQUIRE_OK(back.RenameGuid(kBase, "{55555555-5555-4555-8555-555555555555}"));
+  CHECK(back.FindShot("{55555555-5555-4555-8555-555555555555}")->content_digest.empty());
+  Descriptor renamed = SaveAndReload(fs, back);
+  CHECK_FALSE(Contains(Get(fs, kPath), "ContentDigest"));
+  (void)renamed;
+}
 TEST_CASE("Descriptor mutations check first and keep the model consistent") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "snapshot.xml");

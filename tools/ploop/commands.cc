@@ -168,7 +168,8 @@ const char* ExitCodeTable() {
          "  7  I/O error\n"
          "  8  no space left on the host file system\n"
          "  9  image is in use by another program\n"
-         " 10  wrong state (read-only image, shrinking, ...)\n";
+         " 10  wrong state (read-only image, shrinking, ...)\n"
+         " 11  receive interrupted: partial state kept, continue with receive --resume\n";
 }
 
 int RunInit(const InitArgs& args) {

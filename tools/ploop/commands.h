@@ -25,6 +25,9 @@ enum ExitCode : int {
   kExitNoSpace = 8,
   kExitBusy = 9,    // image in use by another program
   kExitState = 10,  // wrong state: read-only, shrinking, ...
+  // receive: the stream broke off or went bad after the receive started;
+  // the partial state is kept in the folder (continue with --resume).
+  kExitInterrupted = 11,
 };
 
 int ExitCodeFor(const Status& status);

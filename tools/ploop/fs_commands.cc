@@ -1,10 +1,7 @@
 // The file-system commands: making (and filling) ext4 at init time,
 // fs-add, ls and cat, all through fsimage/ without root. Only this layer
 // parses and prints.
-#include <unistd.h>
 
-#include <chrono>
-#include <cstdio>
 #include <ctime>
 #include <iomanip>
 #include <iostream>
@@ -15,6 +12,7 @@
 #include "fsimage/populate.h"
 #include "fsimage/reader.h"
 #include "ploop/disk.h"
+#include "progress.h"
 #include "units.h"
 
 namespace ploop::cli {
@@ -23,45 +21,6 @@ namespace {
 void PrintWarnings(std::string_view command, const std::vector<std::string>& warnings) {
   for (const auto& w : warnings) std::cerr << "ploop " << command << ": warning: " << w << "\n";
 }
-
-// A one-line progress display on stderr while a tree is copied in:
-// "files 120/4000, 310 MiB/1.2 GiB, 95.2 MiB/s". Only on a terminal, at
-// most ten updates a second, erased when done.
-class ProgressBar {
- public:
-  ProgressBar() : enabled_(::isatty(STDERR_FILENO) == 1), start_(Clock::now()) {}
-  ~ProgressBar() { Erase(); }
-
-  void Update(const fsimage::PopulateProgress& p) {
-    if (!enabled_) return;
-    auto now = Clock::now();
-    if (shown_ && now - last_ < std::chrono::milliseconds(100)) return;
-    last_ = now;
-    shown_ = true;
-    double seconds = std::chrono::duration<double>(now - start_).count();
-    double rate = seconds > 0 ? static_cast<double>(p.bytes_done) / seconds : 0;
-    std::string line = "files " + std::to_string(p.files_done) + "/" +
-                       std::to_string(p.files_total) + ", " + HumanSize(p.bytes_done) + "/" +
-                       HumanSize(p.bytes_total) + ", " + HumanSize(static_cast<uint64_t>(rate)) +
-                       "/s";
-    std::fprintf(stderr, "\r%s\033[K", line.c_str());
-    std::fflush(stderr);
-  }
-
-  void Erase() {
-    if (!shown_) return;
-    std::fprintf(stderr, "\r\033[K");
-    std::fflush(stderr);
-    shown_ = false;
-  }
-
- private:
-  using Clock = std::chrono::steady_clock;
-  bool enabled_;
-  bool shown_ = false;
-  Clock::time_point start_;
-  Clock::time_point last_;
-};
 
 // Copies --from-dir or --from-tar (exactly one must be given) into `image`.
 Result<fsimage::PopulateReport> PopulateFrom(Image& image, const std::string& dir,
@@ -76,10 +35,15 @@ Result<fsimage::PopulateReport> PopulateFrom(Image& image, const std::string& di
   } else {
     ASSIGN_OR_RETURN_CTX(source, fsimage::OpenTarSource(tar), "--from-tar");
   }
+  // "files 120/4000, 310 MiB/1.2 GiB, 95.2 MiB/s, ETA 0:12" on a terminal.
   ProgressBar bar;
-  options.progress = [&bar](const fsimage::PopulateProgress& p) { bar.Update(p); };
+  std::string prefix;
+  options.progress = [&](const fsimage::PopulateProgress& p) {
+    prefix = "files " + std::to_string(p.files_done) + "/" + std::to_string(p.files_total) + ", ";
+    bar.Update(ProgressSample{"populate", p.bytes_done, p.bytes_total, prefix, std::nullopt});
+  };
   auto report = fsimage::Populate(image, *source, options);
-  bar.Erase();
+  bar.Finish();
   return report;
 }
 

@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "convert_commands.h"
 #include "serve_commands.h"
+#include "stream_commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
 
@@ -186,6 +187,7 @@ int main(int argc, char** argv) {
 
   RegisterServeCommands(app, rc);
   RegisterConvertCommands(app, rc);
+  RegisterStreamCommands(app, rc);
 
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,

@@ -1,0 +1,141 @@
+// OrderedPipeline: a bounded pool of worker threads that runs a function on
+// jobs submitted by one producer and hands them to one consumer in
+// submission order. The sender hashes and compresses chunks with it, the
+// receiver decompresses and hashes them, while reading and writing stay
+// sequential on their own threads.
+//
+// Memory is bounded: Submit() blocks while `max_in_flight` jobs are
+// submitted and not yet taken by Next(). With zero workers the work runs
+// inside Submit() (deterministic, for tests and single-CPU machines).
+//
+// Thread-safety: Submit()/Finish() from one producer thread, Next() from
+// one consumer thread, Cancel() from anywhere. Internal to snapshot/.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "ploop/status.h"
+
+namespace ploop::stream {
+
+template <typename Job>
+class OrderedPipeline {
+ public:
+  using Work = std::function<Status(Job&)>;
+
+  OrderedPipeline(unsigned workers, size_t max_in_flight, Work work)
+      : max_in_flight_(std::max<size_t>(max_in_flight, 1)), work_(std::move(work)) {
+    for (unsigned i = 0; i < workers; ++i) threads_.emplace_back([this] { WorkerLoop(); });
+  }
+
+  ~OrderedPipeline() {
+    Cancel();
+    for (auto& t : threads_) t.join();
+  }
+
+  OrderedPipeline(const OrderedPipeline&) = delete;
+  OrderedPipeline& operator=(const OrderedPipeline&) = delete;
+
+  // Queues `job`; blocks while the pipeline is full. FailedPrecondition
+  // once Cancel() was called.
+  Status Submit(std::unique_ptr<Job> job) {
+    auto slot = std::make_unique<Slot>();
+    slot->job = std::move(job);
+    if (threads_.empty()) {
+      slot->status = work_(*slot->job);
+      slot->done = true;
+    }
+    std::unique_lock lock(mu_);
+    space_.wait(lock, [&] { return cancelled_ || order_.size() < max_in_flight_; });
+    if (cancelled_) return Status::FailedPrecondition("pipeline cancelled");
+    Slot* raw = slot.get();
+    order_.push_back(std::move(slot));
+    if (!raw->done) {
+      pending_.push_back(raw);
+      work_ready_.notify_one();
+    } else {
+      done_.notify_all();
+    }
+    return Status::Ok();
+  }
+
+  // No more jobs will be submitted.
+  void Finish() {
+    std::lock_guard lock(mu_);
+    finished_ = true;
+    done_.notify_all();
+  }
+
+  // The next job in submission order, with the status its work returned,
+  // once that work is done. nullopt after Finish() when every job was
+  // taken, or after Cancel().
+  std::optional<std::pair<std::unique_ptr<Job>, Status>> Next() {
+    std::unique_lock lock(mu_);
+    done_.wait(lock, [&] {
+      return cancelled_ || (!order_.empty() && order_.front()->done) ||
+             (finished_ && order_.empty());
+    });
+    if (cancelled_ || order_.empty()) return std::nullopt;
+    std::unique_ptr<Slot> slot = std::move(order_.front());
+    order_.pop_front();
+    space_.notify_one();
+    return std::make_pair(std::move(slot->job), std::move(slot->status));
+  }
+
+  // Stops everything: Submit() fails, Next() returns nullopt, workers stop
+  // after their current job.
+  void Cancel() {
+    std::lock_guard lock(mu_);
+    cancelled_ = true;
+    space_.notify_all();
+    done_.notify_all();
+    work_ready_.notify_all();
+  }
+
+ private:
+  struct Slot {
+    std::unique_ptr<Job> job;
+    Status status;
+    bool done = false;
+  };
+
+  void WorkerLoop() {
+    for (;;) {
+      Slot* slot;
+      {
+        std::unique_lock lock(mu_);
+        work_ready_.wait(lock, [&] { return cancelled_ || !pending_.empty(); });
+        if (cancelled_) return;
+        slot = pending_.front();
+        pending_.pop_front();
+      }
+      Status s = work_(*slot->job);
+      std::lock_guard lock(mu_);
+      slot->status = std::move(s);
+      slot->done = true;
+      done_.notify_all();
+    }
+  }
+
+  const size_t max_in_flight_;
+  Work work_;
+  std::mutex mu_;
+  std::condition_variable space_;
+  std::condition_variable done_;
+  std::condition_variable work_ready_;
+  std::deque<std::unique_ptr<Slot>> order_;  // submitted, not yet taken
+  std::deque<Slot*> pending_;                // submitted, not yet started
+  bool finished_ = false;
+  bool cancelled_ = false;
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace ploop::stream

@@ -1,0 +1,723 @@
+// The stream sender.
+//
+// Goal: write a snapshot (or the changes between two snapshots) of a disk
+// as a stream at least as fast as the disk can be read, with bounded
+// memory, so that `ploop send | ploop receive` keeps up with a plain copy.
+//
+// Structure (three stages, bounded queues between them):
+//
+//   reader thread            workers (N)                 calling thread
+//   -------------            -----------                 --------------
+//   walk indices, read  -->  SHA-256 per cluster,   -->  chunk digest (hash
+//   windows of clusters      lz4 frame per chunk         chain), content
+//   (one read per run),                                  digests, write in
+//   decide records, cut                                  order
+//   chunks
+//
+// What is sent, per cluster index i (STREAM.md, "Records"):
+//   flatten, full         the snapshot's data at i, unless it is all zeros;
+//   flatten, incremental  for i held by a delta above the base: the data,
+//                         or a hole when it is zeros; nothing when it equals
+//                         what the base reads at i (unchanged);
+//   layers                each layer's own cluster at i; an all-zero one is
+//                         a hole when a lower layer holds i, else nothing.
+// Records go out in (index, layer) order and a chunk always ends at an
+// index boundary, so a chunk boundary is fully described by the next index
+// and a resumed sender (which starts at the receiver's next index with the
+// chain value from the token) cuts the same chunks as an uninterrupted one.
+//
+// Digests: every data cluster is hashed once (workers); the chunk digest
+// chains them with the chunk's header and records. A full stream's content
+// digests are computed from the records as they go by; an incremental
+// stream needs its base's digest in the header, before any data: taken from
+// the descriptor when the disk recorded it (it received those snapshots),
+// else computed by a first pass over the data (phase kDigest).
+//
+// Invariants: the chain is open read-only with reader locks for the whole
+// send (nobody writes to it meanwhile); memory is a few windows and chunks
+// in flight, independent of the disk's size (the BATs excepted, which the
+// deltas hold anyway).
+//
+// Crash ordering: the sender writes nothing but the stream.
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "ploop/chain.h"
+#include "ploop/delta.h"
+#include "ploop/disk.h"
+#include "snapshot/stream.h"
+#include "snapshot/stream_format.h"
+#include "snapshot/stream_pipeline.h"
+#include "snapshot/stream_source.h"
+
+namespace ploop {
+
+namespace {
+
+using namespace stream;
+
+constexpr uint64_t kWindowBytes = 8ull << 20;
+
+unsigned WorkerCount(unsigned requested) {
+  if (requested != 0) return std::min(requested, 16u);
+  return std::clamp(std::thread::hardware_concurrency(), 1u, 4u);
+}
+
+// Counts what goes out.
+class CountingWriter {
+ public:
+  explicit CountingWriter(StreamWriter& out) : out_(out) {}
+  Status Write(std::span<const std::byte> data) {
+    TRY_CTX(out_.Write(data), "write the stream");
+    bytes_ += data.size();
+    return Status::Ok();
+  }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  StreamWriter& out_;
+  uint64_t bytes_ = 0;
+};
+
+struct Plan {
+  int f = -1;  // level of the base; -1 for a full stream
+  int m = 0;   // level of the snapshot sent
+  bool layered = false;
+  std::vector<int> stream_levels;  // per stream layer, its level in the chain
+  StreamHeader header;
+  // Content digests of the base and of each stream layer, when the
+  // descriptor had them all (incremental streams).
+  bool recorded = false;
+  std::vector<Digest> layer_digests;
+};
+
+struct ChunkJob {
+  uint64_t seq = 0;
+  std::vector<Record> records;
+  uint32_t data_count = 0;
+  uint64_t progress_bytes = 0;
+  AlignedBuffer payload;  // data clusters in payload order (layer, index)
+  // Per record: its data's position in the payload (data records only).
+  std::vector<uint32_t> payload_slot;
+  // Filled by a worker:
+  std::vector<Digest> digests;  // payload order
+  AlignedBuffer compressed;
+  size_t compressed_bytes = 0;
+  bool lz4 = false;
+};
+
+class Sender {
+ public:
+  Sender(FileSystem& fs, Chain& chain, const Plan& plan, const SendOptions& options,
+         CountingWriter& out)
+      : fs_(fs),
+        source_(chain),
+        plan_(plan),
+        options_(options),
+        out_(out),
+        cb_(chain.cluster_bytes()),
+        workers_(WorkerCount(options.threads)),
+        payload_pool_(plan.header.max_chunk_data_bytes()),
+        compressed_pool_(Lz4Compressor::Bound(plan.header.max_chunk_data_bytes())) {}
+
+  // The first pass of an incremental stream without recorded digests: the
+  // content digests of the base and of every stream layer.
+  Status DigestPass(Digest* base, std::vector<Digest>* layers);
+
+  // Writes chunks for indices from `start.next_index` on and the end
+  // record.
+  Status StreamPass(const ResumeToken& start, SendSummary* summary);
+
+ private:
+  // The levels whose own data index i needs in a layered stream.
+  uint64_t StreamNeeds(uint64_t index, std::vector<int>& levels) const;
+  uint64_t DigestNeeds(uint64_t index, std::vector<int>& levels) const;
+  // Appends index i's records of a layered stream (from window `w`) to
+  // the chunk being built.
+  void AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e);
+  // The layered layout's producer: windows of every layer's clusters.
+  Status Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
+  // The flattened layout's producer: reads runs of the snapshot straight
+  // into chunk payloads (no window, no copy for the common case).
+  Status ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
+  Status CutChunk(OrderedPipeline<ChunkJob>& pipe);
+  Status Work(ChunkJob& job);
+  Status Emit(ChunkJob& job, Digest* chain);
+  void Report(StreamProgress::Phase phase, uint64_t done, uint64_t total) {
+    if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
+  }
+
+  FileSystem& fs_;
+  SourceChain source_;
+  const Plan& plan_;
+  const SendOptions& options_;
+  CountingWriter& out_;
+  const uint64_t cb_;
+  const unsigned workers_;
+  BufferPool payload_pool_;
+  BufferPool compressed_pool_;
+
+  // The chunk being built by the reader thread.
+  struct PendingData {
+    uint16_t layer;
+    uint64_t index;
+    uint32_t record;
+    const std::byte* src;
+  };
+  std::vector<Record> records_;
+  std::vector<PendingData> pending_;
+  std::vector<std::shared_ptr<Window>> held_windows_;
+  uint64_t next_seq_ = 0;
+  uint64_t progress_ = 0;        // through the last index added
+  uint64_t chunk_progress_ = 0;  // through the chunk's last group
+
+  // Consumer side: per-layer content digest chains (full streams).
+  std::vector<ViewChain> views_;
+  SendSummary counts_;
+};
+
+uint64_t Sender::StreamNeeds(uint64_t i, std::vector<int>& levels) const {
+  // Layers: each stream layer's own cluster at i, where it holds one.
+  for (int level : plan_.stream_levels) {
+    if (source_.Holds(level, i)) levels.push_back(level);
+  }
+  return levels.size() * cb_;
+}
+
+uint64_t Sender::DigestNeeds(uint64_t i, std::vector<int>& levels) const {
+  const int hs = source_.Highest(i, plan_.m);
+  if (hs < 0) return 0;
+  const int hf = source_.Highest(i, plan_.f);
+  if (hf >= 0) levels.push_back(hf);
+  if (plan_.layered) {
+    for (int level : plan_.stream_levels) {
+      if (source_.Holds(level, i)) levels.push_back(level);
+    }
+  } else if (hs != hf) {
+    levels.push_back(hs);
+  }
+  return cb_;
+}
+
+Status Sender::DigestPass(Digest* base, std::vector<Digest>* layers) {
+  const StreamHeader& h = plan_.header;
+  const uint64_t total = source_.CountHeld(0, plan_.m) * cb_;
+  ViewChain base_view;
+  base_view.Init(source_.level_clusters(plan_.f) * cb_, cb_);
+  std::vector<ViewChain> views(h.layers.size());
+  for (size_t k = 0; k < views.size(); ++k) views[k].Init(h.layers[k].size_bytes, cb_);
+
+  WindowReader reader(
+      source_, [this](uint64_t i, std::vector<int>& levels) { return DigestNeeds(i, levels); }, 0,
+      h.disk_clusters(), kWindowBytes);
+  struct Job {
+    std::unique_ptr<Window> w;
+  };
+  OrderedPipeline<Job> pipe(workers_, workers_ + 2, [this](Job& job) {
+    for (WindowVersion& v : job.w->versions) {
+      auto data = job.w->Data(v, cb_);
+      v.zero = IsZero(data);
+      if (!v.zero) v.digest = Sha256::Of(data);
+    }
+    return Status::Ok();
+  });
+  Status produced;
+  std::thread producer([&] {
+    for (;;) {
+      auto w = reader.Next();
+      if (!w.ok()) {
+        produced = w.error();
+        break;
+      }
+      if (*w == nullptr) break;
+      auto job = std::make_unique<Job>();
+      job->w = std::move(*w);
+      if (!pipe.Submit(std::move(job)).ok()) break;
+    }
+    pipe.Finish();
+  });
+  Status consumed;
+  uint64_t done = 0;
+  while (auto next = pipe.Next()) {
+    auto& [job, status] = *next;
+    if (!status.ok()) {
+      consumed = status;
+      break;
+    }
+    const Window& w = *job->w;
+    for (const WindowEntry& e : w.entries) {
+      const int hf = source_.Highest(e.index, plan_.f);
+      if (hf >= 0) {
+        const WindowVersion* v = w.Find(e, hf);
+        if (!v->zero) base_view.Add(e.index, v->digest);
+      }
+      for (size_t k = 0; k < views.size(); ++k) {
+        const int src = source_.Highest(e.index, plan_.stream_levels[k]);
+        if (src < 0) continue;
+        const WindowVersion* v = w.Find(e, src);
+        if (!v->zero) views[k].Add(e.index, v->digest);
+      }
+    }
+    done += w.progress_bytes;
+    Report(StreamProgress::Phase::kDigest, done, total);
+    reader.Recycle(std::move(job->w));
+  }
+  pipe.Cancel();
+  producer.join();
+  TRY(consumed);
+  TRY(produced);
+  *base = base_view.state();
+  layers->clear();
+  for (const ViewChain& v : views) layers->push_back(v.state());
+  return Status::Ok();
+}
+
+void Sender::AddGroup(const std::shared_ptr<Window>& w, const WindowEntry& e) {
+  const uint64_t i = e.index;
+  for (size_t k = 0; k < plan_.stream_levels.size(); ++k) {
+    const int level = plan_.stream_levels[k];
+    const WindowVersion* v = w->Find(e, level);
+    if (v == nullptr) continue;
+    auto data = w->Data(*v, cb_);
+    const auto layer = static_cast<uint16_t>(k);
+    if (!IsZero(data)) {
+      pending_.push_back(
+          PendingData{layer, i, static_cast<uint32_t>(records_.size()), data.data()});
+      records_.push_back(Record{i, layer, RecordKind::kData});
+    } else if (source_.Highest(i, level - 1) >= 0) {
+      records_.push_back(Record{i, layer, RecordKind::kZero});  // hides data below
+    }
+  }
+  if (held_windows_.empty() || held_windows_.back() != w) held_windows_.push_back(w);
+}
+
+Status Sender::CutChunk(OrderedPipeline<ChunkJob>& pipe) {
+  if (records_.empty()) return Status::Ok();
+  auto job = std::make_unique<ChunkJob>();
+  job->seq = next_seq_++;
+  job->progress_bytes = chunk_progress_;
+  job->data_count = static_cast<uint32_t>(pending_.size());
+  job->payload_slot.assign(records_.size(), 0);
+  // Payload order: by layer, then index (records are by index, then layer).
+  std::stable_sort(pending_.begin(), pending_.end(),
+                   [](const PendingData& a, const PendingData& b) { return a.layer < b.layer; });
+  if (!pending_.empty()) {
+    job->payload = payload_pool_.Get();
+    for (size_t j = 0; j < pending_.size(); ++j) {
+      std::memcpy(job->payload.get() + j * cb_, pending_[j].src, cb_);
+      job->payload_slot[pending_[j].record] = static_cast<uint32_t>(j);
+    }
+  }
+  job->records = std::move(records_);
+  records_.clear();
+  pending_.clear();
+  held_windows_.clear();
+  return pipe.Submit(std::move(job));
+}
+
+Status Sender::Produce(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe) {
+  const StreamHeader& h = plan_.header;
+  WindowReader reader(
+      source_, [this](uint64_t i, std::vector<int>& levels) { return StreamNeeds(i, levels); },
+      start.next_index, h.disk_clusters(), kWindowBytes);
+  next_seq_ = start.next_seq;
+  progress_ = start.progress_bytes;
+  chunk_progress_ = progress_;
+  for (;;) {
+    ASSIGN_OR_RETURN(auto next, reader.Next());
+    if (next == nullptr) break;
+    std::shared_ptr<Window> w(next.release(),
+                              [&reader](Window* p) { reader.Recycle(std::unique_ptr<Window>(p)); });
+    for (const WindowEntry& e : w->entries) {
+      const size_t records_before = records_.size();
+      const size_t data_before = pending_.size();
+      // Decide the group's records first, then cut the chunk before it if
+      // it does not fit: chunks end at index boundaries.
+      AddGroup(w, e);
+      const size_t group_records = records_.size() - records_before;
+      const size_t group_data = pending_.size() - data_before;
+      if (records_before > 0 &&
+          (records_.size() > kMaxChunkRecords || pending_.size() * cb_ > kChunkDataBytes)) {
+        // Move the group out, cut, and put it back as the next chunk's start.
+        std::vector<Record> group(records_.end() - group_records, records_.end());
+        std::vector<PendingData> group_data_v(pending_.end() - group_data, pending_.end());
+        records_.resize(records_before);
+        pending_.resize(data_before);
+        TRY(CutChunk(pipe));
+        held_windows_.push_back(w);  // the group's data is in this window
+        for (PendingData& d : group_data_v) d.record -= static_cast<uint32_t>(records_before);
+        records_ = std::move(group);
+        pending_ = std::move(group_data_v);
+      }
+      progress_ += e.progress_bytes;
+      if (group_records > 0) chunk_progress_ = progress_;
+    }
+  }
+  return CutChunk(pipe);
+}
+
+Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe) {
+  const StreamHeader& h = plan_.header;
+  const uint64_t clusters = h.disk_clusters();
+  const uint64_t slots = std::max<uint64_t>(1, kChunkDataBytes / cb_);
+  const bool incremental = plan_.f >= 0;
+  // A candidate: a cluster some delta above the base (any delta, for a
+  // full stream) holds.
+  auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
+  AlignedBuffer base = incremental ? NewAlignedBuffer(slots * cb_) : nullptr;
+  Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
+  next_seq_ = start.next_seq;
+  progress_ = start.progress_bytes;
+  std::unique_ptr<ChunkJob> job;
+  uint64_t used = 0;  // data slots of the chunk's payload in use
+  auto cut = [&]() -> Status {
+    if (job == nullptr) return Status::Ok();
+    std::unique_ptr<ChunkJob> done = std::move(job);
+    if (done->records.empty()) {
+      payload_pool_.Put(std::move(done->payload));
+      return Status::Ok();
+    }
+    done->seq = next_seq_++;
+    done->progress_bytes = chunk_progress_;
+    done->data_count = static_cast<uint32_t>(used);
+    used = 0;
+    return pipe.Submit(std::move(done));
+  };
+  for (uint64_t i = start.next_index; i < clusters;) {
+    if (!candidate(i)) {
+      ++i;
+      continue;
+    }
+    if (job == nullptr) {
+      job = std::make_unique<ChunkJob>();
+      job->payload = payload_pool_.Get();
+    }
+    prefetcher.Advance(i);
+    // A run of candidates, no longer than the free slots and records.
+    const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
+    uint64_t j = i + 1;
+    while (j < clusters && j - i < room && candidate(j)) ++j;
+    std::byte* const first = job->payload.get() + used * cb_;
+    TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
+    if (incremental) {
+      TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
+    }
+    for (uint64_t k = i; k < j; ++k) {
+      const std::byte* data = first + (k - i) * cb_;
+      const bool zero = IsZero(std::span<const std::byte>(data, cb_));
+      RecordKind kind = RecordKind::kData;
+      bool send = !zero;
+      if (incremental) {
+        const std::byte* old = base.get() + (k - i) * cb_;
+        send = std::memcmp(data, old, cb_) != 0;  // unchanged clusters stay home
+        if (zero) kind = RecordKind::kZero;
+      }
+      progress_ += cb_;
+      if (!send) continue;
+      if (kind == RecordKind::kData) {
+        // Compact: the slot of this cluster may be past the first free one.
+        std::byte* slot = job->payload.get() + used * cb_;
+        if (slot != data) std::memmove(slot, data, cb_);
+        job->payload_slot.push_back(static_cast<uint32_t>(used));
+        ++used;
+      } else {
+        job->payload_slot.push_back(0);
+      }
+      job->records.push_back(Record{k, 0, kind});
+      chunk_progress_ = progress_;
+    }
+    i = j;
+    if (used == slots || job->records.size() == kMaxChunkRecords) TRY(cut());
+  }
+  return cut();
+}
+
+Status Sender::Work(ChunkJob& job) {
+  job.digests.resize(job.data_count);
+  for (uint32_t j = 0; j < job.data_count; ++j) {
+    job.digests[j] = Sha256::Of(std::span<const std::byte>(job.payload.get() + j * cb_, cb_));
+  }
+  if (options_.compress && job.data_count > 0) {
+    thread_local std::unique_ptr<Lz4Compressor> compressor;
+    if (compressor == nullptr) {
+      ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
+    }
+    const size_t raw = uint64_t{job.data_count} * cb_;
+    if (!compressor->WorthCompressing(std::span<const std::byte>(job.payload.get(), raw), cb_)) {
+      return Status::Ok();
+    }
+    job.compressed = compressed_pool_.Get();
+    ASSIGN_OR_RETURN(size_t n,
+                     compressor->Compress(
+                         std::span<const std::byte>(job.payload.get(), raw),
+                         std::span<std::byte>(job.compressed.get(), Lz4Compressor::Bound(raw))));
+    if (n < raw) {
+      job.lz4 = true;
+      job.compressed_bytes = n;
+    } else {
+      compressed_pool_.Put(std::move(job.compressed));
+    }
+  }
+  return Status::Ok();
+}
+
+Status Sender::Emit(ChunkJob& job, Digest* chain) {
+  const uint64_t raw = uint64_t{job.data_count} * cb_;
+  ChunkHeader ch;
+  ch.flags = job.lz4 ? kChunkLz4 : 0;
+  ch.seq = job.seq;
+  ch.record_count = static_cast<uint32_t>(job.records.size());
+  ch.data_count = job.data_count;
+  ch.payload_bytes = job.lz4 ? job.compressed_bytes : raw;
+  ch.progress_bytes = job.progress_bytes;
+  std::vector<std::byte> head(kChunkHeaderBytes);
+  EncodeChunkHeader(ch, std::span<std::byte, kChunkHeaderBytes>(head.data(), kChunkHeaderBytes));
+  std::vector<std::byte> records;
+  EncodeRecords(job.records, records);
+  ch.digest =
+      ChunkDigest(*chain, std::span(head).first(kChunkHeaderDigestedBytes), records, job.digests);
+  std::memcpy(head.data() + kChunkHeaderDigestedBytes, ch.digest.data(), kDigestBytes);
+  *chain = ch.digest;
+  head.insert(head.end(), records.begin(), records.end());
+  TRY(out_.Write(head));
+  if (ch.payload_bytes > 0) {
+    const std::byte* payload = job.lz4 ? job.compressed.get() : job.payload.get();
+    TRY(out_.Write(std::span<const std::byte>(payload, ch.payload_bytes)));
+  }
+  // Content digests of a full stream, index by index: layer k reads the
+  // highest record at or below k (a hole reads zeros), or zeros.
+  if (!plan_.header.incremental) {
+    for (size_t r = 0; r < job.records.size();) {
+      size_t end = r;
+      while (end < job.records.size() && job.records[end].index == job.records[r].index) ++end;
+      const Digest* current = nullptr;
+      size_t next = r;
+      for (size_t k = 0; k < views_.size(); ++k) {
+        while (next < end && job.records[next].layer == k) {
+          current = job.records[next].kind == RecordKind::kData
+                        ? &job.digests[job.payload_slot[next]]
+                        : nullptr;
+          ++next;
+        }
+        if (current != nullptr) views_[k].Add(job.records[r].index, *current);
+      }
+      r = end;
+    }
+  }
+  for (const Record& rec : job.records) {
+    if (rec.kind == RecordKind::kData) {
+      ++counts_.data_clusters;
+    } else {
+      ++counts_.zero_clusters;
+    }
+  }
+  ++counts_.chunks;
+  payload_pool_.Put(std::move(job.payload));
+  compressed_pool_.Put(std::move(job.compressed));
+  Report(StreamProgress::Phase::kTransfer, job.progress_bytes, plan_.header.total_bytes);
+  return Status::Ok();
+}
+
+Status Sender::StreamPass(const ResumeToken& start, SendSummary* summary) {
+  const StreamHeader& h = plan_.header;
+  views_.assign(h.layers.size(), ViewChain());
+  for (size_t k = 0; k < views_.size(); ++k) {
+    views_[k].Init(h.layers[k].size_bytes, cb_);
+    if (k < start.views.size()) views_[k].set_state(start.views[k]);
+  }
+  Digest chain = start.chain;
+  uint64_t record_count = start.record_count;
+  uint64_t data_count = start.data_count;
+  uint64_t chunk_count = start.next_seq;
+
+  OrderedPipeline<ChunkJob> pipe(workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); });
+  Status produced;
+  std::thread producer([&] {
+    produced = plan_.layered ? Produce(start, pipe) : ProduceFlat(start, pipe);
+    pipe.Finish();
+  });
+  Status consumed;
+  while (auto next = pipe.Next()) {
+    auto& [job, status] = *next;
+    consumed = status.ok() ? Emit(*job, &chain) : status;
+    if (!consumed.ok()) break;
+    record_count += job->records.size();
+    data_count += job->data_count;
+    ++chunk_count;
+  }
+  pipe.Cancel();
+  producer.join();
+  TRY(consumed);
+  TRY(produced);
+
+  EndRecord end;
+  end.chunk_count = chunk_count;
+  end.record_count = record_count;
+  end.data_count = data_count;
+  if (h.incremental) {
+    end.layer_digests = plan_.layer_digests;
+  } else {
+    for (const ViewChain& v : views_) end.layer_digests.push_back(v.state());
+  }
+  TRY(out_.Write(EncodeEndRecord(end, chain)));
+  Report(StreamProgress::Phase::kTransfer, h.total_bytes, h.total_bytes);
+  *summary = counts_;
+  summary->stream_bytes = out_.bytes();
+  return Status::Ok();
+}
+
+// Resolves the snapshots and builds the header (without the incremental
+// digests, which need the chain open).
+Result<Plan> MakePlan(const Descriptor& dd, const std::vector<DescriptorImage>& images,
+                      Chain& chain, const SendOptions& options, const std::string& base_guid) {
+  Plan plan;
+  plan.m = static_cast<int>(images.size()) - 1;
+  plan.layered = options.layout == StreamLayout::kLayers;
+  const uint64_t cb = chain.cluster_bytes();
+  if (!base_guid.empty()) {
+    for (int level = 0; level < plan.m; ++level) {
+      if (images[level].guid == base_guid) plan.f = level;
+    }
+  }
+  StreamHeader& h = plan.header;
+  h.incremental = plan.f >= 0;
+  h.layered = plan.layered;
+  h.cluster_bytes = static_cast<uint32_t>(cb);
+  h.disk_size_bytes = chain.size_bytes();
+  for (size_t level = 0; level < chain.depth(); ++level) {
+    if (chain.layer(level).size_bytes() % cb != 0) {
+      return Status::NotSupported("delta " + images[level].guid + " (" + images[level].file +
+                                  ") is not a whole number of clusters; streams carry whole "
+                                  "clusters");
+    }
+  }
+  h.cylinders = dd.cylinders();
+  h.heads = dd.heads();
+  if (h.cylinders == 0 || h.heads == 0) {
+    ASSIGN_OR_RETURN(ploop::Header chs, MakeHeader(h.disk_size_bytes, cb));
+    h.cylinders = chs.cylinders;
+    h.heads = chs.heads;
+  }
+  h.base_guid = h.incremental ? images[plan.f].guid : std::string(kNullGuid);
+  if (plan.layered) {
+    for (int level = plan.f + 1; level <= plan.m; ++level) plan.stream_levels.push_back(level);
+  } else {
+    plan.stream_levels.push_back(plan.m);
+  }
+  if (plan.stream_levels.size() > kMaxLayers ||
+      plan.stream_levels.size() * cb > kMaxIndexGroupBytes) {
+    return Status::NotSupported(std::to_string(plan.stream_levels.size()) + " layers of " +
+                                std::to_string(cb) +
+                                "-byte clusters are more than a stream carries; use --flatten");
+  }
+  std::string parent = h.base_guid;
+  for (int level : plan.stream_levels) {
+    LayerEntry layer;
+    layer.guid = images[level].guid;
+    layer.parent_guid = parent;
+    layer.size_bytes = chain.layer(level).size_bytes();
+    parent = layer.guid;
+    h.layers.push_back(layer);
+  }
+  // The flattened layer has the snapshot's size (its top delta's).
+  h.layers.back().size_bytes = h.disk_size_bytes;
+  uint64_t entries = 0;
+  for (size_t k = 0; k < h.layers.size(); ++k) {
+    h.layers[k].size_bytes = std::min(h.layers[k].size_bytes, h.disk_size_bytes);
+    entries += h.layers[k].size_bytes / cb;
+  }
+  if (entries > kMaxBatEntries) {
+    return Status::NotSupported("the layers have more clusters together than a receiver holds (" +
+                                std::to_string(kMaxBatEntries) + "); use --flatten");
+  }
+  return plan;
+}
+
+}  // namespace
+
+Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, StreamWriter& out,
+                               const SendOptions& options, const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  std::string guid = dd.top_guid();
+  if (!options.guid.empty()) {
+    ASSIGN_OR_RETURN(guid, ParseGuid(options.guid));
+  }
+  if (dd.FindImage(guid) == nullptr) return Status::NotFound("no snapshot " + guid);
+  ASSIGN_OR_RETURN(std::vector<DescriptorImage> images, dd.ChainTo(guid));
+  for (const DescriptorImage& image : images) {
+    if (dd.FindShot(image.guid)->temporary) {
+      return Status::FailedPrecondition("a merge into " + image.guid +
+                                        " was interrupted; run check --repair first");
+    }
+  }
+  std::string base_guid;
+  if (!options.from_guid.empty()) {
+    ASSIGN_OR_RETURN(base_guid, ParseGuid(options.from_guid));
+    if (dd.FindImage(base_guid) == nullptr) return Status::NotFound("no snapshot " + base_guid);
+    if (base_guid == guid) {
+      return Status::InvalidArgument("--from names the snapshot being sent; nothing to send");
+    }
+    bool below = false;
+    for (size_t i = 0; i + 1 < images.size(); ++i) below |= images[i].guid == base_guid;
+    if (!below) {
+      return Status::InvalidArgument(base_guid + " is not an ancestor of " + guid +
+                                     "; an incremental stream starts from an older snapshot "
+                                     "of the same chain");
+    }
+  }
+  OpenOptions open;
+  ASSIGN_OR_RETURN(auto chain, Chain::Open(fs, dd, guid, open));
+  ASSIGN_OR_RETURN(Plan plan, MakePlan(dd, images, *chain, options, base_guid));
+  StreamHeader& h = plan.header;
+  SourceChain counter(*chain);
+  uint64_t total = 0;
+  if (plan.layered) {
+    for (int level : plan.stream_levels) total += counter.CountHeld(level, level);
+  } else {
+    total = counter.CountHeld(plan.f + 1, plan.m);
+  }
+  h.total_bytes = total * h.cluster_bytes;
+
+  CountingWriter writer(out);
+  std::unique_ptr<Sender> sender(new Sender(fs, *chain, plan, options, writer));
+  if (h.incremental) {
+    // The base's and the layers' content digests: recorded ones when the
+    // descriptor has all of them, else a pass over the data.
+    plan.recorded = ParseContentDigest(dd.FindShot(h.base_guid)->content_digest, &h.base_digest);
+    for (const LayerEntry& layer : h.layers) {
+      Digest d;
+      plan.recorded =
+          plan.recorded && ParseContentDigest(dd.FindShot(layer.guid)->content_digest, &d);
+      plan.layer_digests.push_back(d);
+    }
+    if (!plan.recorded) TRY(sender->DigestPass(&h.base_digest, &plan.layer_digests));
+  }
+  std::vector<std::byte> header_bytes = EncodeStreamHeader(h);
+
+  ResumeToken start;
+  start.chain = h.digest;
+  if (!options.resume_token.empty()) {
+    ASSIGN_OR_RETURN(start, DecodeToken(options.resume_token));
+    if (start.header_digest != h.digest) {
+      return Status::FailedPrecondition(
+          "the resume token belongs to another stream (other snapshots, options or disk "
+          "content); give the same -u, --from and --flatten/--layers as the interrupted send");
+    }
+    if (start.next_index > h.disk_clusters() || start.progress_bytes > h.total_bytes ||
+        start.views.size() != (h.incremental ? 0 : h.layers.size())) {
+      return Status::InvalidArgument("bad resume token: its position is not in this stream");
+    }
+  }
+  TRY(writer.Write(header_bytes));
+  if (!options.resume_token.empty()) {
+    std::array<std::byte, kResumeRecordBytes> rec;
+    EncodeResumeRecord(ResumeRecord{start.next_seq, start.next_index, start.chain}, rec);
+    TRY(writer.Write(rec));
+  }
+  SendSummary summary;
+  TRY(sender->StreamPass(start, &summary));
+  return summary;
+}
+
+}  // namespace ploop

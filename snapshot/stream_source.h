@@ -1,0 +1,143 @@
+// Reading cluster versions out of an open delta chain, for the stream
+// sender (and the receiver's digest of its base): which layers hold a
+// cluster, and windows of clusters read with one call per run of
+// consecutive clusters of one layer. Internal to snapshot/.
+//
+// Thread-safety: a SourceChain answers Holds()/Highest() from any thread
+// (the BATs are in memory and not changing); a WindowReader is used by one
+// thread; the Windows it returns may move to other threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "ploop/chain.h"
+#include "snapshot/stream_format.h"
+
+namespace ploop::stream {
+
+class SourceChain {
+ public:
+  // `chain` must outlive this and stay open.
+  explicit SourceChain(Chain& chain);
+
+  int levels() const { return static_cast<int>(levels_.size()); }
+  uint64_t cluster_bytes() const { return cluster_bytes_; }
+  // Clusters in layer `level`'s own size.
+  uint64_t level_clusters(int level) const;
+  bool Holds(int level, uint64_t index) const;
+  // The highest level <= max_level holding `index`, or -1.
+  int Highest(uint64_t index, int max_level) const;
+  // Clusters at or above `index` held by some level in [min_level,
+  // max_level], counted (for progress totals).
+  uint64_t CountHeld(int min_level, int max_level) const;
+  Image& layer(int level) { return chain_.layer(level); }
+  // Where cluster `index` of `level` is in that level's file (bytes), or
+  // nullopt when the level does not hold it.
+  std::optional<uint64_t> FileOffset(int level, uint64_t index) const;
+  // Reads what the chain up to `max_level` holds at clusters [first_index,
+  // first_index + count) into `out` (count clusters): one read per run of
+  // consecutive clusters coming from one level, zeros where no level at or
+  // below max_level holds a cluster (also for max_level -1).
+  Status ReadView(int max_level, uint64_t first_index, uint64_t count, std::span<std::byte> out);
+
+ private:
+  Chain& chain_;
+  uint64_t cluster_bytes_;
+  struct Level {
+    const class Delta* delta;  // nullptr for a raw base
+    uint64_t clusters;
+  };
+  std::vector<Level> levels_;
+};
+
+// Keeps the clusters a reader will want soon queued for reading
+// (BlockFile::Prefetch, posix_fadvise WILLNEED on the delta files), up to
+// 64 MiB ahead of it, so the disk works on the next reads while this
+// process hashes and writes the current ones -- what qemu-img gets from
+// several requests in flight, without more threads.
+class Prefetcher {
+ public:
+  // Opens the chain's files a second time, read-only, for the hints only;
+  // a file that does not open gets no hints.
+  Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index);
+  // The reader is at `index`: queue what follows.
+  void Advance(uint64_t index);
+
+ private:
+  SourceChain& source_;
+  const int max_level_;
+  const uint64_t end_index_;
+  std::vector<std::unique_ptr<BlockFile>> files_;  // per level
+  uint64_t queued_ = 0;                            // every index below is queued or passed
+};
+
+// One cluster of one level, read into a window's buffer.
+struct WindowVersion {
+  int level = 0;
+  size_t offset = 0;  // into Window::buf
+  // Filled by whoever digests the window.
+  bool zero = false;
+  Digest digest{};
+};
+
+struct WindowEntry {
+  uint64_t index = 0;
+  uint32_t first = 0;  // first version in Window::versions
+  uint32_t count = 0;
+  uint64_t progress_bytes = 0;  // what NeedsFn returned for it
+};
+
+struct Window {
+  std::vector<WindowEntry> entries;
+  std::vector<WindowVersion> versions;
+  AlignedBuffer buf;
+  bool pooled = false;
+  // Disk bytes the window's indices stand for (progress).
+  uint64_t progress_bytes = 0;
+
+  std::span<const std::byte> Data(const WindowVersion& v, uint64_t cluster_bytes) const {
+    return std::span<const std::byte>(buf.get() + v.offset, cluster_bytes);
+  }
+  // The version of `entry` read from `level`, or nullptr.
+  const WindowVersion* Find(const WindowEntry& entry, int level) const;
+};
+
+// Fills `levels` with the levels whose own data index `index` needs (no
+// duplicates) and returns the disk bytes it stands for; 0 (and no levels)
+// when the index is not part of the walk.
+using NeedsFn = std::function<uint64_t(uint64_t index, std::vector<int>& levels)>;
+
+class WindowReader {
+ public:
+  // Walks indices [start_index, end_index). A window's versions fill at
+  // most `window_bytes` (or hold one index when that alone is bigger).
+  WindowReader(SourceChain& source, NeedsFn needs, uint64_t start_index, uint64_t end_index,
+               uint64_t window_bytes);
+
+  // The next window with every version read, or nullptr after the last.
+  Result<std::unique_ptr<Window>> Next();
+  // Gives a window's buffer back for reuse. Thread-safe.
+  void Recycle(std::unique_ptr<Window> window);
+
+ private:
+  SourceChain& source_;
+  NeedsFn needs_;
+  uint64_t cursor_;
+  const uint64_t end_index_;
+  const uint64_t window_bytes_;
+  BufferPool pool_;
+  std::vector<int> levels_;  // scratch
+};
+
+// The content digest (STREAM.md) of what `chain` reads as, over its first
+// `size_bytes`. Reads every allocated cluster once; `progress` (may be
+// empty) gets disk bytes done and total.
+Result<Digest> ViewDigestOf(Chain& chain, uint64_t size_bytes,
+                            const std::function<void(uint64_t, uint64_t)>& progress);
+
+}  // namespace ploop::stream

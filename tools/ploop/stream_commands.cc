@@ -1,0 +1,274 @@
+// `ploop send` and `ploop receive`: the CLI side of snapshot/stream.h.
+// This file owns the file descriptors (stdin, stdout), the pipe tuning and
+// the progress display; the library does the rest.
+#include "stream_commands.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <csignal>
+#include <iostream>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "ploop/disk.h"
+#include "ploop/path.h"
+#include "progress.h"
+#include "snapshot/stream.h"
+#include "units.h"
+
+namespace ploop::cli {
+
+namespace {
+
+// A pipe's buffer is 64 KiB by default: a 4 MiB chunk would cross it in 64
+// rounds of wake-ups. 1 MiB is the unprivileged maximum
+// (/proc/sys/fs/pipe-max-size); anything else is left alone.
+void WidenPipe(int fd) {
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) ::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
+}
+
+class FdWriter final : public StreamWriter {
+ public:
+  explicit FdWriter(int fd) : fd_(fd) {}
+  Status Write(std::span<const std::byte> data) override {
+    while (!data.empty()) {
+      ssize_t n = ::write(fd_, data.data(), data.size());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(
+            errno, errno == EPIPE ? "write to stdout (the receiver went away)" : "write to stdout");
+      }
+      data = data.subspan(static_cast<size_t>(n));
+    }
+    return Status::Ok();
+  }
+
+ private:
+  int fd_;
+};
+
+// Reads stdin; Cancel() wakes a read blocked on a quiet pipe (through a
+// self-pipe), so the receiver can stop without waiting for the sender.
+class FdReader final : public StreamReader {
+ public:
+  explicit FdReader(int fd) : fd_(fd) {
+    if (::pipe2(wake_, O_CLOEXEC | O_NONBLOCK) != 0) wake_[0] = wake_[1] = -1;
+  }
+  ~FdReader() override {
+    if (wake_[0] >= 0) ::close(wake_[0]);
+    if (wake_[1] >= 0) ::close(wake_[1]);
+  }
+  Result<size_t> Read(std::span<std::byte> out) override {
+    for (;;) {
+      pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_[0], POLLIN, 0}};
+      int ready = ::poll(fds, wake_[0] >= 0 ? 2 : 1, -1);
+      if (ready < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno(errno, "wait for stdin");
+      }
+      if (wake_[0] >= 0 && (fds[1].revents & POLLIN)) {
+        return Status::FromErrno(ECANCELED, "read stdin");
+      }
+      ssize_t n = ::read(fd_, out.data(), out.size());
+      if (n < 0) {
+        if (errno == EINTR || errno == EAGAIN) continue;
+        return Status::FromErrno(errno, "read stdin");
+      }
+      return static_cast<size_t>(n);
+    }
+  }
+  void Cancel() override {
+    if (wake_[1] >= 0) (void)!::write(wake_[1], "x", 1);
+  }
+
+ private:
+  int fd_;
+  int wake_[2];
+};
+
+// One line, the documented exit code. Not Fail(): its "run 'ploop check'"
+// hint for corrupt images does not fit a corrupt stream.
+int StreamFail(std::string_view command, const Status& status) {
+  std::cerr << "ploop " << command << ": " << status.message() << "\n";
+  return ExitCodeFor(status);
+}
+
+struct SendArgs {
+  std::string dd;
+  std::string guid;
+  std::string from;
+  bool flatten = false;
+  bool layers = false;
+  std::string resume;
+  bool no_compress = false;
+  std::string progress = "auto";
+};
+
+struct ReceiveArgs {
+  std::string dir;
+  bool resume = false;
+  bool token = false;
+  bool abort = false;
+  std::string progress = "auto";
+};
+
+const char* PhaseName(StreamProgress::Phase phase) {
+  switch (phase) {
+    case StreamProgress::Phase::kDigest:
+      return "digest";
+    case StreamProgress::Phase::kVerifyBase:
+      return "verify-base";
+    case StreamProgress::Phase::kTransfer:
+      return "transfer";
+  }
+  return "transfer";
+}
+
+const char* PhasePrefix(StreamProgress::Phase phase) {
+  switch (phase) {
+    case StreamProgress::Phase::kDigest:
+      return "digesting snapshots: ";
+    case StreamProgress::Phase::kVerifyBase:
+      return "checking the base: ";
+    case StreamProgress::Phase::kTransfer:
+      return "";
+  }
+  return "";
+}
+
+StreamProgressFn ProgressTo(ProgressBar& bar) {
+  if (!bar.enabled()) return {};
+  return [&bar](const StreamProgress& p) {
+    bar.Update(ProgressSample{PhaseName(p.phase), p.done_bytes, p.total_bytes, PhasePrefix(p.phase),
+                              p.stream_bytes});
+  };
+}
+
+int RunSend(const SendArgs& args) {
+  if (args.flatten && args.layers) return Usage("send", "give one of --flatten and --layers");
+  auto mode = ParseProgressMode(args.progress);
+  if (!mode) return Usage("send", "--progress takes auto, json or none");
+  std::string dd_path;
+  if (!IsDescriptorPath(DefaultFileSystem(), args.dd, &dd_path)) {
+    return Usage("send", args.dd + " is not a DiskDescriptor.xml (nor a folder holding one)");
+  }
+  if (::isatty(STDOUT_FILENO) == 1) {
+    return Usage("send", "refusing to write a binary stream to a terminal; redirect stdout");
+  }
+  // A receiver that goes away is an EPIPE from write(), not a signal.
+  std::signal(SIGPIPE, SIG_IGN);
+  WidenPipe(STDOUT_FILENO);
+  SendOptions options;
+  options.guid = args.guid;
+  options.from_guid = args.from;
+  options.layout = args.layers ? StreamLayout::kLayers : StreamLayout::kFlatten;
+  options.resume_token = args.resume;
+  options.compress = !args.no_compress;
+  ProgressBar bar(*mode);
+  options.progress = ProgressTo(bar);
+  FdWriter out(STDOUT_FILENO);
+  auto sent = SendStream(DefaultFileSystem(), dd_path, out, options, LoadOptions());
+  bar.Finish();
+  if (!sent.ok()) return StreamFail("send", sent.error());
+  return kExitOk;
+}
+
+int RunReceive(const ReceiveArgs& args) {
+  if (args.resume + args.token + args.abort > 1) {
+    return Usage("receive", "give at most one of --resume, --token and --abort");
+  }
+  auto mode = ParseProgressMode(args.progress);
+  if (!mode) return Usage("receive", "--progress takes auto, json or none");
+  FileSystem& fs = DefaultFileSystem();
+  if (args.token) {
+    auto token = ReceiveResumeToken(fs, args.dir);
+    if (!token.ok()) return StreamFail("receive", token.error());
+    std::cout << *token << "\n";
+    return kExitOk;
+  }
+  if (args.abort) {
+    Status s = AbortReceive(fs, args.dir);
+    if (!s.ok()) return StreamFail("receive", s);
+    return kExitOk;
+  }
+  if (::isatty(STDIN_FILENO) == 1) {
+    return Usage("receive", "stdin is a terminal; feed the stream from ploop send");
+  }
+  // The folder is made here (only its last component); everything inside
+  // it is named by the receiver.
+  if (::mkdir(args.dir.c_str(), 0755) != 0 && errno != EEXIST) {
+    return StreamFail("receive", Status::FromErrno(errno, "create " + args.dir));
+  }
+  struct stat st;
+  if (::stat(args.dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Usage("receive", args.dir + " is not a folder");
+  }
+  WidenPipe(STDIN_FILENO);
+  ReceiveOptions options;
+  options.resume = args.resume;
+  ProgressBar bar(*mode);
+  options.progress = ProgressTo(bar);
+  FdReader in(STDIN_FILENO);
+  auto received = ReceiveStream(fs, args.dir, in, options);
+  bar.Finish();
+  if (!received.ok()) {
+    // Asked of the real file system, not through PLOOP_FAULT's wrapper
+    // (which fails everything after an injected cut).
+    struct stat state;
+    const std::string state_path = JoinPath(args.dir, kReceiveStateFileName);
+    if (::stat(state_path.c_str(), &state) == 0) {
+      std::cerr << "ploop receive: " << received.error().message()
+                << "; the partial receive is kept: continue it with 'ploop send --resume "
+                   "TOKEN ... | ploop receive --resume "
+                << args.dir << "' (TOKEN from 'ploop receive --token " << args.dir
+                << "') or discard it with --abort\n";
+      return kExitInterrupted;
+    }
+    return StreamFail("receive", received.error());
+  }
+  // The snapshot (or top) the stream was made of: what a later
+  // incremental stream is sent --from.
+  std::cout << received->guids.back() << "\n";
+  return kExitOk;
+}
+
+}  // namespace
+
+void RegisterStreamCommands(CLI::App& app, int& rc) {
+  static SendArgs send;
+  auto* c_send = app.add_subcommand(
+      "send", "write a snapshot (or the changes since an older one) to stdout as a stream");
+  c_send->add_option("-u,--uuid", send.guid, "the snapshot to send (default: the current top)");
+  c_send->add_option("--from", send.from,
+                     "send only the changes since this older snapshot (incremental)");
+  c_send->add_flag("--flatten", send.flatten, "one delta holding the snapshot's data (default)");
+  c_send->add_flag("--layers", send.layers, "one delta per delta of the chain, GUIDs kept");
+  c_send->add_option("--resume", send.resume,
+                     "continue an interrupted transfer (TOKEN from receive --token)");
+  c_send->add_flag("--no-compress", send.no_compress, "do not lz4-compress the stream");
+  c_send->add_option("--progress", send.progress,
+                     "auto (a bar on a terminal), json (lines on stderr) or none");
+  c_send->add_option("DD", send.dd, "DiskDescriptor.xml (or its folder)")->required();
+  c_send->callback([&rc] { rc = RunSend(send); });
+
+  static ReceiveArgs receive;
+  auto* c_receive = app.add_subcommand(
+      "receive", "make a disk (or add snapshots to one) in DIR from a stream on stdin");
+  c_receive->add_flag("--resume", receive.resume,
+                      "continue the interrupted receive in DIR (with the stream send --resume "
+                      "makes)");
+  c_receive->add_flag("--token", receive.token,
+                      "print the resume token of the interrupted receive in DIR");
+  c_receive->add_flag("--abort", receive.abort, "discard the interrupted receive in DIR");
+  c_receive->add_option("--progress", receive.progress,
+                        "auto (a bar on a terminal), json (lines on stderr) or none");
+  c_receive->add_option("DIR", receive.dir, "folder of the disk")->required();
+  c_receive->callback([&rc] { rc = RunReceive(receive); });
+}
+
+}  // namespace ploop::cli

@@ -7,6 +7,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
@@ -77,7 +78,7 @@ class PosixFile final : public BlockFile {
   Status PunchHole(uint64_t offset, uint64_t length) override {
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                     static_cast<off_t>(length)) != 0) {
-      if (errno == EOPNOTSUPP) punch_supported_ = false;
+      if (errno == EOPNOTSUPP) punch_supported_.store(false, std::memory_order_relaxed);
       return Status::FromErrno(errno, At("punch hole in", path_, offset));
     }
     return Status::Ok();
@@ -122,48 +123,52 @@ class PosixFile final : public BlockFile {
   }
 
   Status Lock(const LockRequest& request) override {
-    for (uint64_t byte : request.probe_bytes) {
-      struct flock fl = {};
-      fl.l_type = F_WRLCK;
-      fl.l_whence = SEEK_SET;
-      fl.l_start = static_cast<off_t>(byte);
-      fl.l_len = 1;
-      if (::fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
-        return Status::FromErrno(errno, "probe lock on " + path_);
-      }
-      if (fl.l_type != F_UNLCK) {
-        std::string who = fl.l_pid > 0 ? " (pid " + std::to_string(fl.l_pid) + ")" : "";
-        return Status::Busy(path_ + " is in use by another program" + who + ": lock byte " +
-                            std::to_string(byte) + " is held");
-      }
-    }
-    for (uint64_t byte : request.hold_bytes) {
-      struct flock fl = {};
-      fl.l_type = F_RDLCK;
-      fl.l_whence = SEEK_SET;
-      fl.l_start = static_cast<off_t>(byte);
-      fl.l_len = 1;
-      if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
-        if (errno == EAGAIN || errno == EACCES) {
-          return Status::Busy(path_ + " is in use by another program: lock byte " +
-                              std::to_string(byte) + " is held");
-        }
-        return Status::FromErrno(errno, "lock " + path_);
-      }
-    }
-    return Status::Ok();
+    return LockFileDescriptor(fd_, path_, request);
   }
 
-  bool CanPunchHole() const override { return punch_supported_; }
+  bool CanPunchHole() const override { return punch_supported_.load(std::memory_order_relaxed); }
   const std::string& path() const override { return path_; }
 
  private:
   int fd_;
   std::string path_;
-  bool punch_supported_ = true;
+  std::atomic<bool> punch_supported_{true};
 };
 
 }  // namespace
+
+Status LockFileDescriptor(int fd, const std::string& path, const LockRequest& request) {
+  for (uint64_t byte : request.probe_bytes) {
+    struct flock fl = {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(byte);
+    fl.l_len = 1;
+    if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) {
+      return Status::FromErrno(errno, "probe lock on " + path);
+    }
+    if (fl.l_type != F_UNLCK) {
+      std::string who = fl.l_pid > 0 ? " (pid " + std::to_string(fl.l_pid) + ")" : "";
+      return Status::Busy(path + " is in use by another program" + who + ": lock byte " +
+                          std::to_string(byte) + " is held");
+    }
+  }
+  for (uint64_t byte : request.hold_bytes) {
+    struct flock fl = {};
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(byte);
+    fl.l_len = 1;
+    if (::fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+      if (errno == EAGAIN || errno == EACCES) {
+        return Status::Busy(path + " is in use by another program: lock byte " +
+                            std::to_string(byte) + " is held");
+      }
+      return Status::FromErrno(errno, "lock " + path);
+    }
+  }
+  return Status::Ok();
+}
 
 Result<std::unique_ptr<BlockFile>> PosixFileSystem::Open(const std::string& path, OpenMode mode) {
   int flags = (mode == OpenMode::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;

@@ -5,6 +5,7 @@
 #include <iostream>
 
 #include "commands.h"
+#include "mount_commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
 
@@ -174,6 +175,8 @@ int main(int argc, char** argv) {
   c_fs_add->add_option("--uid-shift", fs_add.uid_shift, "add N to every uid copied in");
   c_fs_add->add_option("--gid-shift", fs_add.gid_shift, "add N to every gid copied in");
   c_fs_add->callback([&] { rc = RunFsAdd(fs_add); });
+
+  RegisterMountCommands(app, rc);
 
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,

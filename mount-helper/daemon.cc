@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -99,6 +100,10 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     ::close(null);
   }
   ::prctl(PR_SET_NAME, "ploop-fuse", 0, 0, 0);
+  // Large buffers (1 MiB requests) come straight from mmap and go back to
+  // the system when freed, instead of staying in malloc's arenas.
+  ::mallopt(M_MMAP_THRESHOLD, 128 << 10);
+  ::mallopt(M_ARENA_MAX, 2);
   // Stop signals are taken by a thread with sigwait(); every thread created
   // from here on inherits the mask.
   sigset_t stop_signals;
@@ -122,7 +127,9 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     return 1;
   };
 
-  auto served = ServedDisk::Create(std::move(chain));
+  ServedDiskOptions disk_options;
+  disk_options.direct_io = options.direct_io;
+  auto served = ServedDisk::Create(std::move(chain), disk_options);
   if (!served.ok()) return fail(served.error());
   ServedDisk& disk = **served;
   if (::mkdir(work_dir.c_str(), 0700) != 0 && errno != EEXIST) {
@@ -281,7 +288,7 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   if (auto st = QueryLoop(*device); st.ok() && st->attached && st->backing_file == fuse_file) {
     DetachLoop(*device).IgnoreError();
   }
-  RemoveRecord(*device).IgnoreError();
+  RemoveRecord(record).IgnoreError();
   RemoveTree(work_dir, fuse_file);
   LogInfo("exited");
   const bool released = reason == "the loop device released the disk";

@@ -38,6 +38,8 @@ struct DaemonOptions {
   std::string descriptor;  // absolute path, for the record and the log
   std::string guid;        // the snapshot served ("" = the top)
   unsigned threads = 32;   // FUSE worker threads at most
+  // The image files' data bypasses the page cache (ServedDiskOptions).
+  bool direct_io = true;
 };
 
 struct DaemonInfo {

@@ -114,17 +114,6 @@ Status SetAutoclear(const std::string& device) {
   return Status::Ok();
 }
 
-Status DisableDiscard(const std::string& device) {
-  auto name = LoopName(device);
-  if (!name) return Status::InvalidArgument(device + " is not a loop device");
-  std::ofstream out("/sys/block/" + *name + "/queue/discard_max_bytes");
-  if (!out) return Status::NotSupported("no discard_max_bytes for " + device);
-  out << "0\n";
-  out.close();
-  if (!out) return Status::FromErrno(EIO, "turn discards off on " + device);
-  return Status::Ok();
-}
-
 Result<LoopState> QueryLoop(const std::string& device) {
   auto name = LoopName(device);
   if (!name) return Status::InvalidArgument(device + " is not a loop device");

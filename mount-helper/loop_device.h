@@ -47,10 +47,6 @@ Status DetachLoop(const std::string& device);
 // Sets LO_FLAGS_AUTOCLEAR on an attached device.
 Status SetAutoclear(const std::string& device);
 
-// Stops the device from accepting discards (a preallocated image keeps its
-// space). Best effort: the sysfs knob may be missing.
-Status DisableDiscard(const std::string& device);
-
 struct LoopState {
   bool attached = false;
   std::string backing_file;  // as the kernel shows it ("... (deleted)" possible)

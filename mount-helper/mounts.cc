@@ -95,7 +95,6 @@ struct Direct {
   bool ok = false;
   uint64_t offset = 0;
   uint64_t size = 0;
-  bool preallocated = false;
 };
 
 // Whether the chain can go straight onto a loop device.
@@ -117,7 +116,6 @@ Direct DirectLayout(Chain& chain) {
   d.ok = true;
   d.offset = delta->header().first_block_bytes();
   d.size = image.size_bytes();
-  d.preallocated = true;
   return d;
 }
 
@@ -234,11 +232,9 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
     // Closing writes nothing (no write happened); the locks go with it and
     // are taken again on the descriptor the loop device keeps.
     chain.reset();
+    // (Discards of a preallocated image punch holes through the loop
+    // device: the range reads as zeros, its reservation is given up.)
     ASSIGN_OR_RETURN(out.device, AttachDirect(image, direct.offset, direct.size, read_only));
-    if (direct.preallocated && !read_only) {
-      // A preallocated image keeps its space: no discards punching holes.
-      DisableDiscard(out.device).IgnoreError();
-    }
     record.device = out.device;
     record.descriptor = request.descriptor;
     record.guid = request.guid;
@@ -256,6 +252,11 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
     options.descriptor = request.descriptor;
     options.guid = request.guid;
     options.threads = request.threads;
+    // PLOOP_DAEMON_BUFFERED=1: the image files through the page cache (to
+    // measure what direct I/O gains; see tools/bench/fio_bench.sh).
+    if (const char* b = std::getenv("PLOOP_DAEMON_BUFFERED"); b != nullptr && *b == '1') {
+      options.direct_io = false;
+    }
     ASSIGN_OR_RETURN(DaemonInfo info, StartDaemon(std::move(chain), options));
     out.device = info.device;
     out.daemon = true;
@@ -325,8 +326,9 @@ Status Unmount(const MountRecord& r) {
                             std::to_string(r.pid) + ") stops when it is released");
       }
     }
-    if (!ProcessAlive(r.pid, r.pid_start)) {
-      // What a daemon killed with SIGKILL left: its FUSE mount and folder.
+    // What a daemon killed with SIGKILL left: its FUSE mount and folder --
+    // unless its pid went to a new process, whose folder that is now.
+    if (ProcessStartTime(r.pid) == 0) {
       ::umount2(r.fuse_file.c_str(), MNT_DETACH);
       ::unlink(r.fuse_file.c_str());
       ::unlink(r.socket.c_str());
@@ -343,7 +345,7 @@ Status Unmount(const MountRecord& r) {
                           "that program closes it");
     }
   }
-  Status removed = RemoveRecord(r.device);
+  Status removed = RemoveRecord(r);
   if (!removed.ok() && removed.code() != StatusCode::kNotFound) return removed;
   return Status::Ok();
 }

@@ -139,8 +139,15 @@ Status WriteRecord(const MountRecord& record) {
   return Status::Ok();
 }
 
-Status RemoveRecord(const std::string& device) {
-  const std::string path = RecordPath(device);
+Status RemoveRecord(const MountRecord& record) {
+  const std::string path = RecordPath(record.device);
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  auto current = RecordFromJson(text.str());
+  if (!current.ok() || !(*current == record)) {
+    return Status::NotFound("no mount record of " + record.device + " for this mount");
+  }
   if (::unlink(path.c_str()) != 0) return Status::FromErrno(errno, "remove " + path);
   return Status::Ok();
 }

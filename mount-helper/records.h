@@ -52,8 +52,10 @@ std::string RunDir();
 Status EnsureRunDir();
 
 Status WriteRecord(const MountRecord& record);
-// NotFound when there is none.
-Status RemoveRecord(const std::string& device);
+// Removes the record of record.device -- only if it is still this record: a
+// device is reused, and by then its file may describe the next mount.
+// NotFound when there is none (or another).
+Status RemoveRecord(const MountRecord& record);
 // Every record; unreadable files are skipped.
 std::vector<MountRecord> ReadRecords();
 

@@ -76,20 +76,22 @@ class ServedDisk::Quiesced {
 
 void ServedDisk::FreeBuffer::operator()(std::byte* p) const { std::free(p); }
 
-ServedDisk::ServedDisk(std::unique_ptr<Chain> chain)
+ServedDisk::ServedDisk(std::unique_ptr<Chain> chain, ServedDiskOptions options)
     : chain_(std::move(chain)),
       cluster_bytes_(chain_->cluster_bytes()),
+      options_(options),
       writable_(chain_->writable()) {
   RebuildLayers();
 }
 
 ServedDisk::~ServedDisk() { Close().IgnoreError(); }
 
-Result<std::unique_ptr<ServedDisk>> ServedDisk::Create(std::unique_ptr<Chain> chain) {
+Result<std::unique_ptr<ServedDisk>> ServedDisk::Create(std::unique_ptr<Chain> chain,
+                                                       ServedDiskOptions options) {
   if (chain == nullptr || chain->depth() == 0) {
     return Status::FailedPrecondition("a served disk needs an open chain");
   }
-  std::unique_ptr<ServedDisk> disk(new ServedDisk(std::move(chain)));
+  std::unique_ptr<ServedDisk> disk(new ServedDisk(std::move(chain), options));
   if (disk->writable_ && disk->top_delta_ != nullptr) TRY(disk->top_delta_->BeginWrites());
   return disk;
 }
@@ -104,6 +106,12 @@ void ServedDisk::RebuildLayers() {
     layer.file =
         layer.delta != nullptr ? &layer.delta->file() : &dynamic_cast<RawImage&>(image).file();
     layer.size_bytes = image.size_bytes();
+    if (options_.direct_io) {
+      // Best effort: a file system without direct I/O stays buffered.
+      if (auto align = layer.file->EnableDirectIo(); align.ok()) {
+        io_alignment_ = std::max(io_alignment_, *align);
+      }
+    }
     layers_.push_back(layer);
   }
   top_delta_ = layers_.back().delta;

@@ -62,18 +62,31 @@ namespace ploop {
 
 class Delta;
 
+struct ServedDiskOptions {
+  // Read and write the delta files' data bypassing the page cache (see
+  // BlockFile::EnableDirectIo()) where the files allow it: the disk's user
+  // caches the data already, and the host file system then lets writes to
+  // one file run in parallel. Requests whose offset, length and buffer are
+  // aligned to io_alignment() go direct; others stay buffered.
+  bool direct_io = false;
+};
+
 class ServedDisk {
  public:
   // Takes over an open chain. A writable chain's top is marked in use now
   // (before any request), so a crash later is noticed and repaired by the
   // next writable open. FailedPrecondition for a closed chain; errors of
   // marking the top in use.
-  static Result<std::unique_ptr<ServedDisk>> Create(std::unique_ptr<Chain> chain);
+  static Result<std::unique_ptr<ServedDisk>> Create(std::unique_ptr<Chain> chain,
+                                                    ServedDiskOptions options = {});
   ~ServedDisk();
 
   uint64_t size_bytes() const { return size_bytes_.load(std::memory_order_acquire); }
   uint64_t cluster_bytes() const { return cluster_bytes_; }
   bool writable() const { return writable_; }
+  // Buffers and offsets aligned to this take the direct path (1 when direct
+  // I/O is off).
+  uint64_t io_alignment() const { return io_alignment_; }
 
   // Reads out.size() bytes at `offset_bytes` into `out` (no copy through
   // another buffer). InvalidArgument past the end.
@@ -134,7 +147,7 @@ class ServedDisk {
     uint64_t file_offset = 0;
   };
 
-  ServedDisk(std::unique_ptr<Chain> chain);
+  ServedDisk(std::unique_ptr<Chain> chain, ServedDiskOptions options);
   void RebuildLayers();
 
   // The highest layer at or below `max_level` holding `cluster_index`.
@@ -176,7 +189,9 @@ class ServedDisk {
   std::vector<Layer> layers_;  // base first
   Delta* top_delta_ = nullptr;
   const uint64_t cluster_bytes_;
-  bool writable_;  // changes only while quiesced
+  const ServedDiskOptions options_;
+  bool writable_;              // changes only while quiesced
+  uint64_t io_alignment_ = 1;  // changes only while quiesced
   std::atomic<uint64_t> size_bytes_{0};
   std::atomic<uint64_t> depth_{0};
   std::atomic<bool> closed_{false};

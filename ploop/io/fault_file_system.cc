@@ -157,6 +157,8 @@ class FaultFile final : public BlockFile {
   }
   // A hint: not an operation that can fail, change data or count.
   void Prefetch(uint64_t offset, uint64_t length) override { base_->Prefetch(offset, length); }
+  // Changes only how the base does its I/O; every call still comes here.
+  Result<uint64_t> EnableDirectIo() override { return base_->EnableDirectIo(); }
   Status Lock(const LockRequest& request) override { return base_->Lock(request); }
   bool CanPunchHole() const override { return base_->CanPunchHole(); }
   const std::string& path() const override { return base_->path(); }

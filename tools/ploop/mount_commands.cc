@@ -144,6 +144,7 @@ int RunList(const ListArgs& args) {
                      {"read_only", r.read_only},
                      {"kind", r.kind},
                      {"pid", r.pid},
+                     {"socket", r.socket},
                      {"mountpoints", m.mountpoints},
                      {"direct_io", m.direct_io},
                      {"rss_bytes", m.rss_bytes},

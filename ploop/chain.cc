@@ -252,6 +252,14 @@ Status Chain::Close() {
   return first;
 }
 
+std::vector<std::unique_ptr<Image>> Chain::TakeLayers() {
+  closed_ = true;
+  deltas_.clear();
+  std::vector<std::unique_ptr<Image>> out = std::move(layers_);
+  layers_.clear();
+  return out;
+}
+
 Result<bool> Chain::IsAllocated(uint64_t cluster_index) {
   if (cluster_index * cluster_bytes_ >= size_bytes()) {
     return Status::InvalidArgument("cluster index past the end");

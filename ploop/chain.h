@@ -64,6 +64,12 @@ class Chain final : public Image {
   // Allocated clusters of the whole disk; file bytes of all layers.
   Result<ImageStats> Stats() override;
 
+  // Hands the layers (base first) to the caller without closing them; the
+  // chain is closed and empty afterwards (only its destructor may be called
+  // then). The served disk uses it to change
+  // its layers online (served_disk.h).
+  std::vector<std::unique_ptr<Image>> TakeLayers();
+
   size_t depth() const { return layers_.size(); }
   // Layer `level`, 0 = the base.
   Image& layer(size_t level) { return *layers_[level]; }

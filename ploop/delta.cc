@@ -23,6 +23,23 @@
 //
 // BAT updates are batched: Write() changes the in-memory BAT and marks its
 // 4 KiB page dirty; Flush() writes the dirty pages at once.
+//
+// Concurrent writers (a served disk): lookups are lock-free atomic loads of
+// the in-memory BAT; meta_mu_ guards the allocator (free list, end of
+// file), the dirty-page set and every change of an entry, and is never held
+// across data I/O. A new cluster's data is written before its entry is
+// published, so a reader sees the old mapping or the complete new cluster.
+// Flush() takes, under meta_mu_, a snapshot of the dirty BAT pages (encoded
+// right then) and of the clusters freed so far, and only then syncs the
+// data: every entry in the snapshot points at data written before that
+// sync, and entries published meanwhile wait for the next Flush(), so (1)
+// holds with writers running. Freed clusters are punched and reused only
+// after the BAT that frees them is durable and the caller's reuse barrier
+// has seen every request that might still be using them finish.
+//
+//   writer:  reserve fc ─ pwrite(fc) ─ publish(idx→fc) ──────────────▶
+//   Flush:       snapshot pages+freed ─ sync data ─ write pages ─ sync ─ barrier ─ reuse
+//                        │ entries published after this line: next Flush()
 #include "ploop/delta.h"
 
 #include <algorithm>
@@ -83,6 +100,15 @@ Delta::Delta(std::unique_ptr<BlockFile> file, Header header, bool writable)
       header_(header),
       writable_(writable),
       cluster_bytes_(header.cluster_bytes()) {}
+
+uint32_t Delta::Entry(uint64_t i) const {
+  return std::atomic_ref<uint32_t>(const_cast<uint32_t&>(bat_[i])).load(std::memory_order_acquire);
+}
+
+void Delta::StoreEntryLocked(uint64_t i, uint32_t value) {
+  std::atomic_ref<uint32_t>(bat_[i]).store(value, std::memory_order_release);
+  dirty_bat_pages_.insert((kHeaderBytes + 4 * i) / kBatPageBytes);
+}
 
 Delta::~Delta() {
   if (!closed_) Close().IgnoreError();
@@ -175,8 +201,9 @@ uint32_t Delta::FileClusterToEntry(uint64_t file_cluster) const {
 }
 
 uint64_t Delta::ClusterFileOffset(uint64_t cluster_index) const {
-  if (cluster_index >= bat_.size() || bat_[cluster_index] == 0) return 0;
-  return EntryToFileCluster(bat_[cluster_index]) * cluster_bytes_;
+  if (cluster_index >= bat_.size()) return 0;
+  uint32_t e = Entry(cluster_index);
+  return e == 0 ? 0 : EntryToFileCluster(e) * cluster_bytes_;
 }
 
 Status Delta::LoadBat() {
@@ -255,22 +282,30 @@ Status Delta::WriteHeader() {
 }
 
 Status Delta::MarkDirty() {
-  if (marked_dirty_) return Status::Ok();
+  if (marked_dirty_.load(std::memory_order_acquire)) return Status::Ok();
+  std::lock_guard lock(dirty_mu_);
+  if (marked_dirty_.load(std::memory_order_relaxed)) return Status::Ok();
   header_.in_use = kInUseDirty;
   header_.flags &= ~kFlagEmpty;
   // A format extension (CBT) is no longer valid once the image changes.
   header_.ext_offset_sectors = 0;
   TRY_CTX(WriteHeader(), "mark image in use");
   TRY_CTX(file_->Sync(), "mark image in use");
-  marked_dirty_ = true;
+  marked_dirty_.store(true, std::memory_order_release);
   return Status::Ok();
+}
+
+Status Delta::BeginWrites() {
+  if (!writable_) return Status::FailedPrecondition(path() + " is open read-only");
+  if (closed_) return Status::FailedPrecondition(path() + " is closed");
+  return MarkDirty();
 }
 
 uint64_t Delta::MaxFileClusters() const {
   return 0xffffffffull / (header_.v2() ? 1 : header_.cluster_sectors);
 }
 
-Result<uint64_t> Delta::AllocateCluster() {
+Result<uint64_t> Delta::ReserveClusterLocked() {
   if (!free_clusters_.empty()) {
     uint64_t fc = free_clusters_.back();
     free_clusters_.pop_back();
@@ -282,14 +317,42 @@ Result<uint64_t> Delta::AllocateCluster() {
   return next_cluster_++;
 }
 
-void Delta::SetEntry(uint64_t cluster_index, uint64_t file_cluster) {
-  bat_[cluster_index] = file_cluster == 0 ? 0 : FileClusterToEntry(file_cluster);
-  dirty_bat_pages_.insert((kHeaderBytes + 4 * cluster_index) / kBatPageBytes);
+Result<uint64_t> Delta::ReserveCluster() {
+  std::lock_guard lock(meta_mu_);
+  return ReserveClusterLocked();
+}
+
+void Delta::UnreserveCluster(uint64_t fc) {
+  std::lock_guard lock(meta_mu_);
+  if (fc + 1 == next_cluster_) {
+    // The last cluster of the file: cut off whatever part of it was
+    // written. No cluster past it is reserved, so nobody writes there.
+    --next_cluster_;
+    file_->Truncate(std::max(next_cluster_ * cluster_bytes_, header_.first_block_bytes()))
+        .IgnoreError();
+  } else {
+    free_clusters_.push_back(fc);
+    std::sort(free_clusters_.rbegin(), free_clusters_.rend());
+  }
+}
+
+void Delta::PublishCluster(uint64_t cluster_index, uint64_t file_cluster) {
+  data_unsynced_.store(true, std::memory_order_release);
+  std::lock_guard lock(meta_mu_);
+  StoreEntryLocked(cluster_index, FileClusterToEntry(file_cluster));
+}
+
+void Delta::UnmapCluster(uint64_t cluster_index) {
+  std::lock_guard lock(meta_mu_);
+  uint32_t e = Entry(cluster_index);
+  if (e == 0) return;
+  StoreEntryLocked(cluster_index, 0);
+  pending_free_.push_back(EntryToFileCluster(e));
 }
 
 Status Delta::WriteNewCluster(uint64_t cluster_index, uint64_t in_cluster,
                               std::span<const std::byte> data) {
-  ASSIGN_OR_RETURN(uint64_t fc, AllocateCluster());
+  ASSIGN_OR_RETURN(uint64_t fc, ReserveCluster());
   Status s;
   if (in_cluster == 0 && data.size() == cluster_bytes_) {
     s = file_->WriteAt(fc * cluster_bytes_, data);
@@ -300,19 +363,10 @@ Status Delta::WriteNewCluster(uint64_t cluster_index, uint64_t in_cluster,
     s = file_->WriteAt(fc * cluster_bytes_, buf);
   }
   if (!s.ok()) {
-    // Give the cluster back; nothing points at it.
-    if (fc + 1 == next_cluster_) {
-      --next_cluster_;
-      file_->Truncate(std::max(next_cluster_ * cluster_bytes_, header_.first_block_bytes()))
-          .IgnoreError();
-    } else {
-      free_clusters_.push_back(fc);
-      std::sort(free_clusters_.rbegin(), free_clusters_.rend());
-    }
+    UnreserveCluster(fc);  // nothing points at it
     return s;
   }
-  data_unsynced_ = true;
-  SetEntry(cluster_index, fc);
+  PublishCluster(cluster_index, fc);
   return Status::Ok();
 }
 
@@ -320,8 +374,8 @@ uint64_t Delta::NewDataClusters(uint64_t cluster_index, std::span<const std::byt
                                 uint64_t max_count) const {
   const uint64_t cb = cluster_bytes_;
   uint64_t count = 0;
-  while (count < max_count && (count + 1) * cb <= data.size() && bat_[cluster_index + count] == 0 &&
-         !IsZero(data.subspan(count * cb, cb))) {
+  while (count < max_count && (count + 1) * cb <= data.size() &&
+         Entry(cluster_index + count) == 0 && !IsZero(data.subspan(count * cb, cb))) {
     ++count;
   }
   return count;
@@ -329,16 +383,30 @@ uint64_t Delta::NewDataClusters(uint64_t cluster_index, std::span<const std::byt
 
 Status Delta::AppendClusters(uint64_t cluster_index, std::span<const std::byte> data) {
   const uint64_t cb = cluster_bytes_;
-  const uint64_t first = next_cluster_;
+  const uint64_t count = data.size() / cb;
+  uint64_t first;
+  {
+    std::lock_guard lock(meta_mu_);
+    first = next_cluster_;
+    next_cluster_ += count;
+  }
   if (Status s = file_->WriteAt(first * cb, data); !s.ok()) {
     // Nothing points at the run; cut off whatever part of it was written.
-    file_->Truncate(std::max(first * cb, header_.first_block_bytes())).IgnoreError();
+    std::lock_guard lock(meta_mu_);
+    if (first + count == next_cluster_) {
+      next_cluster_ = first;
+      file_->Truncate(std::max(first * cb, header_.first_block_bytes())).IgnoreError();
+    } else {
+      for (uint64_t i = 0; i < count; ++i) free_clusters_.push_back(first + i);
+      std::sort(free_clusters_.rbegin(), free_clusters_.rend());
+    }
     return s;
   }
-  const uint64_t count = data.size() / cb;
-  next_cluster_ += count;
-  data_unsynced_ = true;
-  for (uint64_t i = 0; i < count; ++i) SetEntry(cluster_index + i, first + i);
+  data_unsynced_.store(true, std::memory_order_release);
+  std::lock_guard lock(meta_mu_);
+  for (uint64_t i = 0; i < count; ++i) {
+    StoreEntryLocked(cluster_index + i, FileClusterToEntry(first + i));
+  }
   return Status::Ok();
 }
 
@@ -351,16 +419,16 @@ Status Delta::Read(uint64_t offset, std::span<std::byte> out) {
     uint64_t idx = voff / cb;
     uint64_t in = voff % cb;
     uint64_t n = std::min<uint64_t>(cb - in, out.size() - pos);
-    if (bat_[idx] == 0) {
+    if (Entry(idx) == 0) {
       std::memset(out.data() + pos, 0, n);
       pos += n;
       continue;
     }
     // Extend over clusters that follow contiguously in the file.
-    uint64_t fc = EntryToFileCluster(bat_[idx]);
+    uint64_t fc = EntryToFileCluster(Entry(idx));
     uint64_t run = n;
-    for (uint64_t next = idx + 1; pos + run < out.size() && bat_[next] != 0 &&
-                                  EntryToFileCluster(bat_[next]) == fc + (next - idx);
+    for (uint64_t next = idx + 1; pos + run < out.size() && Entry(next) != 0 &&
+                                  EntryToFileCluster(Entry(next)) == fc + (next - idx);
          ++next) {
       run += std::min<uint64_t>(cb, out.size() - pos - run);
     }
@@ -382,7 +450,7 @@ Status Delta::Write(uint64_t offset, std::span<const std::byte> data) {
     uint64_t idx = voff / cb;
     uint64_t in = voff % cb;
     uint64_t n = std::min<uint64_t>(cb - in, data.size() - pos);
-    if (bat_[idx] == 0) {
+    if (Entry(idx) == 0) {
       auto piece = data.subspan(pos, n);
       // Zeros over an unallocated cluster change nothing a reader sees.
       if (IsZero(piece)) {
@@ -403,15 +471,15 @@ Status Delta::Write(uint64_t offset, std::span<const std::byte> data) {
       pos += n;
       continue;
     }
-    uint64_t fc = EntryToFileCluster(bat_[idx]);
+    uint64_t fc = EntryToFileCluster(Entry(idx));
     uint64_t run = n;
-    for (uint64_t next = idx + 1; pos + run < data.size() && bat_[next] != 0 &&
-                                  EntryToFileCluster(bat_[next]) == fc + (next - idx);
+    for (uint64_t next = idx + 1; pos + run < data.size() && Entry(next) != 0 &&
+                                  EntryToFileCluster(Entry(next)) == fc + (next - idx);
          ++next) {
       run += std::min<uint64_t>(cb, data.size() - pos - run);
     }
     TRY(file_->WriteAt(fc * cb + in, data.subspan(pos, run)));
-    data_unsynced_ = true;
+    NoteDataWritten();
     pos += run;
   }
   return Status::Ok();
@@ -424,9 +492,9 @@ Status Delta::WriteCluster(uint64_t cluster_index, std::span<const std::byte> da
     return Status::InvalidArgument("WriteCluster: bad cluster index or length");
   }
   TRY(MarkDirty());
-  if (bat_[cluster_index] != 0) {
-    TRY(file_->WriteAt(EntryToFileCluster(bat_[cluster_index]) * cluster_bytes_, data));
-    data_unsynced_ = true;
+  if (uint32_t e = Entry(cluster_index); e != 0) {
+    TRY(file_->WriteAt(EntryToFileCluster(e) * cluster_bytes_, data));
+    NoteDataWritten();
     return Status::Ok();
   }
   return WriteNewCluster(cluster_index, 0, data);
@@ -445,65 +513,96 @@ Status Delta::Discard(uint64_t offset, uint64_t length) {
     uint64_t in = voff % cb;
     uint64_t n = std::min<uint64_t>(cb - in, length - pos);
     pos += n;
-    if (bat_[idx] == 0) continue;
-    uint64_t fc = EntryToFileCluster(bat_[idx]);
+    uint32_t e = Entry(idx);
+    if (e == 0) continue;
+    uint64_t fc = EntryToFileCluster(e);
     if (n == cb && kind_ == ImageKind::kExpanded) {
-      SetEntry(idx, 0);
-      pending_free_.push_back(fc);
+      UnmapCluster(idx);
     } else {
       TRY(WriteZeros(*file_, fc * cb + in, n));
-      data_unsynced_ = true;
+      NoteDataWritten();
     }
   }
-  return Status::Ok();
-}
-
-Status Delta::WriteDirtyBatPages() {
-  const uint64_t bat_end = kHeaderBytes + 4 * bat_.size();
-  auto it = dirty_bat_pages_.begin();
-  while (it != dirty_bat_pages_.end()) {
-    // Coalesce a run of consecutive dirty pages into one write.
-    uint64_t first = *it;
-    uint64_t last = first;
-    auto next = std::next(it);
-    while (next != dirty_bat_pages_.end() && *next == last + 1) {
-      last = *next;
-      ++next;
-    }
-    uint64_t start = std::max(first * kBatPageBytes, uint64_t{kHeaderBytes});
-    uint64_t end = std::min((last + 1) * kBatPageBytes, bat_end);
-    std::vector<std::byte> buf(end - start);
-    for (uint64_t off = start; off < end; off += 4) {
-      StoreLe32(buf.data() + (off - start), bat_[(off - kHeaderBytes) / 4]);
-    }
-    TRY_CTX(file_->WriteAt(start, buf), "write BAT");
-    it = next;
-  }
-  dirty_bat_pages_.clear();
   return Status::Ok();
 }
 
 Status Delta::Flush() {
   if (!writable_ || closed_) return Status::Ok();
-  if (data_unsynced_ || !dirty_bat_pages_.empty()) {
-    // Data first: a BAT entry must never reach the disk before its cluster.
-    TRY_CTX(file_->Sync(), "flush data");
-    data_unsynced_ = false;
+  std::lock_guard flush_lock(flush_mu_);
+  if (!flush_failed_.ok()) return flush_failed_;
+
+  // The snapshot: dirty BAT pages encoded now (runs of consecutive pages
+  // coalesced into one write), and the clusters freed so far.
+  struct PageRun {
+    uint64_t offset_bytes;
+    std::vector<std::byte> bytes;
+  };
+  std::vector<PageRun> runs;
+  std::vector<uint64_t> pages;
+  std::vector<uint64_t> freed;
+  {
+    std::lock_guard lock(meta_mu_);
+    const uint64_t bat_end = kHeaderBytes + 4 * bat_.size();
+    pages.assign(dirty_bat_pages_.begin(), dirty_bat_pages_.end());
+    for (size_t i = 0; i < pages.size();) {
+      size_t j = i;
+      while (j + 1 < pages.size() && pages[j + 1] == pages[j] + 1) ++j;
+      uint64_t start = std::max(pages[i] * kBatPageBytes, uint64_t{kHeaderBytes});
+      uint64_t end = std::min((pages[j] + 1) * kBatPageBytes, bat_end);
+      PageRun run{start, std::vector<std::byte>(end - start)};
+      for (uint64_t off = start; off < end; off += 4) {
+        StoreLe32(run.bytes.data() + (off - start), Entry((off - kHeaderBytes) / 4));
+      }
+      runs.push_back(std::move(run));
+      i = j + 1;
+    }
+    dirty_bat_pages_.clear();
+    freed.swap(pending_free_);
   }
-  if (!dirty_bat_pages_.empty()) {
-    TRY(WriteDirtyBatPages());
-    TRY_CTX(file_->Sync(), "flush BAT");
+  // On failure the snapshot goes back: its pages are written (from the
+  // entries as they are then) and its clusters freed by a later Flush().
+  auto give_back = [&](Status s, bool sync_failed) -> Status {
+    std::lock_guard lock(meta_mu_);
+    dirty_bat_pages_.insert(pages.begin(), pages.end());
+    pending_free_.insert(pending_free_.end(), freed.begin(), freed.end());
+    if (sync_failed) {
+      flush_failed_ = Status(s).WithContext(
+          "an earlier flush of " + path() +
+          " failed, so its data may be lost; reopen the image (its check repairs it)");
+    }
+    return s;
+  };
+
+  // Data first: a BAT entry must never reach the disk before its cluster.
+  const bool data = data_unsynced_.exchange(false, std::memory_order_acq_rel);
+  if (data || !runs.empty()) {
+    if (Status s = file_->Sync(); !s.ok()) {
+      data_unsynced_.store(true, std::memory_order_release);
+      return give_back(std::move(s).WithContext("flush data"), true);
+    }
   }
-  if (!pending_free_.empty()) {
-    // The durable BAT no longer points at these clusters: give their space
-    // back and let later writes reuse them.
-    for (uint64_t fc : pending_free_) {
-      if (file_->CanPunchHole()) {
+  if (!runs.empty()) {
+    for (const PageRun& run : runs) {
+      if (Status s = file_->WriteAt(run.offset_bytes, run.bytes); !s.ok()) {
+        return give_back(std::move(s).WithContext("write BAT"), false);
+      }
+    }
+    if (Status s = file_->Sync(); !s.ok()) {
+      return give_back(std::move(s).WithContext("flush BAT"), true);
+    }
+  }
+  if (!freed.empty()) {
+    // The durable BAT no longer points at these clusters: once nobody can
+    // still be reading or writing them, give their space back and let later
+    // writes reuse them.
+    if (reuse_barrier_) reuse_barrier_();
+    if (file_->CanPunchHole()) {
+      for (uint64_t fc : freed) {
         file_->PunchHole(fc * cluster_bytes_, cluster_bytes_).IgnoreError();
       }
-      free_clusters_.push_back(fc);
     }
-    pending_free_.clear();
+    std::lock_guard lock(meta_mu_);
+    free_clusters_.insert(free_clusters_.end(), freed.begin(), freed.end());
     std::sort(free_clusters_.rbegin(), free_clusters_.rend());
   }
   return Status::Ok();
@@ -512,13 +611,15 @@ Status Delta::Flush() {
 Status Delta::Close() {
   if (closed_) return Status::Ok();
   Status result;
-  if (writable_ && marked_dirty_) {
+  if (writable_ && marked_dirty_.load(std::memory_order_acquire)) {
     result = [&]() -> Status {
       TRY(Flush());
       // Unreferenced clusters at the end of the file are given back.
       uint64_t end_cluster = (header_.first_block_bytes() + cluster_bytes_ - 1) / cluster_bytes_;
-      for (uint32_t e : bat_) {
-        if (e != 0) end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
+      for (uint64_t i = 0; i < bat_.size(); ++i) {
+        if (uint32_t e = Entry(i); e != 0) {
+          end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
+        }
       }
       ASSIGN_OR_RETURN(uint64_t file_bytes, file_->Size());
       if (file_bytes != end_cluster * cluster_bytes_ && kind_ == ImageKind::kExpanded) {
@@ -538,12 +639,12 @@ Status Delta::Close() {
 
 Result<bool> Delta::IsAllocated(uint64_t cluster_index) {
   if (cluster_index >= bat_.size()) return Status::InvalidArgument("cluster index past the end");
-  return bat_[cluster_index] != 0;
+  return Entry(cluster_index) != 0;
 }
 
 Result<ImageStats> Delta::Stats() {
   ImageStats st;
-  for (uint32_t e : bat_) st.allocated_clusters += e != 0;
+  for (uint64_t i = 0; i < bat_.size(); ++i) st.allocated_clusters += Entry(i) != 0;
   ASSIGN_OR_RETURN(st.file_bytes, file_->Size());
   return st;
 }
@@ -568,18 +669,21 @@ Status Delta::Grow(uint64_t new_size_bytes) {
     // Step 1: move the data clusters that sit where the BAT will grow to
     // the end of the file (data synced before the BAT points at it, by
     // Flush()). The old header still describes a valid image throughout.
-    std::erase_if(free_clusters_, [&](uint64_t fc) { return fc < new_first; });
-    next_cluster_ = std::max(next_cluster_, new_first);
+    {
+      std::lock_guard lock(meta_mu_);
+      std::erase_if(free_clusters_, [&](uint64_t fc) { return fc < new_first; });
+      next_cluster_ = std::max(next_cluster_, new_first);
+    }
     std::vector<std::byte> buf(cb);
     for (uint64_t i = 0; i < old_entries; ++i) {
-      if (bat_[i] == 0) continue;
-      uint64_t fc = EntryToFileCluster(bat_[i]);
+      uint32_t e = Entry(i);
+      if (e == 0) continue;
+      uint64_t fc = EntryToFileCluster(e);
       if (fc >= new_first) continue;
-      ASSIGN_OR_RETURN(uint64_t dest, AllocateCluster());
+      ASSIGN_OR_RETURN(uint64_t dest, ReserveCluster());
       TRY_CTX(file_->ReadAt(fc * cb, buf), "relocate cluster");
       TRY_CTX(file_->WriteAt(dest * cb, buf), "relocate cluster");
-      data_unsynced_ = true;
-      SetEntry(i, dest);
+      PublishCluster(i, dest);
     }
     TRY(Flush());
     // Step 2: the freed clusters become BAT: zero them, and the file must
@@ -596,7 +700,10 @@ Status Delta::Grow(uint64_t new_size_bytes) {
   next.flags = header_.flags & ~kFlagEmpty;
   next.version = header_.version;
   header_ = next;
-  bat_.resize(header_.bat_entries, 0);
+  {
+    std::lock_guard lock(meta_mu_);
+    bat_.resize(header_.bat_entries, 0);
+  }
   TRY_CTX(WriteHeader(), "write grown header");
   TRY_CTX(file_->Sync(), "write grown header");
   if (kind_ == ImageKind::kPreallocated) {
@@ -604,9 +711,14 @@ Status Delta::Grow(uint64_t new_size_bytes) {
     uint64_t count = header_.bat_entries - old_entries;
     uint64_t first = next_cluster_;
     TRY(file_->Allocate(first * cb, count * cb));
-    for (uint64_t i = 0; i < count; ++i) SetEntry(old_entries + i, first + i);
-    next_cluster_ = first + count;
-    data_unsynced_ = true;
+    {
+      std::lock_guard lock(meta_mu_);
+      for (uint64_t i = 0; i < count; ++i) {
+        StoreEntryLocked(old_entries + i, FileClusterToEntry(first + i));
+      }
+      next_cluster_ = first + count;
+    }
+    NoteDataWritten();
     TRY(Flush());
   }
   return Status::Ok();
@@ -634,15 +746,14 @@ Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batc
 
   if (drop_zero_clusters) {
     for (uint64_t i = 0; i < bat_.size(); ++i) {
-      if (bat_[i] == 0) continue;
-      uint64_t fc = EntryToFileCluster(bat_[i]);
+      if (Entry(i) == 0) continue;
+      uint64_t fc = EntryToFileCluster(Entry(i));
       ASSIGN_OR_RETURN(std::optional<uint64_t> data, file_->NextData(fc * cb));
       if (data.has_value() && *data < (fc + 1) * cb) {
         TRY_CTX(file_->ReadAt(fc * cb, buf), "compact: read cluster");
         if (!IsZero(buf)) continue;
       }  // else a hole in the file: zeros without reading them
-      SetEntry(i, 0);
-      pending_free_.push_back(fc);
+      UnmapCluster(i);
       ++report.dropped_zero_clusters;
     }
     TRY(Flush());
@@ -652,23 +763,32 @@ Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batc
   // first.
   std::vector<std::pair<uint64_t, uint64_t>> used;  // (file cluster, virtual)
   for (uint64_t i = 0; i < bat_.size(); ++i) {
-    if (bat_[i] != 0) used.emplace_back(EntryToFileCluster(bat_[i]), i);
+    if (Entry(i) != 0) used.emplace_back(EntryToFileCluster(Entry(i)), i);
   }
   std::sort(used.rbegin(), used.rend());
   batch_clusters = std::max<size_t>(batch_clusters, 1);
   size_t next_used = 0;
   while (next_used < used.size()) {
     size_t moved = 0;
-    while (moved < batch_clusters && next_used < used.size() && !free_clusters_.empty() &&
-           free_clusters_.back() < used[next_used].first) {
+    while (moved < batch_clusters && next_used < used.size()) {
+      // The lowest free cluster, if it lies below the cluster to move.
+      uint64_t to = 0;
+      {
+        std::lock_guard lock(meta_mu_);
+        if (free_clusters_.empty() || free_clusters_.back() >= used[next_used].first) break;
+        to = free_clusters_.back();
+        free_clusters_.pop_back();
+      }
       const auto [from, index] = used[next_used++];
-      const uint64_t to = free_clusters_.back();
-      free_clusters_.pop_back();
       TRY_CTX(file_->ReadAt(from * cb, buf), "compact: read cluster");
       TRY_CTX(file_->WriteAt(to * cb, buf), "compact: write cluster");
-      data_unsynced_ = true;
-      SetEntry(index, to);
-      pending_free_.push_back(from);
+      // Points the entry at the copy; the old cluster is freed once that
+      // is durable.
+      PublishCluster(index, to);
+      {
+        std::lock_guard lock(meta_mu_);
+        pending_free_.push_back(from);
+      }
       ++moved;
     }
     if (moved == 0) break;
@@ -677,11 +797,12 @@ Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batc
   }
 
   uint64_t end_cluster = (header_.first_block_bytes() + cb - 1) / cb;
-  for (uint32_t e : bat_) {
-    if (e != 0) end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
+  for (uint64_t i = 0; i < bat_.size(); ++i) {
+    if (Entry(i) != 0) end_cluster = std::max(end_cluster, EntryToFileCluster(Entry(i)) + 1);
   }
   TRY_CTX(file_->Truncate(end_cluster * cb), "compact: cut the file");
   TRY_CTX(file_->Sync(), "compact: cut the file");
+  std::lock_guard lock(meta_mu_);
   std::erase_if(free_clusters_, [&](uint64_t fc) { return fc >= end_cluster; });
   next_cluster_ = end_cluster;
   report.file_bytes_after = end_cluster * cb;

@@ -1,6 +1,6 @@
 // RawImage: a plain file whose byte i is byte i of the disk.
 //
-// Thread-safety: not thread-safe.
+// Thread-safety: not thread-safe (but see file()).
 #pragma once
 
 #include <memory>
@@ -34,6 +34,10 @@ class RawImage final : public Image {
   Result<bool> IsAllocated(uint64_t cluster_index) override;
   Status Grow(uint64_t new_size_bytes) override;
   Result<ImageStats> Stats() override;
+
+  // The file: disk byte i is file byte i. Reads may run from many threads
+  // at once (served_disk.h reads a raw base straight from it).
+  BlockFile& file() { return *file_; }
 
  private:
   RawImage(std::unique_ptr<BlockFile> file, uint64_t size_bytes, bool writable)

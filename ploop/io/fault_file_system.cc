@@ -1,7 +1,9 @@
 // Design: every mutating call on a FaultFile first asks Before() whether it
 // may run (armed rules, the cut), then records an undo/redo entry in the
 // file's Journal: the bytes and size it is about to overwrite and what it
-// writes. Sync() empties the journal, since everything in it is now durable.
+// writes, and marks it completed once the base file system returned. Sync()
+// removes the entries that had completed when it started, since those are
+// now durable; entries of operations still running on other threads stay.
 // Crash() rolls each journal back to the last synced state (undo in reverse)
 // and then replays the entries the CrashMode keeps (redo in order), which
 // models a disk that wrote back an arbitrary subset of the dirty data.
@@ -60,11 +62,31 @@ struct FaultFileSystem::Journal {
     std::vector<std::byte> old_bytes;  // [offset, offset+old_bytes.size()) before the op
     std::vector<std::byte> new_bytes;  // for writes: the data written
     bool refused = false;              // the base failed it: undo only, never redo
+    bool completed = false;            // the base returned (a Sync() now covers it)
+    uint64_t id = 0;
   };
   std::vector<Entry> entries;
+  // The file's size as the durable state has it: its size when the journal
+  // began, changed by every entry a Sync() covered since.
+  uint64_t durable_size = 0;
 };
 
 namespace {
+
+// The file size after entry `e` applied to a file of `size` bytes.
+uint64_t SizeAfter(const FaultFileSystem::Journal::Entry& e, uint64_t size) {
+  switch (e.kind) {
+    case FaultFileSystem::JournalKind::kWrite:
+      return std::max(size, e.offset + e.new_bytes.size());
+    case FaultFileSystem::JournalKind::kTruncate:
+      return e.new_size;
+    case FaultFileSystem::JournalKind::kAllocate:
+      return std::max(size, e.new_size);
+    case FaultFileSystem::JournalKind::kPunch:
+      return size;
+  }
+  return size;
+}
 
 class FaultFile final : public BlockFile {
   using Kind = FaultFileSystem::JournalKind;
@@ -85,19 +107,21 @@ class FaultFile final : public BlockFile {
                           std::to_string(offset) + "+" + std::to_string(data.size()), &torn);
     if (!s.ok()) {
       if (torn > 0) {
-        fs_.Record(path(), *base_, Kind::kWrite, offset, torn, 0, data.first(torn));
-        base_->WriteAt(offset, data.first(torn)).IgnoreError();
+        uint64_t id = fs_.Record(path(), *base_, Kind::kWrite, offset, torn, 0, data.first(torn));
+        Status torn_write = base_->WriteAt(offset, data.first(torn));
+        fs_.Completed(path(), id, torn_write.ok());
       }
       return s;
     }
-    fs_.Record(path(), *base_, Kind::kWrite, offset, data.size(), 0, data);
-    return Refusable(base_->WriteAt(offset, data));
+    uint64_t id = fs_.Record(path(), *base_, Kind::kWrite, offset, data.size(), 0, data);
+    return Finish(id, base_->WriteAt(offset, data));
   }
 
   Status Sync() override {
     TRY(fs_.Before(FaultOp::kSync, path(), "", nullptr));
+    std::vector<uint64_t> covered = fs_.SyncStarts(path());
     TRY(base_->Sync());
-    fs_.Synced(path());
+    fs_.Synced(path(), covered);
     return Status::Ok();
   }
 
@@ -105,22 +129,22 @@ class FaultFile final : public BlockFile {
 
   Status Truncate(uint64_t size) override {
     TRY(fs_.Before(FaultOp::kTruncate, path(), std::to_string(size), nullptr));
-    fs_.Record(path(), *base_, Kind::kTruncate, size, 0, size, {});
-    return Refusable(base_->Truncate(size));
+    uint64_t id = fs_.Record(path(), *base_, Kind::kTruncate, size, 0, size, {});
+    return Finish(id, base_->Truncate(size));
   }
 
   Status PunchHole(uint64_t offset, uint64_t length) override {
     TRY(fs_.Before(FaultOp::kPunchHole, path(),
                    std::to_string(offset) + "+" + std::to_string(length), nullptr));
-    fs_.Record(path(), *base_, Kind::kPunch, offset, length, 0, {});
-    return Refusable(base_->PunchHole(offset, length));
+    uint64_t id = fs_.Record(path(), *base_, Kind::kPunch, offset, length, 0, {});
+    return Finish(id, base_->PunchHole(offset, length));
   }
 
   Status Allocate(uint64_t offset, uint64_t length) override {
     TRY(fs_.Before(FaultOp::kAllocate, path(),
                    std::to_string(offset) + "+" + std::to_string(length), nullptr));
-    fs_.Record(path(), *base_, Kind::kAllocate, offset, 0, offset + length, {});
-    return Refusable(base_->Allocate(offset, length));
+    uint64_t id = fs_.Record(path(), *base_, Kind::kAllocate, offset, 0, offset + length, {});
+    return Finish(id, base_->Allocate(offset, length));
   }
 
   Result<std::optional<uint64_t>> NextData(uint64_t offset) override {
@@ -133,15 +157,17 @@ class FaultFile final : public BlockFile {
   }
   // A hint: not an operation that can fail, change data or count.
   void Prefetch(uint64_t offset, uint64_t length) override { base_->Prefetch(offset, length); }
+  // Changes only how the base does its I/O; every call still comes here.
+  Result<uint64_t> EnableDirectIo() override { return base_->EnableDirectIo(); }
   Status Lock(const LockRequest& request) override { return base_->Lock(request); }
   bool CanPunchHole() const override { return base_->CanPunchHole(); }
   const std::string& path() const override { return base_->path(); }
 
  private:
-  // The base file system's answer to the operation just recorded: when it
+  // The base file system's answer to recorded operation `id`: when it
   // refused (ENOSPC, ...), a crash must not replay the operation.
-  Status Refusable(Status s) {
-    if (!s.ok()) fs_.Refused(path());
+  Status Finish(uint64_t id, Status s) {
+    fs_.Completed(path(), id, s.ok());
     return s;
   }
 
@@ -226,9 +252,9 @@ Status FaultFileSystem::Before(FaultOp op, const std::string& path, std::string 
   return Status::Ok();
 }
 
-void FaultFileSystem::Record(const std::string& path, BlockFile& file, JournalKind kind,
-                             uint64_t offset, uint64_t length, uint64_t new_size,
-                             std::span<const std::byte> new_bytes) {
+uint64_t FaultFileSystem::Record(const std::string& path, BlockFile& file, JournalKind kind,
+                                 uint64_t offset, uint64_t length, uint64_t new_size,
+                                 std::span<const std::byte> new_bytes) {
   Journal::Entry e;
   e.kind = kind;
   e.offset = offset;
@@ -246,21 +272,54 @@ void FaultFileSystem::Record(const std::string& path, BlockFile& file, JournalKi
   }
   std::lock_guard lock(mu_);
   auto& j = journals_[path];
-  if (!j) j = std::make_unique<Journal>();
+  if (!j) {
+    // No operation of this file is pending, so its size now is durable. (Not
+    // e.old_size: another thread's write may have extended the file and been
+    // synced since that was read.)
+    j = std::make_unique<Journal>();
+    auto durable = file.Size();
+    j->durable_size = durable.ok() ? *durable : e.old_size;
+  }
+  e.id = next_entry_id_++;
   j->entries.push_back(std::move(e));
+  return j->entries.back().id;
 }
 
-void FaultFileSystem::Refused(const std::string& path) {
+void FaultFileSystem::Completed(const std::string& path, uint64_t id, bool ok) {
   std::lock_guard lock(mu_);
   auto it = journals_.find(path);
-  if (it != journals_.end() && !it->second->entries.empty()) {
-    it->second->entries.back().refused = true;
+  if (it == journals_.end()) return;
+  for (auto& e : it->second->entries) {
+    if (e.id == id) {
+      e.completed = true;
+      e.refused = !ok;
+      return;
+    }
   }
 }
 
-void FaultFileSystem::Synced(const std::string& path) {
+std::vector<uint64_t> FaultFileSystem::SyncStarts(const std::string& path) {
   std::lock_guard lock(mu_);
-  journals_.erase(path);
+  std::vector<uint64_t> ids;
+  auto it = journals_.find(path);
+  if (it == journals_.end()) return ids;
+  for (const auto& e : it->second->entries) {
+    if (e.completed) ids.push_back(e.id);
+  }
+  return ids;
+}
+
+void FaultFileSystem::Synced(const std::string& path, const std::vector<uint64_t>& ids) {
+  std::lock_guard lock(mu_);
+  auto it = journals_.find(path);
+  if (it == journals_.end()) return;
+  Journal& j = *it->second;
+  std::erase_if(j.entries, [&](const Journal::Entry& e) {
+    if (!std::binary_search(ids.begin(), ids.end(), e.id)) return false;
+    if (!e.refused) j.durable_size = SizeAfter(e, j.durable_size);
+    return true;
+  });
+  if (j.entries.empty()) journals_.erase(it);
 }
 
 Status FaultFileSystem::Crash(CrashMode mode, uint64_t seed) {
@@ -279,20 +338,27 @@ Status FaultFileSystem::Crash(CrashMode mode, uint64_t seed) {
     if (!opened.ok()) continue;  // removed since: nothing to roll back
     BlockFile& f = **opened;
     auto& entries = journal->entries;
-    // Undo, newest first, back to the synced state.
+    // Undo, newest first, back to the durable state: each entry's old bytes
+    // come back, and whatever it wrote past the file's end then reads as
+    // zeros (the final size below cuts it off unless a surviving entry
+    // reaches further). Sizes are settled once at the end, because with
+    // concurrent writers an entry still pending may have been recorded
+    // before a durable one that extended the file.
+    ASSIGN_OR_RETURN(uint64_t size_now, f.Size());
     for (auto it = entries.rbegin(); it != entries.rend(); ++it) {
-      if (it->kind == JournalKind::kTruncate) {
-        TRY(f.Truncate(it->old_size));
-      } else {
-        TRY(f.Truncate(std::max<uint64_t>(it->old_size, it->offset + it->old_bytes.size())));
-      }
       if (!it->old_bytes.empty()) TRY(f.WriteAt(it->offset, it->old_bytes));
-      TRY(f.Truncate(it->old_size));
+      if (it->kind == JournalKind::kWrite) {
+        uint64_t from = std::max(it->old_size, it->offset);
+        uint64_t end = std::min(it->offset + it->new_bytes.size(), size_now);
+        if (end > from) TRY(f.WriteAt(from, std::vector<std::byte>(end - from)));
+      }
     }
     // Redo the survivors, oldest first.
+    uint64_t size = journal->durable_size;
     for (const auto& e : entries) {
       bool keep = mode == CrashMode::kKeepAll || (mode == CrashMode::kRandom && (rng() & 1));
       if (!keep || e.refused) continue;
+      size = SizeAfter(e, size);
       switch (e.kind) {
         case JournalKind::kWrite:
           if (!e.new_bytes.empty()) TRY(f.WriteAt(e.offset, e.new_bytes));
@@ -303,13 +369,11 @@ Status FaultFileSystem::Crash(CrashMode mode, uint64_t seed) {
         case JournalKind::kPunch:
           TRY(f.PunchHole(e.offset, e.length));
           break;
-        case JournalKind::kAllocate: {
-          ASSIGN_OR_RETURN(uint64_t size, f.Size());
-          if (e.new_size > size) TRY(f.Truncate(e.new_size));
+        case JournalKind::kAllocate:
           break;
-        }
       }
     }
+    TRY(f.Truncate(size));
     TRY(f.Sync());
   }
   return Status::Ok();

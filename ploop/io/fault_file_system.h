@@ -13,6 +13,12 @@
 // Directory operations (create, rename, remove) are treated as durable at
 // once; only file contents and sizes are subject to Crash().
 //
+// Concurrent use (a served disk's worker threads): operations on disjoint
+// ranges may run at once. A Sync() makes durable exactly the operations that
+// had completed when it started, as fsync(2) does; one still running may or
+// may not survive a Crash(). The cut counts operations in the order they
+// reach Before().
+//
 // Thread-safety: thread-safe; fault state is guarded by one mutex.
 #pragma once
 
@@ -101,12 +107,18 @@ class FaultFileSystem final : public FileSystem {
   enum class JournalKind { kWrite, kTruncate, kPunch, kAllocate };
   Status Before(FaultOp op, const std::string& path, std::string detail, size_t* torn_bytes);
   // Records, before it happens, an operation that changes [offset,
-  // offset+length) (for a truncate: everything past `new_size`).
-  void Record(const std::string& path, BlockFile& file, JournalKind kind, uint64_t offset,
-              uint64_t length, uint64_t new_size, std::span<const std::byte> new_bytes);
-  // The base file system failed the operation Record() just recorded.
-  void Refused(const std::string& path);
-  void Synced(const std::string& path);
+  // offset+length) (for a truncate: everything past `new_size`). Returns the
+  // entry's id for Completed().
+  uint64_t Record(const std::string& path, BlockFile& file, JournalKind kind, uint64_t offset,
+                  uint64_t length, uint64_t new_size, std::span<const std::byte> new_bytes);
+  // The base file system finished the recorded operation `id`; `ok` false
+  // when it refused it (a crash must then not replay it).
+  void Completed(const std::string& path, uint64_t id, bool ok);
+  // A Sync() of `path` starts: the ids of the operations it covers (those
+  // completed by now).
+  std::vector<uint64_t> SyncStarts(const std::string& path);
+  // That Sync() succeeded: its operations are durable.
+  void Synced(const std::string& path, const std::vector<uint64_t>& ids);
 
  private:
   FileSystem& base_;
@@ -127,6 +139,7 @@ class FaultFileSystem final : public FileSystem {
   std::vector<std::string> log_;
   // Per path: what changed since that file's last Sync().
   std::map<std::string, std::unique_ptr<Journal>> journals_;
+  uint64_t next_entry_id_ = 1;
 };
 
 }  // namespace ploop

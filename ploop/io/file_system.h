@@ -73,6 +73,16 @@ class BlockFile {
     (void)offset_bytes;
     (void)length_bytes;
   }
+  // From now on, reads and writes whose offset, length and buffer address
+  // are multiples of the returned alignment bypass the page cache (O_DIRECT);
+  // the rest stay buffered. What reads return and what Sync() makes durable
+  // do not change. A served disk uses it so that data is not cached twice
+  // (once above the disk, once for the image file). Call it before sharing
+  // the file between threads. NotSupported (the default) when the file
+  // system cannot.
+  virtual Result<uint64_t> EnableDirectIo() {
+    return Status::NotSupported(path() + ": no direct I/O");
+  }
   // Takes the byte-range locks of `request`; kBusy, naming the byte, when a
   // probed byte is locked through another open of the same file (in this
   // process or another).

@@ -5,8 +5,11 @@
 #include <linux/falloc.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <filesystem>
@@ -23,13 +26,41 @@ std::string At(std::string_view what, const std::string& path, uint64_t offset) 
 
 class PosixFile final : public BlockFile {
  public:
-  PosixFile(int fd, std::string path) : fd_(fd), path_(std::move(path)) {}
-  ~PosixFile() override { ::close(fd_); }
+  PosixFile(int fd, std::string path, bool writable)
+      : fd_(fd), path_(std::move(path)), writable_(writable) {}
+  ~PosixFile() override {
+    ::close(fd_);
+    if (direct_fd_ >= 0) ::close(direct_fd_);
+  }
+
+  Result<uint64_t> EnableDirectIo() override {
+    if (direct_fd_ >= 0) return direct_align_;
+    // A second open file description of the same file, with O_DIRECT. The
+    // locks stay with the first one.
+    std::string self = "/proc/self/fd/" + std::to_string(fd_);
+    int fd = ::open(self.c_str(), (writable_ ? O_RDWR : O_RDONLY) | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) return Status::FromErrno(errno, "open " + path_ + " for direct I/O");
+    uint64_t align = 4096;
+    struct statx stx = {};
+    if (::statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &stx) == 0 &&
+        (stx.stx_mask & STATX_DIOALIGN) != 0) {
+      if (stx.stx_dio_offset_align == 0) {  // the file system has no direct I/O
+        ::close(fd);
+        return Status::NotSupported(path_ + ": the file system has no direct I/O");
+      }
+      align = std::max<uint64_t>({512, stx.stx_dio_offset_align, stx.stx_dio_mem_align});
+    }
+    direct_align_ = align;
+    direct_fd_ = fd;
+    return align;
+  }
 
   Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
+    int fd = Direct(offset, out.data(), out.size()) ? direct_fd_ : fd_;
     size_t done = 0;
     while (done < out.size()) {
-      ssize_t n = ::pread(fd_, out.data() + done, out.size() - done, offset + done);
+      ssize_t n = ::pread(fd, out.data() + done, out.size() - done, offset + done);
+      if (n >= 0 && static_cast<size_t>(n) < out.size() - done) fd = fd_;
       if (n < 0) {
         if (errno == EINTR) continue;
         return Status::FromErrno(errno, At("read", path_, offset + done));
@@ -44,9 +75,11 @@ class PosixFile final : public BlockFile {
   }
 
   Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    int fd = Direct(offset, data.data(), data.size()) ? direct_fd_ : fd_;
     size_t done = 0;
     while (done < data.size()) {
-      ssize_t n = ::pwrite(fd_, data.data() + done, data.size() - done, offset + done);
+      ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done, offset + done);
+      if (n >= 0 && static_cast<size_t>(n) < data.size() - done) fd = fd_;
       if (n < 0) {
         if (errno == EINTR) continue;
         return Status::FromErrno(errno, At("write", path_, offset + done));
@@ -77,7 +110,7 @@ class PosixFile final : public BlockFile {
   Status PunchHole(uint64_t offset, uint64_t length) override {
     if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
                     static_cast<off_t>(length)) != 0) {
-      if (errno == EOPNOTSUPP) punch_supported_ = false;
+      if (errno == EOPNOTSUPP) punch_supported_.store(false, std::memory_order_relaxed);
       return Status::FromErrno(errno, At("punch hole in", path_, offset));
     }
     return Status::Ok();
@@ -122,48 +155,64 @@ class PosixFile final : public BlockFile {
   }
 
   Status Lock(const LockRequest& request) override {
-    for (uint64_t byte : request.probe_bytes) {
-      struct flock fl = {};
-      fl.l_type = F_WRLCK;
-      fl.l_whence = SEEK_SET;
-      fl.l_start = static_cast<off_t>(byte);
-      fl.l_len = 1;
-      if (::fcntl(fd_, F_OFD_GETLK, &fl) != 0) {
-        return Status::FromErrno(errno, "probe lock on " + path_);
-      }
-      if (fl.l_type != F_UNLCK) {
-        std::string who = fl.l_pid > 0 ? " (pid " + std::to_string(fl.l_pid) + ")" : "";
-        return Status::Busy(path_ + " is in use by another program" + who + ": lock byte " +
-                            std::to_string(byte) + " is held");
-      }
-    }
-    for (uint64_t byte : request.hold_bytes) {
-      struct flock fl = {};
-      fl.l_type = F_RDLCK;
-      fl.l_whence = SEEK_SET;
-      fl.l_start = static_cast<off_t>(byte);
-      fl.l_len = 1;
-      if (::fcntl(fd_, F_OFD_SETLK, &fl) != 0) {
-        if (errno == EAGAIN || errno == EACCES) {
-          return Status::Busy(path_ + " is in use by another program: lock byte " +
-                              std::to_string(byte) + " is held");
-        }
-        return Status::FromErrno(errno, "lock " + path_);
-      }
-    }
-    return Status::Ok();
+    return LockFileDescriptor(fd_, path_, request);
   }
 
-  bool CanPunchHole() const override { return punch_supported_; }
+  bool CanPunchHole() const override { return punch_supported_.load(std::memory_order_relaxed); }
   const std::string& path() const override { return path_; }
 
  private:
+  // Whether an access can go through the O_DIRECT descriptor. After a
+  // short transfer the rest goes through the buffered one (its offset need
+  // not be aligned any more).
+  bool Direct(uint64_t offset, const void* buffer, size_t length) const {
+    const uint64_t a = direct_align_;
+    return direct_fd_ >= 0 && offset % a == 0 && length % a == 0 &&
+           reinterpret_cast<uintptr_t>(buffer) % a == 0;
+  }
+
   int fd_;
   std::string path_;
-  bool punch_supported_ = true;
+  bool writable_;
+  int direct_fd_ = -1;
+  uint64_t direct_align_ = 4096;
+  std::atomic<bool> punch_supported_{true};
 };
 
 }  // namespace
+
+Status LockFileDescriptor(int fd, const std::string& path, const LockRequest& request) {
+  for (uint64_t byte : request.probe_bytes) {
+    struct flock fl = {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(byte);
+    fl.l_len = 1;
+    if (::fcntl(fd, F_OFD_GETLK, &fl) != 0) {
+      return Status::FromErrno(errno, "probe lock on " + path);
+    }
+    if (fl.l_type != F_UNLCK) {
+      std::string who = fl.l_pid > 0 ? " (pid " + std::to_string(fl.l_pid) + ")" : "";
+      return Status::Busy(path + " is in use by another program" + who + ": lock byte " +
+                          std::to_string(byte) + " is held");
+    }
+  }
+  for (uint64_t byte : request.hold_bytes) {
+    struct flock fl = {};
+    fl.l_type = F_RDLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = static_cast<off_t>(byte);
+    fl.l_len = 1;
+    if (::fcntl(fd, F_OFD_SETLK, &fl) != 0) {
+      if (errno == EAGAIN || errno == EACCES) {
+        return Status::Busy(path + " is in use by another program: lock byte " +
+                            std::to_string(byte) + " is held");
+      }
+      return Status::FromErrno(errno, "lock " + path);
+    }
+  }
+  return Status::Ok();
+}
 
 Result<std::unique_ptr<BlockFile>> PosixFileSystem::Open(const std::string& path, OpenMode mode) {
   int flags = (mode == OpenMode::kReadOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC;
@@ -174,7 +223,7 @@ Result<std::unique_ptr<BlockFile>> PosixFileSystem::Open(const std::string& path
     ::close(fd);
     return Status::InvalidArgument(path + " is a directory");
   }
-  return std::unique_ptr<BlockFile>(new PosixFile(fd, path));
+  return std::unique_ptr<BlockFile>(new PosixFile(fd, path, mode == OpenMode::kReadWrite));
 }
 
 Result<std::unique_ptr<BlockFile>> PosixFileSystem::Create(const std::string& path,
@@ -182,7 +231,7 @@ Result<std::unique_ptr<BlockFile>> PosixFileSystem::Create(const std::string& pa
   int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
   int fd = ::open(path.c_str(), flags, 0644);
   if (fd < 0) return Status::FromErrno(errno, "create " + path);
-  return std::unique_ptr<BlockFile>(new PosixFile(fd, path));
+  return std::unique_ptr<BlockFile>(new PosixFile(fd, path, /*writable=*/true));
 }
 
 Status PosixFileSystem::Rename(const std::string& from, const std::string& to) {

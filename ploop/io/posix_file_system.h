@@ -2,12 +2,20 @@
 // pwrite(2), fdatasync(2), fallocate(2) and OFD byte-range locks.
 //
 // Thread-safety: as FileSystem; a PosixFile may be read and written from
-// several threads at once (pread/pwrite are positionless).
+// several threads at once (pread/pwrite are positionless; the only state it
+// keeps, whether hole punching works, is atomic).
 #pragma once
 
 #include "ploop/io/file_system.h"
 
 namespace ploop {
+
+// Takes the byte-range locks of `request` on the open file description
+// `fd` (OFD locks: they live as long as the description, whoever holds it
+// -- a loop device attached to it keeps them). Busy, naming the byte and
+// `path`, when a probed byte is locked elsewhere. What PosixFile::Lock()
+// does, for callers that own a raw descriptor (mount-helper/).
+Status LockFileDescriptor(int fd, const std::string& path, const LockRequest& request);
 
 class PosixFileSystem final : public FileSystem {
  public:

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -14,6 +15,9 @@ namespace ploop::cli {
 
 // Prints "ploop COMMAND: message" (one line) and returns the exit code.
 int Fail(std::string_view command, const Status& status);
+// For Busy errors: given the message, who holds the image ("/dev/loop3
+// (mounted at /mnt)"), or "" when unknown; Fail() then says so.
+void SetBusyExplainer(std::function<std::string(const std::string&)> explainer);
 // Prints a usage error and returns kExitUsage.
 int Usage(std::string_view command, const std::string& message);
 // Parses a size argument; on failure prints a usage error into *rc.

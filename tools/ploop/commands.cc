@@ -29,8 +29,26 @@ namespace ploop::cli {
 
 using nlohmann::json;
 
+namespace {
+std::function<std::string(const std::string&)> g_busy_explainer;
+}  // namespace
+
+void SetBusyExplainer(std::function<std::string(const std::string&)> explainer) {
+  g_busy_explainer = std::move(explainer);
+}
+
 int Fail(std::string_view command, const Status& status) {
-  std::cerr << "ploop " << command << ": " << status.message();
+  std::string message = status.message();
+  if (status.code() == StatusCode::kBusy && g_busy_explainer) {
+    // "X is in use by another program ..." -> "X is in use by /dev/loop3 ...".
+    if (std::string who = g_busy_explainer(message); !who.empty()) {
+      const std::string generic = "in use by another program";
+      size_t at = message.find(generic);
+      message = at == std::string::npos ? message + ": in use by " + who
+                                        : message.substr(0, at) + "in use by " + who;
+    }
+  }
+  std::cerr << "ploop " << command << ": " << message;
   // A corrupt image: point at the command that diagnoses and repairs it
   // (not for a file that is simply not a ploop image).
   if (status.code() == StatusCode::kCorruption && command != "check" &&

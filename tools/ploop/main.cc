@@ -8,6 +8,7 @@
 #include "convert_commands.h"
 #include "serve_commands.h"
 #include "stream_commands.h"
+#include "mount_commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
 
@@ -188,6 +189,7 @@ int main(int argc, char** argv) {
   RegisterServeCommands(app, rc);
   RegisterConvertCommands(app, rc);
   RegisterStreamCommands(app, rc);
+  RegisterMountCommands(app, rc);
 
   bool allow_outside = false;
   app.add_flag("--allow-outside-files", allow_outside,

@@ -1,0 +1,457 @@
+// FuseServer: see fuse_server.h. Request handlers convert Status to errno
+// in one place (ReplyStatus) and never throw.
+#define FUSE_USE_VERSION 312
+#include "mount-helper/fuse_server.h"
+
+#include <fuse_lowlevel.h>
+#include <linux/falloc.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "mount-helper/log.h"
+
+namespace ploop::mount {
+
+namespace {
+
+// The kernel's struct fuse_open_out (include/uapi/linux/fuse.h), replied by
+// hand: libfuse 3.14 has no field for FOPEN_PARALLEL_DIRECT_WRITES.
+struct OpenOut {
+  uint64_t fh;
+  uint32_t open_flags;
+  int32_t backing_id;
+};
+static_assert(sizeof(OpenOut) == 16);
+constexpr uint32_t kFopenDirectIo = 1u << 0;
+constexpr uint32_t kFopenParallelDirectWrites = 1u << 6;
+
+// Attributes are cached by the kernel for this long. The size changes only
+// when the disk grows, and whoever grows it invalidates the inode first.
+constexpr double kAttrTimeoutSeconds = 3600;
+constexpr uint64_t kMaxRequestBytes = 1 << 20;
+// Worker threads kept when idle (see Run()).
+constexpr unsigned kMaxIdleThreads = 8;
+// Writes from this size on bypass the image's page cache, and smaller ones
+// while at most this many writes are in flight (see OnWrite).
+constexpr uint64_t kMinDirectWriteBytes = 64 << 10;
+constexpr uint32_t kDirectWriteQueueDepth = 2;
+
+int Errno(const Status& s) {
+  int e = -s.ToErrno();
+  return e > 0 ? e : EIO;
+}
+
+// Buffers for request data: page-aligned (direct I/O), per request.
+//   - up to kSmallBufferBytes: one per worker thread, reused;
+//   - larger (up to 1 MiB): from a pool that keeps kKeptLargeBuffers for
+//     reuse and frees the rest, so the daemon's memory does not grow with
+//     the number of threads that once served a large request.
+constexpr size_t kSmallBufferBytes = 64 << 10;
+constexpr size_t kKeptLargeBuffers = 8;
+
+std::byte* AllocateAligned(size_t bytes) {
+  return static_cast<std::byte*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
+}
+
+class RequestBuffer {
+ public:
+  explicit RequestBuffer(size_t bytes) : bytes_(bytes) {
+    if (bytes <= kSmallBufferBytes) {
+      static thread_local std::unique_ptr<std::byte, decltype(&std::free)> small(
+          AllocateAligned(kSmallBufferBytes), &std::free);
+      data_ = small.get();
+      return;
+    }
+    {
+      std::lock_guard lock(mu_);
+      if (!pool_.empty()) {
+        data_ = pool_.back();
+        pool_.pop_back();
+        large_ = true;
+        return;
+      }
+    }
+    data_ = AllocateAligned(kMaxRequestBytes);
+    large_ = data_ != nullptr;
+  }
+  ~RequestBuffer() {
+    if (!large_) return;
+    std::lock_guard lock(mu_);
+    if (pool_.size() < kKeptLargeBuffers) {
+      pool_.push_back(data_);
+    } else {
+      std::free(data_);
+    }
+  }
+  RequestBuffer(const RequestBuffer&) = delete;
+  RequestBuffer& operator=(const RequestBuffer&) = delete;
+
+  std::byte* data() const { return data_; }
+  std::span<std::byte> span() const { return {data_, bytes_}; }
+
+ private:
+  static inline std::mutex mu_;
+  static inline std::vector<std::byte*> pool_;
+  std::byte* data_ = nullptr;
+  size_t bytes_;
+  bool large_ = false;
+};
+
+void NoOpSignal(int) {}
+
+}  // namespace
+
+struct FuseServer::Context {
+  ServedDisk* disk = nullptr;
+  FuseOptions options;
+  FuseServer* server = nullptr;
+  std::atomic<uint64_t> next_fh{1};
+  std::atomic<uint64_t> loop_fh{0};
+  std::atomic<uint64_t> errors{0};
+  std::atomic<uint32_t> writes_in_flight{0};
+  pthread_t run_thread{};
+  std::atomic<bool> running{false};
+
+  // Logs the first errors of the data path and then every 1000th, so a
+  // failing disk is visible in the log without flooding it.
+  void Failed(const char* what, uint64_t offset, const Status& s) {
+    uint64_t n = errors.fetch_add(1) + 1;
+    if (n <= 20 || n % 1000 == 0) {
+      LogError(std::string(what) + " at " + std::to_string(offset) + " failed: " + s.ToString() +
+               (n > 20 ? " (" + std::to_string(n) + " errors so far)" : ""));
+    }
+  }
+};
+
+namespace {
+
+using Context = FuseServer::Context;
+
+Context& Ctx(fuse_req_t req) { return *static_cast<Context*>(fuse_req_userdata(req)); }
+
+void ReplyStatus(fuse_req_t req, const Status& s) { fuse_reply_err(req, s.ok() ? 0 : Errno(s)); }
+
+struct stat DiskStat(const ServedDisk& disk) {
+  struct stat st = {};
+  st.st_ino = FUSE_ROOT_ID;
+  st.st_mode = S_IFREG | (disk.writable() ? 0600 : 0400);
+  st.st_nlink = 1;
+  st.st_size = static_cast<off_t>(disk.size_bytes());
+  st.st_blksize = 4096;
+  st.st_blocks = static_cast<blkcnt_t>(disk.size_bytes() / 512);
+  return st;
+}
+
+void OnInit(void* userdata, fuse_conn_info* conn) {
+  conn->max_write = kMaxRequestBytes;
+  conn->max_readahead = 0;  // no page cache: nothing to read ahead
+  // Asynchronous direct I/O requests count as background requests; the
+  // default limit (12) would cap the loop device's queue depth.
+  conn->max_background = 128;
+  conn->congestion_threshold = 96;
+  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  if (conn->capable & FUSE_CAP_ASYNC_READ) conn->want |= FUSE_CAP_ASYNC_READ;
+  // No splice: requests are read into memory and replies written from
+  // memory. Splicing a reply out of a delta file goes through its page
+  // cache, which the direct I/O above avoids, and libfuse's splice path
+  // takes three system calls per request where a read() takes one.
+  conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+  conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  (void)userdata;
+}
+
+void OnGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  (void)fi;
+  if (ino != FUSE_ROOT_ID) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  struct stat st = DiskStat(*Ctx(req).disk);
+  fuse_reply_attr(req, &st, kAttrTimeoutSeconds);
+}
+
+void OnSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi) {
+  (void)fi;
+  Context& ctx = Ctx(req);
+  if (ino != FUSE_ROOT_ID) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  // The disk's size is the image's; times and modes are not kept.
+  if ((to_set & FUSE_SET_ATTR_SIZE) &&
+      static_cast<uint64_t>(attr->st_size) != ctx.disk->size_bytes()) {
+    fuse_reply_err(req, EPERM);
+    return;
+  }
+  struct stat st = DiskStat(*ctx.disk);
+  fuse_reply_attr(req, &st, kAttrTimeoutSeconds);
+}
+
+void OnLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  (void)parent;
+  (void)name;
+  fuse_reply_err(req, ENOTDIR);
+}
+
+void OnOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Context& ctx = Ctx(req);
+  if (ino != FUSE_ROOT_ID) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  if ((fi->flags & O_ACCMODE) != O_RDONLY && !ctx.disk->writable()) {
+    fuse_reply_err(req, EROFS);
+    return;
+  }
+  if (!ctx.server->TakeOpen()) {
+    fuse_reply_err(req, EBUSY);  // the loop device's file is the only one
+    return;
+  }
+  OpenOut out = {};
+  out.fh = ctx.next_fh.fetch_add(1);
+  out.open_flags = kFopenDirectIo | kFopenParallelDirectWrites;
+  ctx.loop_fh.store(out.fh);
+  struct iovec iov = {&out, sizeof out};
+  fuse_reply_iov(req, &iov, 1);
+}
+
+void OnRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  (void)ino;
+  Context& ctx = Ctx(req);
+  fuse_reply_err(req, 0);
+  if (fi->fh == ctx.loop_fh.load() && ctx.options.on_released) ctx.options.on_released();
+}
+
+void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  (void)ino;
+  (void)fi;
+  Context& ctx = Ctx(req);
+  const uint64_t disk_size = ctx.disk->size_bytes();
+  const uint64_t offset = static_cast<uint64_t>(off);
+  if (offset >= disk_size || size == 0) {
+    fuse_reply_buf(req, nullptr, 0);
+    return;
+  }
+  const size_t n = static_cast<size_t>(std::min<uint64_t>(size, disk_size - offset));
+  RequestBuffer buf(n);
+  if (buf.data() == nullptr) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  Status s = ctx.disk->Read(offset, buf.span());
+  if (!s.ok()) {
+    ctx.Failed("read", offset, s);
+    ReplyStatus(req, s);
+    return;
+  }
+  fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
+}
+
+void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+             fuse_file_info* fi) {
+  (void)ino;
+  (void)fi;
+  Context& ctx = Ctx(req);
+  const uint64_t offset = static_cast<uint64_t>(off);
+  if (offset > ctx.disk->size_bytes() || size > ctx.disk->size_bytes() - offset) {
+    fuse_reply_err(req, EFBIG);
+    return;
+  }
+  auto data = std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf), size);
+  // Large writes, and any write while few are in flight, go to the image
+  // with direct I/O: libfuse's request buffer puts the data 80 bytes into a
+  // page, so they get an aligned copy (a memcpy, far cheaper than a trip
+  // through the page cache). A later fsync then has nothing to write back,
+  // only the device cache to flush. Small writes at a high queue depth stay
+  // buffered (the unaligned buffer makes them so): the host's page cache
+  // batches them into few device requests, where direct I/O would cost one
+  // device round trip (and, virtualised, one exit) each.
+  const uint64_t align = ctx.disk->io_alignment();
+  std::optional<RequestBuffer> copy;
+  const uint32_t in_flight = ctx.writes_in_flight.fetch_add(1) + 1;
+  struct Done {
+    std::atomic<uint32_t>& n;
+    ~Done() { n.fetch_sub(1); }
+  } done{ctx.writes_in_flight};
+  const bool direct = size >= kMinDirectWriteBytes || in_flight <= kDirectWriteQueueDepth;
+  if (align > 1 && direct && offset % align == 0 && size % align == 0 &&
+      reinterpret_cast<uintptr_t>(buf) % align != 0) {
+    copy.emplace(size);
+    if (copy->data() != nullptr) {
+      std::memcpy(copy->data(), buf, size);
+      data = copy->span();
+    }
+  }
+  Status s = ctx.disk->Write(offset, data);
+  if (!s.ok()) {
+    ctx.Failed("write", offset, s);
+    ReplyStatus(req, s);
+    return;
+  }
+  fuse_reply_write(req, size);
+}
+
+void OnFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  // close(2) of the file: durability comes with fsync.
+  (void)ino;
+  (void)fi;
+  fuse_reply_err(req, 0);
+}
+
+void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
+  (void)ino;
+  (void)datasync;
+  (void)fi;
+  Context& ctx = Ctx(req);
+  Status s = ctx.disk->Flush();
+  if (!s.ok()) ctx.Failed("flush", 0, s);
+  ReplyStatus(req, s);
+}
+
+void OnFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length,
+                 fuse_file_info* fi) {
+  (void)ino;
+  (void)fi;
+  Context& ctx = Ctx(req);
+  // Discards (PUNCH_HOLE) and write-zeroes (ZERO_RANGE, or PUNCH_HOLE when
+  // unmapping is allowed) from the loop device: the range reads as zeros
+  // afterwards and gives space back where it can. Preallocation has no
+  // meaning for a disk that allocates on write.
+  const int punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+  const bool zero = mode == punch || (mode & ~FALLOC_FL_KEEP_SIZE) == FALLOC_FL_ZERO_RANGE;
+  if (!zero) {
+    fuse_reply_err(req, EOPNOTSUPP);
+    return;
+  }
+  const uint64_t disk_size = ctx.disk->size_bytes();
+  uint64_t offset = static_cast<uint64_t>(off);
+  uint64_t end = std::min<uint64_t>(offset + static_cast<uint64_t>(length), disk_size);
+  if (offset >= end) {
+    fuse_reply_err(req, 0);
+    return;
+  }
+  Status s = ctx.disk->Discard(offset, end - offset);
+  if (!s.ok()) ctx.Failed("discard", offset, s);
+  ReplyStatus(req, s);
+}
+
+const fuse_lowlevel_ops kOps = [] {
+  fuse_lowlevel_ops ops = {};
+  ops.init = OnInit;
+  ops.lookup = OnLookup;
+  ops.getattr = OnGetattr;
+  ops.setattr = OnSetattr;
+  ops.open = OnOpen;
+  ops.release = OnRelease;
+  ops.read = OnRead;
+  ops.write = OnWrite;
+  ops.flush = OnFlush;
+  ops.fsync = OnFsync;
+  ops.fallocate = OnFallocate;
+  return ops;
+}();
+
+void LogFromFuse(enum fuse_log_level level, const char* fmt, va_list ap) {
+  char line[512];
+  std::vsnprintf(line, sizeof line, fmt, ap);
+  size_t n = std::strlen(line);
+  while (n > 0 && line[n - 1] == '\n') line[--n] = '\0';
+  if (level <= FUSE_LOG_ERR) {
+    LogError(std::string("fuse: ") + line);
+  } else if (level <= FUSE_LOG_NOTICE) {
+    LogInfo(std::string("fuse: ") + line);
+  }
+}
+
+// libfuse option values escape commas with a backslash.
+std::string EscapeOption(const std::string& value) {
+  std::string out;
+  for (char c : value) {
+    if (c == ',' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
+}  // namespace
+
+bool FuseServer::TakeOpen() { return open_allowed_.exchange(false); }
+
+Result<std::unique_ptr<FuseServer>> FuseServer::Mount(ServedDisk& disk, FuseOptions options) {
+  fuse_set_log_func(LogFromFuse);
+  std::unique_ptr<FuseServer> server(new FuseServer());
+  server->ctx_ = std::make_unique<Context>();
+  server->ctx_->disk = &disk;
+  server->ctx_->options = std::move(options);
+  server->ctx_->server = server.get();
+  const FuseOptions& o = server->ctx_->options;
+  std::string mount_options = "fsname=" + EscapeOption(o.fsname) + ",subtype=ploop";
+  std::string prog = "ploop";
+  std::string dash_o = "-o";
+  char* argv[] = {prog.data(), dash_o.data(), mount_options.data()};
+  fuse_args args = FUSE_ARGS_INIT(3, argv);
+  server->session_ = fuse_session_new(&args, &kOps, sizeof kOps, server->ctx_.get());
+  if (server->session_ == nullptr) return Status::FromErrno(EIO, "create the FUSE session");
+  if (fuse_session_mount(server->session_, o.mountpoint.c_str()) != 0) {
+    return Status::FromErrno(EIO, "mount FUSE on " + o.mountpoint + " (see the log)");
+  }
+  server->mounted_ = true;
+  return server;
+}
+
+FuseServer::~FuseServer() {
+  if (session_ != nullptr) {
+    Unmount();
+    fuse_session_destroy(session_);
+  }
+}
+
+Status FuseServer::Run() {
+  // Exit() interrupts the loop's wait with SIGUSR1 (sem_wait returns EINTR
+  // and the loop sees the session has exited).
+  struct sigaction sa = {};
+  sa.sa_handler = NoOpSignal;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGUSR1, &sa, nullptr);
+  sigset_t usr1;
+  sigemptyset(&usr1);
+  sigaddset(&usr1, SIGUSR1);
+  ::pthread_sigmask(SIG_UNBLOCK, &usr1, nullptr);
+  ctx_->run_thread = ::pthread_self();
+  ctx_->running.store(true);
+  fuse_loop_config* config = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_max_threads(config, ctx_->options.max_threads);
+  // Threads beyond this many idle ones exit (and free their 1 MiB request
+  // buffers): the pool grows for a burst of requests and shrinks after it.
+  fuse_loop_cfg_set_idle_threads(config, kMaxIdleThreads);
+  fuse_loop_cfg_set_clone_fd(config, 0);
+  int rc = fuse_session_loop_mt(session_, config);
+  fuse_loop_cfg_destroy(config);
+  ctx_->running.store(false);
+  if (rc != 0) return Status::FromErrno(rc < 0 ? -rc : rc, "FUSE loop");
+  return Status::Ok();
+}
+
+void FuseServer::Exit() {
+  fuse_session_exit(session_);
+  if (ctx_->running.load()) ::pthread_kill(ctx_->run_thread, SIGUSR1);
+}
+
+void FuseServer::Unmount() {
+  if (!mounted_) return;
+  fuse_session_unmount(session_);
+  mounted_ = false;
+}
+
+}  // namespace ploop::mount

@@ -1,0 +1,81 @@
+// FuseServer: a served disk (ploop/served_disk.h) exposed as ONE regular
+// file through FUSE (libfuse3's low-level API), for a loop device to sit
+// on. The FUSE file system is mounted over a regular file (its root is the
+// disk file itself), so there are no directories and no lookups.
+//
+// Data path and performance choices:
+//   - the file is opened FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES:
+//     no page cache for it (the loop device above reads and writes it with
+//     direct I/O, the delta files below have their own), and the kernel
+//     takes the inode lock shared for writes inside the file, so writes run
+//     in parallel instead of one at a time;
+//   - asynchronous direct I/O (FUSE_CAP_ASYNC_DIO): the loop device keeps
+//     many requests in flight; max_background is raised so they reach us;
+//   - requests up to 1 MiB (max_write; max_pages 256);
+//   - a multi-threaded loop with up to `threads` workers; each request is
+//     served synchronously in its worker, straight from the buffer libfuse
+//     read it into (writes) or into a per-thread buffer (reads): every
+//     request in flight has its own buffer;
+//   - fsync -> ServedDisk::Flush(); fallocate(PUNCH_HOLE|KEEP_SIZE) and
+//     fallocate(ZERO_RANGE) -> ServedDisk::Discard() (fstrim and -o discard
+//     reach the image).
+// The one open the daemon makes (the file it hands to the loop device) is
+// the only one allowed; its release means the loop device let go of the
+// file, and the server reports that through `on_released`.
+//
+// Thread-safety: Run() blocks in the calling thread; Exit() may be called
+// from any thread (and from on_released).
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "ploop/served_disk.h"
+
+struct fuse_session;
+
+namespace ploop::mount {
+
+struct FuseOptions {
+  std::string mountpoint;  // an existing regular file
+  std::string fsname;      // shown in /proc/mounts
+  unsigned max_threads = 32;
+  // Called (from a worker thread) when the file the loop device held is
+  // released.
+  std::function<void()> on_released;
+};
+
+class FuseServer {
+ public:
+  // Creates the session and mounts it over options.mountpoint. IOError or
+  // NotSupported (no /dev/fuse) on failure.
+  static Result<std::unique_ptr<FuseServer>> Mount(ServedDisk& disk, FuseOptions options);
+  ~FuseServer();
+
+  // Serves requests until Exit() or until the file system is unmounted.
+  Status Run();
+  // Makes Run() return (after the request being served, if any).
+  void Exit();
+  // Unmounts (lazily: the loop device may still hold the file).
+  void Unmount();
+
+  // Permits the daemon's own open (the file for the loop device); later
+  // opens are refused with EBUSY.
+  void ExpectOpen() { open_allowed_.store(true); }
+  // For the open handler: whether an open is permitted now (once).
+  bool TakeOpen();
+
+  // Implementation details used by the request handlers.
+  struct Context;
+
+ private:
+  FuseServer() = default;
+  std::unique_ptr<Context> ctx_;
+  fuse_session* session_ = nullptr;
+  bool mounted_ = false;
+  std::atomic<bool> open_allowed_{false};
+};
+
+}  // namespace ploop::mount

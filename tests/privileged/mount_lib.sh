@@ -1,0 +1,129 @@
+# shellcheck shell=bash
+# Helpers for the privileged tests of `ploop mount` (loop devices, FUSE, the
+# daemon). Source after tests/interop/lib.sh:
+#
+#   . "$TESTS_DIR/interop/lib.sh"
+#   . "$TESTS_DIR/privileged/mount_lib.sh"
+#
+# Without root, loop devices or FUSE the test exits 77 (skipped); under
+# CI=true it fails instead. Whatever happens, on exit every file system
+# mounted under $TMP is unmounted, every disk of $TMP is `ploop umount`ed,
+# every loop device on a file of $TMP detached and every daemon serving a
+# disk of $TMP killed, before lib.sh removes $TMP.
+# shellcheck disable=SC2154  # TMP, OUT, RC come from lib.sh
+
+skip() {
+  if [[ ${CI:-} == true ]]; then
+    echo "FAIL: $* (required when CI=true)" >&2
+    exit 1
+  fi
+  echo "SKIP: $*" >&2
+  exit 77
+}
+
+[[ $(id -u) == 0 ]] || skip "needs root (loop devices, FUSE, mount)"
+[[ -e /dev/loop-control ]] || skip "no loop devices"
+[[ -e /dev/fuse ]] || skip "no /dev/fuse"
+need losetup mount umount python3 e2fsck
+
+# The daemons' run dir: the real one (other tests' disks live there too;
+# everything below only touches disks under $TMP).
+RUN_DIR=${PLOOP_RUN_DIR:-/run/ploop}
+
+# mounts_of_tmp: "DEVICE PID DESCRIPTOR" of every mount record of a disk in
+# $TMP.
+mounts_of_tmp() {
+  "$PLOOP" list --json 2>/dev/null | python3 -c '
+import json, sys
+for m in json.load(sys.stdin):
+    if m["descriptor"].startswith(sys.argv[1] + "/"):
+        print(m["device"], m["pid"], m["descriptor"], m["state"])' "$TMP"
+}
+
+_mount_cleanup() {
+  set +e
+  local mp dev pid dd state f
+  # Our disks first: ploop umount also unmounts their file systems.
+  while read -r dev pid dd state; do
+    [[ -n $dev ]] || continue
+    "$PLOOP" umount "$dev" >/dev/null 2>&1 || {
+      [[ $pid != 0 ]] && kill -KILL "$pid" 2>/dev/null
+      "$PLOOP" umount "$dev" >/dev/null 2>&1
+    }
+  done < <(mounts_of_tmp)
+  # Anything else mounted under $TMP, deepest first, lazily.
+  for mp in $(awk -v t="$TMP/" 'index($2, t) == 1 { print $2 }' /proc/self/mounts | sort -r); do
+    umount -l "$mp" 2>/dev/null
+  done
+  # Loop devices on files of $TMP (direct ones, any a test made).
+  for f in /sys/block/loop*/loop/backing_file; do
+    [[ -r $f ]] || continue
+    if [[ $(<"$f") == "$TMP/"* ]]; then
+      dev=/dev/$(basename "$(dirname "$(dirname "$f")")")
+      losetup -d "$dev" 2>/dev/null
+    fi
+  done
+}
+trap 'rc=$?; _mount_cleanup; (exit $rc); _cleanup' EXIT
+
+# daemon_of DD: the pid of the daemon serving DD ("" when none).
+daemon_of() {
+  "$PLOOP" list --json | python3 -c '
+import json, os, sys
+dd = os.path.realpath(sys.argv[1])
+for m in json.load(sys.stdin):
+    if m["descriptor"] == dd and m["kind"] == "fuse": print(m["pid"])' "$1"
+}
+
+# field_of DEVICE KEY: a field of `ploop list --json` for DEVICE.
+field_of() {
+  "$PLOOP" list --json | python3 -c '
+import json, sys
+for m in json.load(sys.stdin):
+    if m["device"] == sys.argv[1]: print(m[sys.argv[2]])' "$1" "$2"
+}
+
+# alive PID: the process exists and is not a zombie.
+alive() {
+  [[ -n $1 && -r /proc/$1/stat ]] || return 1
+  [[ $(awk '{ sub(/.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) != Z ]]
+}
+
+# loops_of DIR: loop devices whose backing file is in DIR, and devices
+# mount records say serve a disk of DIR.
+loops_of() {
+  local f dir=$1 b
+  for f in /sys/block/loop*/loop/backing_file; do
+    [[ -r $f ]] || continue
+    b=$(<"$f")
+    [[ $b == "$dir/"* ]] && echo "/dev/$(basename "$(dirname "$(dirname "$f")")")"
+  done
+  mounts_of_tmp | awk -v d="$dir/" 'index($3, d) == 1 { print $1 }'
+}
+
+# wait_gone DD [PID]: wait until DD has no mount record and no loop device,
+# and its daemon PID has exited (the kernel releases a loop device
+# asynchronously after `umount`, and the daemon then closes the image). The
+# 60 s bound only keeps a hung test from hanging ctest.
+wait_gone() {
+  local dir i
+  dir=$(dirname "$(realpath "$1")")
+  for ((i = 0; i < 6000; i++)); do
+    if [[ -z $(loops_of "$dir") ]] && ! alive "${2:-}"; then return 0; fi
+    sleep 0.01
+  done
+  fail "$1: device or daemon left 60 s after unmounting: $(loops_of "$dir") pid ${2:-}"
+}
+
+# sha FILE: content hash.
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# fill FILE MIB SEED: a file of pseudo-random data (deterministic per SEED).
+fill() {
+  python3 -c '
+import random, sys
+r = random.Random(int(sys.argv[3]))
+with open(sys.argv[1], "wb") as f:
+    for _ in range(int(sys.argv[2])):
+        f.write(r.randbytes(1 << 20))' "$1" "$2" "$3"
+}

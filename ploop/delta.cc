@@ -61,17 +61,17 @@ const std::byte* ZeroBuffer() {
   return zeros.data();
 }
 
-Status WriteZeros(BlockFile& file, uint64_t offset, uint64_t length) {
-  while (length > 0) {
-    uint64_t n = std::min<uint64_t>(length, kZeroChunk);
-    TRY(file.WriteAt(offset, std::span<const std::byte>(ZeroBuffer(), n)));
-    offset += n;
-    length -= n;
+}  // namespace
+
+Status WriteZeros(BlockFile& file, uint64_t offset_bytes, uint64_t length_bytes) {
+  while (length_bytes > 0) {
+    uint64_t n = std::min<uint64_t>(length_bytes, kZeroChunk);
+    TRY(file.WriteAt(offset_bytes, std::span<const std::byte>(ZeroBuffer(), n)));
+    offset_bytes += n;
+    length_bytes -= n;
   }
   return Status::Ok();
 }
-
-}  // namespace
 
 bool IsZero(std::span<const std::byte> data) {
   const std::byte* p = data.data();

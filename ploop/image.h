@@ -107,4 +107,8 @@ Status CheckDiskRange(uint64_t offset_bytes, uint64_t length_bytes, uint64_t siz
 // True when every byte of `data` is zero.
 bool IsZero(std::span<const std::byte> data);
 
+// Writes `length_bytes` zeros into `file` at `offset_bytes` (real writes,
+// not holes), in chunks from one shared zero buffer. Errors of WriteAt().
+Status WriteZeros(BlockFile& file, uint64_t offset_bytes, uint64_t length_bytes);
+
 }  // namespace ploop

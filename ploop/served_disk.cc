@@ -35,24 +35,8 @@ namespace ploop {
 
 namespace {
 
-constexpr size_t kZeroChunk = 1 << 20;
 // Scratch buffers kept for reuse; more in use at once are freed after use.
 constexpr size_t kKeptBuffers = 4;
-
-const std::byte* ZeroBuffer() {
-  static const std::vector<std::byte> zeros(kZeroChunk);
-  return zeros.data();
-}
-
-Status WriteZeros(BlockFile& file, uint64_t offset, uint64_t length) {
-  while (length > 0) {
-    uint64_t n = std::min<uint64_t>(length, kZeroChunk);
-    TRY(file.WriteAt(offset, std::span<const std::byte>(ZeroBuffer(), n)));
-    offset += n;
-    length -= n;
-  }
-  return Status::Ok();
-}
 
 Status Closed() { return Status::FailedPrecondition("the disk is closed"); }
 

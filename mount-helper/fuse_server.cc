@@ -40,8 +40,6 @@ constexpr uint32_t kFopenParallelDirectWrites = 1u << 6;
 // when the disk grows, and whoever grows it invalidates the inode first.
 constexpr double kAttrTimeoutSeconds = 3600;
 constexpr uint64_t kMaxRequestBytes = 1 << 20;
-// Worker threads kept when idle (see Run()).
-constexpr unsigned kMaxIdleThreads = 8;
 // Writes from this size on bypass the image's page cache, and smaller ones
 // while at most this many writes are in flight (see OnWrite).
 constexpr uint64_t kMinDirectWriteBytes = 64 << 10;
@@ -432,9 +430,14 @@ Status FuseServer::Run() {
   ctx_->running.store(true);
   fuse_loop_config* config = fuse_loop_cfg_create();
   fuse_loop_cfg_set_max_threads(config, ctx_->options.max_threads);
-  // Threads beyond this many idle ones exit (and free their 1 MiB request
-  // buffers): the pool grows for a burst of requests and shrinks after it.
-  fuse_loop_cfg_set_idle_threads(config, kMaxIdleThreads);
+  // Idle workers are kept (up to max_threads): libfuse starts a worker
+  // whenever none is idle and ends one whenever more than this many are, so
+  // a lower bound makes a queue-depth-32 load create and destroy threads
+  // continuously (thread start, stack and buffer page faults, and lock
+  // contention in the loop: random 4 KiB reads ran at half the rate). A
+  // kept worker costs its stack and the pages of its request buffer it
+  // touched.
+  fuse_loop_cfg_set_idle_threads(config, ctx_->options.max_threads);
   fuse_loop_cfg_set_clone_fd(config, 0);
   int rc = fuse_session_loop_mt(session_, config);
   fuse_loop_cfg_destroy(config);

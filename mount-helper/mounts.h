@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "mount-helper/daemon.h"
 #include "mount-helper/records.h"
 #include "ploop/chain.h"
 
@@ -35,6 +36,7 @@ struct MountRequest {
   std::string fs_type = "ext4";
   std::string fs_options;  // mount(8) style: "noatime,discard,..."
   unsigned threads = 32;   // the daemon's FUSE threads at most
+  OnlineOperations online;  // what the daemon's control socket may do
 };
 
 struct Mounted {

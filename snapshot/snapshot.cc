@@ -187,9 +187,10 @@ Result<Descriptor> LoadRecovered(FileSystem& fs, const std::string& dd_path,
 
 }  // namespace
 
-Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
-                                   std::string_view guid, const DescriptorLoadOptions& load) {
-  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
+Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
+                                         std::string_view guid, uint64_t top_size_bytes,
+                                         const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
   std::string snap;
   if (guid.empty()) {
     ASSIGN_OR_RETURN(snap, NewRandomGuid());
@@ -200,25 +201,41 @@ Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
     return Status::InvalidArgument(snap + " is reserved and cannot name a snapshot");
   }
   if (dd.FindImage(snap) != nullptr) return Status::AlreadyExists("snapshot " + snap + " exists");
+  const uint64_t size = std::max(top_size_bytes, dd.disk_size_bytes());
+  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
+  TRY(CreateEmptyDelta(fs, dd, file, size));
+  std::string old_top_path = dd.top().path;
+  std::string new_top_path = JoinPath(dd.folder(), file);
+  return PreparedSnapshot{std::move(dd), std::move(snap), std::move(old_top_path),
+                          std::move(new_top_path)};
+}
 
+Status CommitSnapshot(FileSystem& fs, PreparedSnapshot& prepared) {
+  Descriptor& dd = prepared.dd;
+  const std::string old_top = dd.top_guid();
+  TRY(dd.RenameGuid(old_top, prepared.guid));
+  TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, BaseName(prepared.new_top_path), prepared.guid));
+  TRY(dd.SetTop(kTopGuid));
+  return dd.Save(fs);
+}
+
+void AbandonSnapshot(FileSystem& fs, const PreparedSnapshot& prepared) {
+  fs.Remove(prepared.new_top_path).IgnoreError();
+}
+
+Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
+                                   std::string_view guid, const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
   TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
   // Holding the top open for writing keeps everyone else out meanwhile.
   ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
-  const uint64_t size = std::max(top->size_bytes(), dd.disk_size_bytes());
-  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
-  TRY(CreateEmptyDelta(fs, dd, file, size));
-  const std::string old_top = dd.top_guid();
-  Status s = [&]() -> Status {
-    TRY(dd.RenameGuid(old_top, snap));
-    TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, file, snap));
-    TRY(dd.SetTop(kTopGuid));
-    return dd.Save(fs);
-  }();
-  if (!s.ok()) {
-    fs.Remove(JoinPath(dd.folder(), file)).IgnoreError();
+  ASSIGN_OR_RETURN(PreparedSnapshot prepared,
+                   PrepareSnapshot(fs, dd_path, guid, top->size_bytes(), load));
+  if (Status s = CommitSnapshot(fs, prepared); !s.ok()) {
+    AbandonSnapshot(fs, prepared);
     return s;
   }
-  return snap;
+  return prepared.guid;
 }
 
 Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
@@ -348,9 +365,15 @@ Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_
   TRY(top->Grow(new_size_bytes));
   const uint64_t size = top->size_bytes();
   TRY(top->Close());
+  return RecordDiskSize(fs, dd_path, size, load);
+}
+
+Status RecordDiskSize(FileSystem& fs, const std::string& dd_path, uint64_t size_bytes,
+                      const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
   Header chs;
-  TRY(ChsFor(size, dd.cluster_bytes(), &chs));
-  TRY(dd.SetDiskSize(size, chs.cylinders, chs.heads));
+  TRY(ChsFor(size_bytes, dd.cluster_bytes(), &chs));
+  TRY(dd.SetDiskSize(size_bytes, chs.cylinders, chs.heads));
   return dd.Save(fs);
 }
 

@@ -42,6 +42,31 @@ namespace ploop {
 Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
                                    std::string_view guid, const DescriptorLoadOptions& load = {});
 
+// The online form of CreateSnapshot, in two steps, for a disk whose top a
+// running process (the mount daemon) holds open for writing -- the caller
+// then holds the locks, and switches its open layers between the steps:
+//   PrepareSnapshot  checks the request and creates the new empty top file
+//                    (`top_size_bytes`, synced, folder synced); the
+//                    descriptor does not name it yet, so a crash leaves an
+//                    orphan file at worst. Nothing is opened or locked.
+//   CommitSnapshot   the atomic descriptor save of CreateSnapshot: the old
+//                    top renamed to the snapshot's GUID, the new file the
+//                    top. Call it with the old top flushed and no write in
+//                    flight, and let no write reach the new top before it
+//                    returns OK.
+//   AbandonSnapshot  removes the new file after a failed or skipped commit.
+struct PreparedSnapshot {
+  Descriptor dd;               // as loaded by PrepareSnapshot
+  std::string guid;            // the snapshot's GUID (the old top's new name)
+  std::string old_top_path;    // the old top's file (it keeps its name)
+  std::string new_top_path;    // the new empty top's file
+};
+Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
+                                         std::string_view guid, uint64_t top_size_bytes,
+                                         const DescriptorLoadOptions& load = {});
+Status CommitSnapshot(FileSystem& fs, PreparedSnapshot& prepared);
+void AbandonSnapshot(FileSystem& fs, const PreparedSnapshot& prepared);
+
 // Rolls back to snapshot `guid`: the current top's data is dropped.
 // InvalidArgument for the top itself; NotFound for an unknown GUID.
 Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
@@ -68,6 +93,12 @@ Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
 // Grows the disk offline: the top delta and the descriptor's size.
 Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
                   const DescriptorLoadOptions& load = {});
+
+// The descriptor step of a resize: records `size_bytes` (the top delta's
+// new size, grown already -- online by the mount daemon) as the disk's
+// size, saved atomically.
+Status RecordDiskSize(FileSystem& fs, const std::string& dd_path, uint64_t size_bytes,
+                      const DescriptorLoadOptions& load = {});
 
 // What CompactDisk() did, per delta file and in all.
 struct CompactResult {

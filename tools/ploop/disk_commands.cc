@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_common.h"
+#include "online.h"
 #include "commands.h"
 #include "ploop/disk.h"
 #include "snapshot/snapshot.h"
@@ -42,9 +43,34 @@ int RunSnapshot(const SnapshotArgs& args) {
   int rc = kExitOk;
   auto dd = Descriptor("snapshot", args.dd, &rc);
   if (!dd) return rc;
+  if (auto mounted = ActiveMount(*dd)) {
+    // Online: the daemon freezes the file system, switches to a new top
+    // and saves the descriptor (online.cc).
+    auto reply = OnlineCall(*mounted, {{"cmd", "snapshot"}, {"guid", args.guid}});
+    if (!reply.ok()) return Fail("snapshot", reply.error());
+    // The pause is in the daemon's log too.
+    if (args.json) {
+      std::cout << json{{"guid", reply->value("guid", "")},
+                        {"online", true},
+                        {"device", mounted->device},
+                        {"frozen", reply->value("frozen", json::array())},
+                        {"pause_ms", reply->value("pause_ms", 0.0)},
+                        {"freeze_ms", reply->value("freeze_ms", 0.0)},
+                        {"switch_ms", reply->value("switch_ms", 0.0)}}
+                       .dump()
+                << "\n";
+    } else {
+      std::cout << reply->value("guid", "") << "\n";
+    }
+    return kExitOk;
+  }
   auto guid = CreateSnapshot(DefaultFileSystem(), *dd, args.guid, LoadOptions());
   if (!guid.ok()) return Fail("snapshot", guid.error());
-  std::cout << *guid << "\n";
+  if (args.json) {
+    std::cout << json{{"guid", *guid}, {"online", false}}.dump() << "\n";
+  } else {
+    std::cout << *guid << "\n";
+  }
   return kExitOk;
 }
 

@@ -1,0 +1,164 @@
+// Online snapshot, resize and merge: the layer and descriptor steps the
+// mount daemon runs for its control socket (see online.h).
+//
+// Crash ordering of the online snapshot (the daemon holds the file system
+// frozen around all of it):
+//   1. the new empty top file is created, synced, folder synced -- not yet
+//      named by the descriptor (a crash: an orphan file, nothing else);
+//   2. quiesced (ServedDisk::ReplaceLayers: no request in flight, the top
+//      flushed): the old top is closed, which marks it clean;
+//   3. the descriptor is saved atomically naming the new file as the top and
+//      the old top as the snapshot -- before any write can reach the new
+//      top;
+//   4. the old top is reopened read-only (reader lock), the new top opened
+//      for writing; requests resume on the new chain.
+// A crash after 3 leaves the disk with the snapshot taken and an empty top;
+// before it, the disk as it was.
+#include "online.h"
+
+#include <algorithm>
+
+#include "mount-helper/mounts.h"
+#include "ploop/image.h"
+#include "ploop/served_disk.h"
+#include "snapshot/snapshot.h"
+
+namespace ploop::cli {
+
+namespace {
+
+using mount::Json;
+
+std::vector<std::string> LayerPaths(const std::vector<std::unique_ptr<Image>>& layers) {
+  std::vector<std::string> out;
+  for (const auto& layer : layers) out.push_back(layer->path());
+  return out;
+}
+
+OpenOptions LayerOpen(const Image& like, bool writable) {
+  OpenOptions o;
+  o.writable = writable;
+  o.raw = like.kind() == ImageKind::kRaw;
+  o.lock = true;
+  o.repair_dirty = false;  // the layers were just closed cleanly
+  return o;
+}
+
+bool SameFile(FileSystem& fs, const std::string& a, const std::string& b) {
+  auto ra = fs.RealPath(a);
+  auto rb = fs.RealPath(b);
+  return ra.ok() && rb.ok() ? *ra == *rb : a == b;
+}
+
+// Step 1 (before the freeze); the switch (steps 2-4) is returned.
+Result<mount::PreparedSwitch> PrepareOnlineSnapshot(const std::string& dd_path,
+                                                    const DescriptorLoadOptions& load,
+                                                    ServedDisk& disk, const Json& request) {
+  FileSystem& fs = DefaultFileSystem();
+  const std::string guid = request.value("guid", "");
+  ASSIGN_OR_RETURN(PreparedSnapshot prepared,
+                   PrepareSnapshot(fs, dd_path, guid, disk.size_bytes(), load));
+  auto shared = std::make_shared<PreparedSnapshot>(std::move(prepared));
+  mount::PreparedSwitch out;
+  out.abandon = [shared] { AbandonSnapshot(DefaultFileSystem(), *shared); };
+  out.run = [shared, &disk]() -> Result<Json> {
+    FileSystem& fs = DefaultFileSystem();
+    PreparedSnapshot& prepared = *shared;
+    bool committed = false;
+    std::vector<std::string> images;
+    Status s = disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
+      if (layers.empty() || !SameFile(fs, layers.back()->path(), prepared.old_top_path)) {
+        return Status::FailedPrecondition("the descriptor's top " + prepared.old_top_path +
+                                          " is not the delta being served");
+      }
+      const OpenOptions read_only = LayerOpen(*layers.back(), false);
+      const OpenOptions writable = LayerOpen(*layers.back(), true);
+      TRY_CTX(layers.back()->Close(), "close the old top");
+      layers.pop_back();
+      Status saved = CommitSnapshot(fs, prepared);
+      if (!saved.ok()) {
+        // The descriptor still names the old top: serve it again as it was.
+        auto again = OpenImage(fs, prepared.old_top_path, writable);
+        if (!again.ok()) {
+          return std::move(again).error().WithContext("after " + saved.ToString() +
+                                                      ": reopen the old top");
+        }
+        layers.push_back(std::move(*again));
+        return saved;
+      }
+      committed = true;
+      // From here the descriptor names the new top; the old one is a
+      // snapshot, served read-only. If the new top cannot be opened the
+      // disk stays read-only (writes fail) until it is mounted again.
+      ASSIGN_OR_RETURN_CTX(auto old_top, OpenImage(fs, prepared.old_top_path, read_only),
+                           "reopen the snapshot read-only");
+      layers.push_back(std::move(old_top));
+      ASSIGN_OR_RETURN_CTX(auto new_top, OpenImage(fs, prepared.new_top_path, writable),
+                           "open the new top");
+      layers.push_back(std::move(new_top));
+      images = LayerPaths(layers);
+      return Status::Ok();
+    });
+    if (!committed) AbandonSnapshot(fs, prepared);
+    TRY_CTX(s, "switch the served layers");
+    return Json{{"guid", prepared.guid}, {"images", images}};
+  };
+  return out;
+}
+
+Result<Json> GrowOnline(const std::string& dd_path, const DescriptorLoadOptions& load,
+                        ServedDisk& disk, const Json& request) {
+  if (!request.contains("size_bytes") || !request["size_bytes"].is_number_unsigned()) {
+    return Status::InvalidArgument("grow needs size_bytes");
+  }
+  const uint64_t size = request["size_bytes"].get<uint64_t>();
+  if (size < disk.size_bytes()) {
+    return Status::InvalidArgument("the disk is " + std::to_string(disk.size_bytes()) +
+                                   " bytes; shrinking is not supported");
+  }
+  // Crash ordering as offline: the top grows first, then the descriptor
+  // says so (a larger top than the descriptor's size is still a valid disk).
+  TRY(disk.Grow(size));
+  TRY_CTX(RecordDiskSize(DefaultFileSystem(), dd_path, disk.size_bytes(), load),
+          "record the new size in the descriptor");
+  return Json{{"size_bytes", disk.size_bytes()}};
+}
+
+}  // namespace
+
+mount::OnlineOperations OnlineOperationsFor(const std::string& dd_path,
+                                            const DescriptorLoadOptions& load) {
+  mount::OnlineOperations ops;
+  ops.snapshot = [dd_path, load](ServedDisk& disk, const Json& request) {
+    return PrepareOnlineSnapshot(dd_path, load, disk, request);
+  };
+  ops.grow = [dd_path, load](ServedDisk& disk, const Json& request) {
+    return GrowOnline(dd_path, load, disk, request);
+  };
+  return ops;
+}
+
+std::optional<mount::MountRecord> ActiveMount(const std::string& dd_path) {
+  auto found = mount::FindByDescriptor(dd_path);
+  if (!found.ok()) return std::nullopt;
+  for (const mount::MountRecord& r : *found) {
+    if (r.read_only || !r.guid.empty()) continue;
+    if (mount::Health(r) != mount::MountHealth::kActive) continue;
+    return r;
+  }
+  return std::nullopt;
+}
+
+Result<Json> OnlineCall(const mount::MountRecord& record, const Json& request, int timeout_ms) {
+  if (record.kind != "fuse" || record.socket.empty()) {
+    return Status::NotSupported(record.device +
+                                " is a raw image attached straight to the loop device; "
+                                "unmount it for this operation");
+  }
+  ASSIGN_OR_RETURN_CTX(Json reply, mount::ControlCall(record.socket, request, timeout_ms),
+                       "the daemon of " + record.device);
+  TRY(mount::ReplyStatus(reply));
+  return reply;
+}
+
+}  // namespace ploop::cli

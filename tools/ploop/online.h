@@ -1,0 +1,32 @@
+// Online operations on a mounted disk: what `ploop snapshot`, `ploop
+// resize` and `ploop snapshot-merge` do when the disk's top is served by a
+// mount daemon. The daemon (mount-helper/daemon.h) runs the kernel's part
+// (freeze, FUSE and loop sizes); the layer and descriptor steps given to it
+// here need snapshot/, which mount-helper does not link.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mount-helper/daemon.h"
+#include "mount-helper/records.h"
+#include "ploop/descriptor.h"
+
+namespace ploop::cli {
+
+// The online operations a daemon serving `dd_path` runs (given to it at
+// mount time, with the descriptor load options of the mount).
+mount::OnlineOperations OnlineOperationsFor(const std::string& dd_path,
+                                            const DescriptorLoadOptions& load);
+
+// The live read-write mount of the disk's top, if there is one. The run
+// dir is root's, so without root this finds nothing and the offline path
+// reports the disk Busy ("in use by /dev/loopN").
+std::optional<mount::MountRecord> ActiveMount(const std::string& dd_path);
+
+// Sends `request` to the mount's daemon; NotSupported for a disk attached
+// straight to a loop device (no daemon).
+Result<mount::Json> OnlineCall(const mount::MountRecord& record, const mount::Json& request,
+                               int timeout_ms = 600000);
+
+}  // namespace ploop::cli

@@ -7,6 +7,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <mutex>
+
+#include "mount-helper/child_process.h"
 
 namespace ploop::mount {
 
@@ -89,6 +92,48 @@ Result<uint64_t> GrowExt4Online(const std::string& dir, uint64_t device_bytes) {
   }
   ::close(fd);
   return blocks * block_bytes;
+}
+
+namespace {
+
+// Runs argv; returns how it ended and its last stderr/stdout line.
+Result<std::pair<ChildExit, std::string>> RunTool(const std::vector<std::string>& argv) {
+  SpawnOptions o;
+  o.argv = argv;
+  o.capture_stdout = true;
+  auto last = std::make_shared<std::string>();
+  auto mu = std::make_shared<std::mutex>();
+  ASSIGN_OR_RETURN_CTX(auto child,
+                       ChildProcess::Spawn(o,
+                                           [last, mu](ChildStream, std::string_view line) {
+                                             if (line.find_first_not_of(" \t") ==
+                                                 std::string_view::npos) {
+                                               return;
+                                             }
+                                             std::lock_guard lock(*mu);
+                                             *last = std::string(line);
+                                           }),
+                       argv[0]);
+  ChildExit exit = child->Wait();
+  std::lock_guard lock(*mu);
+  return std::make_pair(exit, *last);
+}
+
+}  // namespace
+
+Status GrowExt4OnDevice(const std::string& device) {
+  ASSIGN_OR_RETURN(auto fsck, RunTool({"e2fsck", "-f", "-p", device}));
+  // 0: clean; 1: errors corrected. Anything else needs a person.
+  if (fsck.first.signaled || fsck.first.code > 1) {
+    return Status::FailedPrecondition("e2fsck -f -p " + device + " " + fsck.first.Describe() +
+                                      ": " + fsck.second);
+  }
+  ASSIGN_OR_RETURN(auto resize, RunTool({"resize2fs", device}));
+  if (!resize.first.ok()) {
+    return Status::FromErrno(EIO, "resize2fs " + device + " " + resize.first.Describe() + ": " +
+                                      resize.second);
+  }
+  return Status::Ok();
 }
 
 }  // namespace ploop::mount

@@ -40,4 +40,10 @@ class FrozenFilesystems {
 // for another file system type.
 Result<uint64_t> GrowExt4Online(const std::string& dir, uint64_t device_bytes);
 
+// Grows the ext2/3/4 file system on `device`, not mounted, to fill it:
+// `e2fsck -f -p` (resize2fs insists on a checked file system), then
+// `resize2fs`. NotFound when e2fsprogs is missing; FailedPrecondition when
+// e2fsck finds errors it cannot fix; IOError with resize2fs's words.
+Status GrowExt4OnDevice(const std::string& device);
+
 }  // namespace ploop::mount

@@ -22,6 +22,7 @@
 #include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/lock.h"
+#include "online.h"
 #include "snapshot/snapshot.h"
 #include "units.h"
 
@@ -382,8 +383,7 @@ int RunResize(const ResizeArgs& args) {
   if (!size) return rc;
   std::string dd_path;
   if (IsDescriptorPath(DefaultFileSystem(), args.file, &dd_path)) {
-    Status s = ResizeDisk(DefaultFileSystem(), dd_path, *size, LoadOptions());
-    return s.ok() ? kExitOk : Fail("resize", s);
+    return ResizeDescriptorDisk(dd_path, *size);
   }
   auto image = OpenFor(args.file, args.format, /*writable=*/true);
   if (!image.ok()) return Fail("resize", image.error());

@@ -29,4 +29,12 @@ std::optional<mount::MountRecord> ActiveMount(const std::string& dd_path);
 Result<mount::Json> OnlineCall(const mount::MountRecord& record, const mount::Json& request,
                                int timeout_ms = 600000);
 
+// `ploop resize -s SIZE DD.xml`: online when the disk is mounted (the
+// daemon grows the disk, the FUSE file and the loop device; then the
+// mounted ext4 is grown with EXT4_IOC_RESIZE_FS), else offline (ResizeDisk,
+// then an ext4 at the start of the disk is grown by resize2fs on a device
+// our daemon serves -- root only; without root a note says so). Prints
+// errors; returns the exit code.
+int ResizeDescriptorDisk(const std::string& dd_path, uint64_t size_bytes);
+
 }  // namespace ploop::cli

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ploop/descriptor.h"
+#include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/status.h"
 
@@ -77,6 +78,34 @@ Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
 // the host file system lacks the room the merge may need.
 Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                      const DescriptorLoadOptions& load = {});
+
+// The online form of MergeSnapshot, for a disk whose deltas a running
+// process (the mount daemon) holds open and serves: the same steps and
+// crash protocol, but the caller opens the two deltas its own way (it
+// holds their locks) and swaps its open layers between the steps:
+//   CheckOnlineMerge   loads the descriptor and checks the request (the
+//                      errors of MergeSnapshot); changes nothing;
+//   CopyOnlineMerge    marks the parent <Temporary/> (saved: a crash from
+//                      here is finished by FinishInterruptedMerges), grows
+//                      the parent to the child's size if smaller, and copies
+//                      the child's clusters into it; `child` open in any
+//                      mode, `parent` writable. The child keeps shadowing
+//                      every cluster copied, so the disk reads the same
+//                      throughout;
+//   CommitOnlineMerge  after the parent is closed: the child's GUID takes
+//                      over the parent's file (saved). The caller then
+//                      stops using the child's file and removes it.
+struct OnlineMerge {
+  Descriptor dd;
+  std::string child_guid;
+  std::string parent_guid;
+  std::string child_path;
+  std::string parent_path;
+};
+Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
+                                     std::string_view guid, const DescriptorLoadOptions& load = {});
+Status CopyOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent);
+Status CommitOnlineMerge(FileSystem& fs, OnlineMerge& merge);
 
 // Merges the whole active chain into its base, so the disk is one delta.
 Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load = {});

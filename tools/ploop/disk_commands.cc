@@ -125,6 +125,7 @@ int RunSnapshotMerge(const SnapshotArgs& args) {
   if (!dd) return rc;
   if (args.all && !args.guid.empty())
     return Usage("snapshot-merge", "-u and -A exclude each other");
+  if (auto online = MergeIfMounted(*dd, args.guid, args.all)) return *online;
   Status s = args.all ? MergeAll(DefaultFileSystem(), *dd, LoadOptions())
                       : MergeSnapshot(DefaultFileSystem(), *dd, args.guid, LoadOptions());
   return s.ok() ? kExitOk : Fail("snapshot-merge", s);

@@ -133,6 +133,112 @@ Result<Json> GrowOnline(const std::string& dd_path, const DescriptorLoadOptions&
   return Json{{"size_bytes", disk.size_bytes()}};
 }
 
+// The index of the layer whose file is `path`, or -1.
+int LayerIndex(FileSystem& fs, const std::vector<std::unique_ptr<Image>>& layers,
+               const std::string& path) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (SameFile(fs, layers[i]->path(), path)) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+// Online merge of a snapshot below the top into its parent (both served
+// read-only), in three steps:
+//   A. quiesced: the parent's served open is swapped for an unlocked
+//      read-only one, and a writable open (its write lock: Busy while any
+//      other program reads the parent) is kept for the copy; the parent
+//      grows to the child's size here if needed (Delta::Grow may move
+//      clusters, which no reader may see half-done);
+//   B. not quiesced: CopyOnlineMerge (parent <Temporary/>, then the copy).
+//      Requests keep running: every cluster copied is one the child holds,
+//      so no request reads it from the parent;
+//   C. quiesced: the parent is closed (flushed, clean), the descriptor
+//      committed, the parent reopened read-only with its lock (a fresh BAT
+//      that has the copied clusters) and the child's layer dropped; its
+//      file is then removed. If anything failed, the chain is served as
+//      before (the child still shadows the parent), and a merge marked in
+//      the descriptor is finished by the next mount or offline command.
+Result<Json> MergeOnline(const std::string& dd_path, const DescriptorLoadOptions& load,
+                         ServedDisk& disk, const Json& request) {
+  FileSystem& fs = DefaultFileSystem();
+  ASSIGN_OR_RETURN(OnlineMerge merge,
+                   CheckOnlineMerge(fs, dd_path, request.value("guid", ""), load));
+  if (merge.child_guid == merge.dd.top_guid()) {
+    return Status::FailedPrecondition(
+        "merging the top of a mounted disk is not supported; unmount it first");
+  }
+  OpenOptions locked_ro;
+  OpenOptions unlocked_ro;
+  std::unique_ptr<Image> parent_rw;
+  auto not_served = [&] {
+    return Status::FailedPrecondition("snapshot " + merge.child_guid + " or its parent " +
+                                      merge.parent_guid + " is not in the served chain");
+  };
+  TRY_CTX(disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
+    const int pi = LayerIndex(fs, layers, merge.parent_path);
+    const int ci = LayerIndex(fs, layers, merge.child_path);
+    if (pi < 0 || ci != pi + 1) return not_served();
+    locked_ro = LayerOpen(*layers[pi], false);
+    unlocked_ro = locked_ro;
+    unlocked_ro.lock = false;
+    const OpenOptions rw = LayerOpen(*layers[pi], true);
+    TRY(layers[pi]->Close());
+    auto restore = [&](Status why) -> Status {
+      if (parent_rw) parent_rw->Close().IgnoreError();
+      parent_rw.reset();
+      auto again = OpenImage(fs, merge.parent_path, locked_ro);
+      if (!again.ok()) return std::move(again).error().WithContext("after " + why.ToString());
+      layers[pi] = std::move(*again);
+      return why;
+    };
+    auto opened = OpenImage(fs, merge.parent_path, rw);
+    if (!opened.ok()) return restore(std::move(opened).error());
+    parent_rw = std::move(*opened);
+    if (parent_rw->size_bytes() < layers[ci]->size_bytes()) {
+      if (Status s = parent_rw->Grow(layers[ci]->size_bytes()); !s.ok()) return restore(s);
+      if (Status s = parent_rw->Flush(); !s.ok()) return restore(s);
+    }
+    auto served = OpenImage(fs, merge.parent_path, unlocked_ro);
+    if (!served.ok()) return restore(std::move(served).error());
+    layers[pi] = std::move(*served);
+    return Status::Ok();
+  }), "merge " + merge.child_guid);
+
+  Status copied = [&]() -> Status {
+    ASSIGN_OR_RETURN(auto child, OpenImage(fs, merge.child_path, unlocked_ro));
+    TRY(CopyOnlineMerge(fs, merge, *child, *parent_rw));
+    return parent_rw->Flush();
+  }();
+
+  bool committed = false;
+  std::vector<std::string> images;
+  Status switched = disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
+    const int pi = LayerIndex(fs, layers, merge.parent_path);
+    const int ci = LayerIndex(fs, layers, merge.child_path);
+    if (pi < 0 || ci != pi + 1) return not_served();
+    Status closed = parent_rw->Close();
+    parent_rw.reset();
+    Status saved = !copied.ok() ? copied : !closed.ok() ? closed : CommitOnlineMerge(fs, merge);
+    auto fresh = OpenImage(fs, merge.parent_path, locked_ro);
+    if (!fresh.ok()) {
+      // The stale open stays, and so does the child over it (the copied
+      // clusters are all the child's): the disk reads the same.
+      return std::move(fresh).error().WithContext("reopen " + merge.parent_path);
+    }
+    layers[pi] = std::move(*fresh);
+    if (saved.ok()) {
+      committed = true;
+      layers[ci]->Close().IgnoreError();  // read-only: nothing to write
+      layers.erase(layers.begin() + ci);
+    }
+    images = LayerPaths(layers);
+    return saved;
+  });
+  if (committed) fs.Remove(merge.child_path).IgnoreError();  // an orphan at worst
+  TRY_CTX(switched, "merge " + merge.child_guid + " into " + merge.parent_guid);
+  return Json{{"guid", merge.child_guid}, {"images", images}};
+}
+
 }  // namespace
 
 mount::OnlineOperations OnlineOperationsFor(const std::string& dd_path,
@@ -143,6 +249,9 @@ mount::OnlineOperations OnlineOperationsFor(const std::string& dd_path,
   };
   ops.grow = [dd_path, load](ServedDisk& disk, const Json& request) {
     return GrowOnline(dd_path, load, disk, request);
+  };
+  ops.merge = [dd_path, load](ServedDisk& disk, const Json& request) {
+    return MergeOnline(dd_path, load, disk, request);
   };
   return ops;
 }
@@ -203,6 +312,33 @@ Status GrowExt4Offline(const std::string& dd_path) {
 std::string Mib(uint64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
 
 }  // namespace
+
+std::optional<int> MergeIfMounted(const std::string& dd_path, const std::string& guid, bool all) {
+  auto mounted = ActiveMount(dd_path);
+  if (!mounted) return std::nullopt;
+  auto dd = ploop::Descriptor::Load(DefaultFileSystem(), dd_path, LoadOptions());
+  if (!dd.ok()) return Fail("snapshot-merge", dd.error());
+  std::string child = dd->top_guid();
+  if (!guid.empty()) {
+    auto parsed = ParseGuid(guid);
+    if (!parsed.ok()) return Fail("snapshot-merge", parsed.error());
+    child = *parsed;
+  }
+  if (all || child == dd->top_guid()) {
+    return Fail("snapshot-merge",
+                Status::FailedPrecondition("merging the top of a mounted disk (" +
+                                           mounted->device +
+                                           ") is not supported; unmount it first, or merge a "
+                                           "snapshot below the top with -u GUID"));
+  }
+  const auto chain = dd->Chain();
+  const bool served = std::any_of(chain.begin(), chain.end(),
+                                  [&](const DescriptorImage& i) { return i.guid == child; });
+  if (!served) return std::nullopt;  // off the running chain: the offline merge
+  auto reply = OnlineCall(*mounted, {{"cmd", "merge"}, {"guid", child}});
+  if (!reply.ok()) return Fail("snapshot-merge", reply.error());
+  return kExitOk;
+}
 
 int ResizeDescriptorDisk(const std::string& dd_path, uint64_t size_bytes) {
   FileSystem& fs = DefaultFileSystem();

@@ -29,6 +29,13 @@ std::optional<mount::MountRecord> ActiveMount(const std::string& dd_path);
 Result<mount::Json> OnlineCall(const mount::MountRecord& record, const mount::Json& request,
                                int timeout_ms = 600000);
 
+// `ploop snapshot-merge` of a mounted disk: a snapshot below the top that
+// the daemon serves is merged online (the daemon, online.cc); the top (or
+// -A) is refused (FailedPrecondition, exit 10). nullopt when the disk is
+// not mounted or the snapshot is off the served chain (the offline merge
+// then runs). Prints errors; returns the exit code.
+std::optional<int> MergeIfMounted(const std::string& dd_path, const std::string& guid, bool all);
+
 // `ploop resize -s SIZE DD.xml`: online when the disk is mounted (the
 // daemon grows the disk, the FUSE file and the loop device; then the
 // mounted ext4 is grown with EXT4_IOC_RESIZE_FS), else offline (ResizeDisk,

@@ -6,9 +6,8 @@
 // presents them (POSIX ACLs in the kernel's xattr format).
 #include "fsimage/reader.h"
 
-#include <array>
-
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "fsimage/ext4.h"
@@ -26,9 +25,9 @@ Result<std::optional<uint64_t>> ProbeExt4SizeBytes(Image& image) {
   };
   auto u32 = [&](size_t off) { return u16(off) | u16(off + 2) << 16; };
   if (u16(0x38) != 0xEF53) return std::optional<uint64_t>();  // s_magic
-  const uint32_t log_block = u32(0x18);                      // s_log_block_size
+  const uint32_t log_block = u32(0x18);                       // s_log_block_size
   if (log_block > 6) return std::optional<uint64_t>();
-  uint64_t blocks = u32(0x04);                               // s_blocks_count_lo
+  uint64_t blocks = u32(0x04);  // s_blocks_count_lo
   constexpr uint32_t kIncompat64Bit = 0x80;
   if (u32(0x60) & kIncompat64Bit) blocks |= static_cast<uint64_t>(u32(0x150)) << 32;
   return std::optional<uint64_t>(blocks * (1024ull << log_block));

@@ -7,9 +7,8 @@
 // Image, which must outlive it.
 #pragma once
 
-#include <optional>
-
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 

@@ -221,7 +221,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   };
   auto online_snapshot = [&](const Json& request) -> Json {
     std::lock_guard lock(online_mu);
-    if (!options.online.snapshot) return ErrorReply(Status::NotSupported("no online snapshot here"));
+    if (!options.online.snapshot)
+      return ErrorReply(Status::NotSupported("no online snapshot here"));
     if (!disk.writable()) return ErrorReply(Status::FailedPrecondition("the disk is read-only"));
     // Every mountpoint of the device is the same file system (bind
     // mounts): freezing one freezes it.
@@ -255,8 +256,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     reply["switch_ms"] = switch_ms;
     reply["frozen"] = dirs;
     LogInfo("online snapshot " + reply.value("guid", "") + ": writes paused " +
-            std::to_string(pause_ms) + " ms (freeze " + std::to_string(freeze_ms) +
-            " ms, switch " + std::to_string(switch_ms) + " ms)");
+            std::to_string(pause_ms) + " ms (freeze " + std::to_string(freeze_ms) + " ms, switch " +
+            std::to_string(switch_ms) + " ms)");
     return reply;
   };
   auto online_grow = [&](const Json& request) -> Json {
@@ -269,9 +270,11 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     // the cached attributes, let a stat fetch them anew, then resize.
     Status s = server.InvalidateSize();
     struct stat st = {};
-    if (s.ok() && ::stat(fuse_file.c_str(), &st) != 0) s = Status::FromErrno(errno, "stat " + fuse_file);
+    if (s.ok() && ::stat(fuse_file.c_str(), &st) != 0)
+      s = Status::FromErrno(errno, "stat " + fuse_file);
     if (s.ok() && static_cast<uint64_t>(st.st_size) != disk.size_bytes()) {
-      s = Status::FromErrno(EIO, "the FUSE file still shows " + std::to_string(st.st_size) + " bytes");
+      s = Status::FromErrno(EIO,
+                            "the FUSE file still shows " + std::to_string(st.st_size) + " bytes");
     }
     if (s.ok()) s = RefreshLoopCapacity(*device);
     if (!s.ok()) {
@@ -319,7 +322,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"descriptor", options.descriptor},
           {"guid", options.guid},
           {"read_only", !disk.writable()},
-          {"images", [&] {
+          {"images",
+           [&] {
              std::lock_guard lock(images_mu);
              return images;
            }()},

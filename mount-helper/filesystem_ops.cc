@@ -48,7 +48,8 @@ Result<std::unique_ptr<FrozenFilesystems>> FrozenFilesystems::Freeze(
     if (::ioctl(fd, FIFREEZE, 0) != 0) {
       int err = errno;
       for (size_t j = i; j < opened.size(); ++j) ::close(opened[j].second);
-      if (err == EOPNOTSUPP) return Status::NotSupported("the file system at " + dir + " cannot be frozen");
+      if (err == EOPNOTSUPP)
+        return Status::NotSupported("the file system at " + dir + " cannot be frozen");
       return Status::FromErrno(err, "freeze " + dir);
     }
     out->frozen_.emplace_back(dir, fd);
@@ -103,17 +104,17 @@ Result<std::pair<ChildExit, std::string>> RunTool(const std::vector<std::string>
   o.capture_stdout = true;
   auto last = std::make_shared<std::string>();
   auto mu = std::make_shared<std::mutex>();
-  ASSIGN_OR_RETURN_CTX(auto child,
-                       ChildProcess::Spawn(o,
-                                           [last, mu](ChildStream, std::string_view line) {
-                                             if (line.find_first_not_of(" \t") ==
-                                                 std::string_view::npos) {
-                                               return;
-                                             }
-                                             std::lock_guard lock(*mu);
-                                             *last = std::string(line);
-                                           }),
-                       argv[0]);
+  ASSIGN_OR_RETURN_CTX(
+      auto child,
+      ChildProcess::Spawn(o,
+                          [last, mu](ChildStream, std::string_view line) {
+                            if (line.find_first_not_of(" \t") == std::string_view::npos) {
+                              return;
+                            }
+                            std::lock_guard lock(*mu);
+                            *last = std::string(line);
+                          }),
+      argv[0]);
   ChildExit exit = child->Wait();
   std::lock_guard lock(*mu);
   return std::make_pair(exit, *last);
@@ -130,8 +131,8 @@ Status GrowExt4OnDevice(const std::string& device) {
   }
   ASSIGN_OR_RETURN(auto resize, RunTool({"resize2fs", device}));
   if (!resize.first.ok()) {
-    return Status::FromErrno(EIO, "resize2fs " + device + " " + resize.first.Describe() + ": " +
-                                      resize.second);
+    return Status::FromErrno(
+        EIO, "resize2fs " + device + " " + resize.first.Describe() + ": " + resize.second);
   }
   return Status::Ok();
 }

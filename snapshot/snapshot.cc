@@ -67,11 +67,11 @@ Status ChsFor(uint64_t size_bytes, uint64_t cluster_bytes, Header* out) {
   return Status::Ok();
 }
 
-// Steps 1-2 of a merge (see MergeInto) on deltas the caller opened: the
-// child (any mode) and the parent (writable).
-Status CopyIntoParent(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
-                      const std::string& parent_guid, Image& child, Image& parent) {
-  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+// Step 1 of a merge (see MergeInto) on deltas the caller opened: the
+// child (any mode) and the parent: the room check, then the parent marked
+// <Temporary/> (saved).
+Status AnnounceMerge(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
+                     const std::string& parent_guid, Image& child, Image& parent) {
   auto ctx = "merge " + child_guid + " into " + parent_guid;
   auto* child_delta = dynamic_cast<Delta*>(&child);
   auto* parent_delta = dynamic_cast<Delta*>(&parent);
@@ -103,7 +103,19 @@ Status CopyIntoParent(FileSystem& fs, Descriptor& dd, const std::string& child_g
     TRY_CTX(dd.SetTemporary(parent_guid, true), ctx);
     TRY_CTX(dd.Save(fs), ctx);
   }
+  return Status::Ok();
+}
 
+// Step 2's copy (after AnnounceMerge): grows the parent to the child's
+// size if smaller, and copies every cluster the child holds into it.
+Status CopyIntoParent(Descriptor& dd, const std::string& child_guid, const std::string& parent_guid,
+                      Image& child, Image& parent) {
+  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+  auto ctx = "merge " + child_guid + " into " + parent_guid;
+  auto* child_delta = dynamic_cast<Delta*>(&child);
+  auto* parent_delta = dynamic_cast<Delta*>(&parent);
+  if (child_delta == nullptr) return Status::NotSupported(ctx + ": a raw delta has no parent");
+  const uint64_t cb = dd.cluster_bytes();
   if (child.size_bytes() > parent.size_bytes()) TRY_CTX(parent.Grow(child.size_bytes()), ctx);
   std::vector<std::byte> buf(cb);
   const uint64_t size = child.size_bytes();
@@ -163,7 +175,8 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
 
   ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, dd, child_image, false), ctx);
   ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, dd, parent_image, true), ctx);
-  TRY(CopyIntoParent(fs, dd, child_guid, parent_guid, *child, *parent));
+  TRY(AnnounceMerge(fs, dd, child_guid, parent_guid, *child, *parent));
+  TRY(CopyIntoParent(dd, child_guid, parent_guid, *child, *parent));
   TRY_CTX(parent->Close(), ctx);
   child.reset();
   TRY(TakeOverParent(fs, dd, child_guid, parent_guid));
@@ -206,10 +219,11 @@ Result<Descriptor> LoadRecovered(FileSystem& fs, const std::string& dd_path,
 
 }  // namespace
 
-Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
-                                         std::string_view guid, uint64_t top_size_bytes,
-                                         const DescriptorLoadOptions& load) {
-  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+namespace {
+
+// The GUID a new snapshot of `dd` gets: `guid` checked (normalised), or a
+// random one.
+Result<std::string> NewSnapshotGuid(const Descriptor& dd, std::string_view guid) {
   std::string snap;
   if (guid.empty()) {
     ASSIGN_OR_RETURN(snap, NewRandomGuid());
@@ -220,13 +234,23 @@ Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_p
     return Status::InvalidArgument(snap + " is reserved and cannot name a snapshot");
   }
   if (dd.FindImage(snap) != nullptr) return Status::AlreadyExists("snapshot " + snap + " exists");
+  return snap;
+}
+
+}  // namespace
+
+Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
+                                         std::string_view guid, uint64_t top_size_bytes,
+                                         const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string snap, NewSnapshotGuid(dd, guid));
   const uint64_t size = std::max(top_size_bytes, dd.disk_size_bytes());
   ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
   TRY(CreateEmptyDelta(fs, dd, file, size));
   std::string old_top_path = dd.top().path;
   std::string new_top_path = JoinPath(dd.folder(), file);
   return PreparedSnapshot{std::move(dd), std::move(snap), std::move(old_top_path),
-                          std::move(new_top_path)};
+                          std::move(new_top_path), load};
 }
 
 Status CommitSnapshot(FileSystem& fs, PreparedSnapshot& prepared) {
@@ -245,11 +269,12 @@ void AbandonSnapshot(FileSystem& fs, const PreparedSnapshot& prepared) {
 Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
                                    std::string_view guid, const DescriptorLoadOptions& load) {
   ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string snap, NewSnapshotGuid(dd, guid));
   TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
   // Holding the top open for writing keeps everyone else out meanwhile.
   ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
   ASSIGN_OR_RETURN(PreparedSnapshot prepared,
-                   PrepareSnapshot(fs, dd_path, guid, top->size_bytes(), load));
+                   PrepareSnapshot(fs, dd_path, snap, top->size_bytes(), load));
   if (Status s = CommitSnapshot(fs, prepared); !s.ok()) {
     AbandonSnapshot(fs, prepared);
     return s;
@@ -339,8 +364,12 @@ Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
   return out;
 }
 
-Status CopyOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent) {
-  return CopyIntoParent(fs, merge.dd, merge.child_guid, merge.parent_guid, child, parent);
+Status AnnounceOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent) {
+  return AnnounceMerge(fs, merge.dd, merge.child_guid, merge.parent_guid, child, parent);
+}
+
+Status CopyOnlineMerge(OnlineMerge& merge, Image& child, Image& parent) {
+  return CopyIntoParent(merge.dd, merge.child_guid, merge.parent_guid, child, parent);
 }
 
 Status CommitOnlineMerge(FileSystem& fs, OnlineMerge& merge) {

@@ -61,6 +61,7 @@ struct PreparedSnapshot {
   std::string guid;            // the snapshot's GUID (the old top's new name)
   std::string old_top_path;    // the old top's file (it keeps its name)
   std::string new_top_path;    // the new empty top's file
+  DescriptorLoadOptions load;  // as given to PrepareSnapshot
 };
 Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
                                          std::string_view guid, uint64_t top_size_bytes,
@@ -85,13 +86,16 @@ Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vie
 // holds their locks) and swaps its open layers between the steps:
 //   CheckOnlineMerge   loads the descriptor and checks the request (the
 //                      errors of MergeSnapshot); changes nothing;
-//   CopyOnlineMerge    marks the parent <Temporary/> (saved: a crash from
-//                      here is finished by FinishInterruptedMerges), grows
-//                      the parent to the child's size if smaller, and copies
-//                      the child's clusters into it; `child` open in any
-//                      mode, `parent` writable. The child keeps shadowing
-//                      every cluster copied, so the disk reads the same
-//                      throughout;
+//   AnnounceOnlineMerge  checks the host has room (NoSpace) and marks the
+//                      parent <Temporary/> (saved: a crash from here is
+//                      finished by FinishInterruptedMerges); the deltas
+//                      open in any mode;
+//   CopyOnlineMerge    grows the parent to the child's size if smaller
+//                      (Delta::Grow may move clusters: nobody else may read
+//                      the parent meanwhile), and copies the child's
+//                      clusters into it; `parent` writable. The child keeps
+//                      shadowing every cluster copied, so the disk reads the
+//                      same throughout;
 //   CommitOnlineMerge  after the parent is closed: the child's GUID takes
 //                      over the parent's file (saved). The caller then
 //                      stops using the child's file and removes it.
@@ -104,7 +108,8 @@ struct OnlineMerge {
 };
 Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
                                      std::string_view guid, const DescriptorLoadOptions& load = {});
-Status CopyOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent);
+Status AnnounceOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent);
+Status CopyOnlineMerge(OnlineMerge& merge, Image& child, Image& parent);
 Status CommitOnlineMerge(FileSystem& fs, OnlineMerge& merge);
 
 // Merges the whole active chain into its base, so the disk is one delta.

@@ -163,8 +163,9 @@ TEST_CASE("snapshot create renames the top to the snapshot GUID and adds an empt
   RequireCleanDisk(fs);
 }
 
-TEST_CASE("online snapshot steps: prepare adds an unnamed empty top, abandon removes it, commit "
-          "names it while the top stays open for writing") {
+TEST_CASE(
+    "online snapshot steps: prepare adds an unnamed empty top, abandon removes it, commit "
+    "names it while the top stays open for writing") {
   MemoryFileSystem fs;
   TestRng rng;
   MakeDisk(fs, kSize, kCb);

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "cli_common.h"
+#include "online.h"
 #include "ploop/check.h"
 #include "ploop/convert.h"
 #include "ploop/delta.h"
@@ -22,7 +23,6 @@
 #include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/lock.h"
-#include "online.h"
 #include "snapshot/snapshot.h"
 #include "units.h"
 

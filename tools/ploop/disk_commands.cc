@@ -5,8 +5,8 @@
 #include <nlohmann/json.hpp>
 
 #include "cli_common.h"
-#include "online.h"
 #include "commands.h"
+#include "online.h"
 #include "ploop/disk.h"
 #include "snapshot/snapshot.h"
 #include "units.h"
@@ -163,13 +163,14 @@ int RunCompact(const SnapshotArgs& args) {
   for (const auto& d : result->deltas) {
     before += d.bytes_before;
     after += d.bytes_after;
-    std::cout << d.file << ": " << HumanSize(d.bytes_before) << " -> "
-              << HumanSize(d.bytes_after) << " (" << d.moved_clusters << " clusters moved";
-    if (d.dropped_zero_clusters > 0) std::cout << ", " << d.dropped_zero_clusters << " zero clusters dropped";
+    std::cout << d.file << ": " << HumanSize(d.bytes_before) << " -> " << HumanSize(d.bytes_after)
+              << " (" << d.moved_clusters << " clusters moved";
+    if (d.dropped_zero_clusters > 0)
+      std::cout << ", " << d.dropped_zero_clusters << " zero clusters dropped";
     std::cout << ")\n";
   }
-  std::cout << "compacted " << result->deltas.size() << " delta(s): " << HumanSize(before)
-            << " -> " << HumanSize(after) << "\n";
+  std::cout << "compacted " << result->deltas.size() << " delta(s): " << HumanSize(before) << " -> "
+            << HumanSize(after) << "\n";
   return kExitOk;
 }
 

@@ -1,19 +1,5 @@
-// Online snapshot, resize and merge: the layer and descriptor steps the
-// mount daemon runs for its control socket (see online.h).
-//
-// Crash ordering of the online snapshot (the daemon holds the file system
-// frozen around all of it):
-//   1. the new empty top file is created, synced, folder synced -- not yet
-//      named by the descriptor (a crash: an orphan file, nothing else);
-//   2. quiesced (ServedDisk::ReplaceLayers: no request in flight, the top
-//      flushed): the old top is closed, which marks it clean;
-//   3. the descriptor is saved atomically naming the new file as the top and
-//      the old top as the snapshot -- before any write can reach the new
-//      top;
-//   4. the old top is reopened read-only (reader lock), the new top opened
-//      for writing; requests resume on the new chain.
-// A crash after 3 leaves the disk with the snapshot taken and an empty top;
-// before it, the disk as it was.
+// Online snapshot, resize and merge: the daemon's callbacks (the layer and
+// descriptor steps, snapshot/online.h) and the CLI's side (see online.h).
 #include "online.h"
 
 #include <unistd.h>
@@ -30,6 +16,7 @@
 #include "ploop/disk.h"
 #include "ploop/image.h"
 #include "ploop/served_disk.h"
+#include "snapshot/online.h"
 #include "snapshot/snapshot.h"
 
 namespace ploop::cli {
@@ -38,79 +25,20 @@ namespace {
 
 using mount::Json;
 
-std::vector<std::string> LayerPaths(const std::vector<std::unique_ptr<Image>>& layers) {
-  std::vector<std::string> out;
-  for (const auto& layer : layers) out.push_back(layer->path());
-  return out;
-}
-
-OpenOptions LayerOpen(const Image& like, bool writable) {
-  OpenOptions o;
-  o.writable = writable;
-  o.raw = like.kind() == ImageKind::kRaw;
-  o.lock = true;
-  o.repair_dirty = false;  // the layers were just closed cleanly
-  return o;
-}
-
-bool SameFile(FileSystem& fs, const std::string& a, const std::string& b) {
-  auto ra = fs.RealPath(a);
-  auto rb = fs.RealPath(b);
-  return ra.ok() && rb.ok() ? *ra == *rb : a == b;
-}
-
 // Step 1 (before the freeze); the switch (steps 2-4) is returned.
 Result<mount::PreparedSwitch> PrepareOnlineSnapshot(const std::string& dd_path,
                                                     const DescriptorLoadOptions& load,
                                                     ServedDisk& disk, const Json& request) {
   FileSystem& fs = DefaultFileSystem();
-  const std::string guid = request.value("guid", "");
-  ASSIGN_OR_RETURN(PreparedSnapshot prepared,
-                   PrepareSnapshot(fs, dd_path, guid, disk.size_bytes(), load));
+  ASSIGN_OR_RETURN(
+      PreparedSnapshot prepared,
+      PrepareSnapshot(fs, dd_path, request.value("guid", ""), disk.size_bytes(), load));
   auto shared = std::make_shared<PreparedSnapshot>(std::move(prepared));
   mount::PreparedSwitch out;
   out.abandon = [shared] { AbandonSnapshot(DefaultFileSystem(), *shared); };
   out.run = [shared, &disk]() -> Result<Json> {
-    FileSystem& fs = DefaultFileSystem();
-    PreparedSnapshot& prepared = *shared;
-    bool committed = false;
-    std::vector<std::string> images;
-    Status s = disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
-      if (layers.empty() || !SameFile(fs, layers.back()->path(), prepared.old_top_path)) {
-        return Status::FailedPrecondition("the descriptor's top " + prepared.old_top_path +
-                                          " is not the delta being served");
-      }
-      const OpenOptions read_only = LayerOpen(*layers.back(), false);
-      const OpenOptions writable = LayerOpen(*layers.back(), true);
-      TRY_CTX(layers.back()->Close(), "close the old top");
-      layers.pop_back();
-      Status saved = CommitSnapshot(fs, prepared);
-      if (!saved.ok()) {
-        // The descriptor still names the old top: serve it again as it was.
-        auto again = OpenImage(fs, prepared.old_top_path, writable);
-        if (!again.ok()) {
-          return std::move(again).error().WithContext("after " + saved.ToString() +
-                                                      ": reopen the old top");
-        }
-        layers.push_back(std::move(*again));
-        return saved;
-      }
-      committed = true;
-      // From here the descriptor names the new top; the old one is a
-      // snapshot, served read-only. If the new top cannot be opened the
-      // disk stays read-only (writes fail) until it is mounted again.
-      ASSIGN_OR_RETURN_CTX(auto old_top, OpenImage(fs, prepared.old_top_path, read_only),
-                           "reopen the snapshot read-only");
-      layers.push_back(std::move(old_top));
-      ASSIGN_OR_RETURN_CTX(auto new_top, OpenImage(fs, prepared.new_top_path, writable),
-                           "open the new top");
-      layers.push_back(std::move(new_top));
-      images = LayerPaths(layers);
-      return Status::Ok();
-    });
-    if (!committed) AbandonSnapshot(fs, prepared);
-    TRY_CTX(s, "switch the served layers");
-    return Json{{"guid", prepared.guid}, {"images", images}};
+    ASSIGN_OR_RETURN(auto images, SwitchToSnapshot(DefaultFileSystem(), disk, *shared));
+    return Json{{"guid", shared->guid}, {"images", images}};
   };
   return out;
 }
@@ -120,123 +48,17 @@ Result<Json> GrowOnline(const std::string& dd_path, const DescriptorLoadOptions&
   if (!request.contains("size_bytes") || !request["size_bytes"].is_number_unsigned()) {
     return Status::InvalidArgument("grow needs size_bytes");
   }
-  const uint64_t size = request["size_bytes"].get<uint64_t>();
-  if (size < disk.size_bytes()) {
-    return Status::InvalidArgument("the disk is " + std::to_string(disk.size_bytes()) +
-                                   " bytes; shrinking is not supported");
-  }
-  // Crash ordering as offline: the top grows first, then the descriptor
-  // says so (a larger top than the descriptor's size is still a valid disk).
-  TRY(disk.Grow(size));
-  TRY_CTX(RecordDiskSize(DefaultFileSystem(), dd_path, disk.size_bytes(), load),
-          "record the new size in the descriptor");
+  TRY(GrowServedDisk(DefaultFileSystem(), dd_path, disk, request["size_bytes"].get<uint64_t>(),
+                     load));
   return Json{{"size_bytes", disk.size_bytes()}};
 }
 
-// The index of the layer whose file is `path`, or -1.
-int LayerIndex(FileSystem& fs, const std::vector<std::unique_ptr<Image>>& layers,
-               const std::string& path) {
-  for (size_t i = 0; i < layers.size(); ++i) {
-    if (SameFile(fs, layers[i]->path(), path)) return static_cast<int>(i);
-  }
-  return -1;
-}
-
-// Online merge of a snapshot below the top into its parent (both served
-// read-only), in three steps:
-//   A. quiesced: the parent's served open is swapped for an unlocked
-//      read-only one, and a writable open (its write lock: Busy while any
-//      other program reads the parent) is kept for the copy; the parent
-//      grows to the child's size here if needed (Delta::Grow may move
-//      clusters, which no reader may see half-done);
-//   B. not quiesced: CopyOnlineMerge (parent <Temporary/>, then the copy).
-//      Requests keep running: every cluster copied is one the child holds,
-//      so no request reads it from the parent;
-//   C. quiesced: the parent is closed (flushed, clean), the descriptor
-//      committed, the parent reopened read-only with its lock (a fresh BAT
-//      that has the copied clusters) and the child's layer dropped; its
-//      file is then removed. If anything failed, the chain is served as
-//      before (the child still shadows the parent), and a merge marked in
-//      the descriptor is finished by the next mount or offline command.
 Result<Json> MergeOnline(const std::string& dd_path, const DescriptorLoadOptions& load,
                          ServedDisk& disk, const Json& request) {
-  FileSystem& fs = DefaultFileSystem();
-  ASSIGN_OR_RETURN(OnlineMerge merge,
-                   CheckOnlineMerge(fs, dd_path, request.value("guid", ""), load));
-  if (merge.child_guid == merge.dd.top_guid()) {
-    return Status::FailedPrecondition(
-        "merging the top of a mounted disk is not supported; unmount it first");
-  }
-  OpenOptions locked_ro;
-  OpenOptions unlocked_ro;
-  std::unique_ptr<Image> parent_rw;
-  auto not_served = [&] {
-    return Status::FailedPrecondition("snapshot " + merge.child_guid + " or its parent " +
-                                      merge.parent_guid + " is not in the served chain");
-  };
-  TRY_CTX(disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
-    const int pi = LayerIndex(fs, layers, merge.parent_path);
-    const int ci = LayerIndex(fs, layers, merge.child_path);
-    if (pi < 0 || ci != pi + 1) return not_served();
-    locked_ro = LayerOpen(*layers[pi], false);
-    unlocked_ro = locked_ro;
-    unlocked_ro.lock = false;
-    const OpenOptions rw = LayerOpen(*layers[pi], true);
-    TRY(layers[pi]->Close());
-    auto restore = [&](Status why) -> Status {
-      if (parent_rw) parent_rw->Close().IgnoreError();
-      parent_rw.reset();
-      auto again = OpenImage(fs, merge.parent_path, locked_ro);
-      if (!again.ok()) return std::move(again).error().WithContext("after " + why.ToString());
-      layers[pi] = std::move(*again);
-      return why;
-    };
-    auto opened = OpenImage(fs, merge.parent_path, rw);
-    if (!opened.ok()) return restore(std::move(opened).error());
-    parent_rw = std::move(*opened);
-    if (parent_rw->size_bytes() < layers[ci]->size_bytes()) {
-      if (Status s = parent_rw->Grow(layers[ci]->size_bytes()); !s.ok()) return restore(s);
-      if (Status s = parent_rw->Flush(); !s.ok()) return restore(s);
-    }
-    auto served = OpenImage(fs, merge.parent_path, unlocked_ro);
-    if (!served.ok()) return restore(std::move(served).error());
-    layers[pi] = std::move(*served);
-    return Status::Ok();
-  }), "merge " + merge.child_guid);
-
-  Status copied = [&]() -> Status {
-    ASSIGN_OR_RETURN(auto child, OpenImage(fs, merge.child_path, unlocked_ro));
-    TRY(CopyOnlineMerge(fs, merge, *child, *parent_rw));
-    return parent_rw->Flush();
-  }();
-
-  bool committed = false;
-  std::vector<std::string> images;
-  Status switched = disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
-    const int pi = LayerIndex(fs, layers, merge.parent_path);
-    const int ci = LayerIndex(fs, layers, merge.child_path);
-    if (pi < 0 || ci != pi + 1) return not_served();
-    Status closed = parent_rw->Close();
-    parent_rw.reset();
-    Status saved = !copied.ok() ? copied : !closed.ok() ? closed : CommitOnlineMerge(fs, merge);
-    auto fresh = OpenImage(fs, merge.parent_path, locked_ro);
-    if (!fresh.ok()) {
-      // The stale open stays, and so does the child over it (the copied
-      // clusters are all the child's): the disk reads the same.
-      return std::move(fresh).error().WithContext("reopen " + merge.parent_path);
-    }
-    layers[pi] = std::move(*fresh);
-    if (saved.ok()) {
-      committed = true;
-      layers[ci]->Close().IgnoreError();  // read-only: nothing to write
-      layers.erase(layers.begin() + ci);
-    }
-    images = LayerPaths(layers);
-    return saved;
-  });
-  if (committed) fs.Remove(merge.child_path).IgnoreError();  // an orphan at worst
-  TRY_CTX(switched, "merge " + merge.child_guid + " into " + merge.parent_guid);
-  return Json{{"guid", merge.child_guid}, {"images", images}};
+  const std::string guid = request.value("guid", "");
+  ASSIGN_OR_RETURN(auto images,
+                   MergeServedSnapshot(DefaultFileSystem(), dd_path, disk, guid, load));
+  return Json{{"guid", guid}, {"images", images}};
 }
 
 }  // namespace
@@ -326,8 +148,7 @@ std::optional<int> MergeIfMounted(const std::string& dd_path, const std::string&
   }
   if (all || child == dd->top_guid()) {
     return Fail("snapshot-merge",
-                Status::FailedPrecondition("merging the top of a mounted disk (" +
-                                           mounted->device +
+                Status::FailedPrecondition("merging the top of a mounted disk (" + mounted->device +
                                            ") is not supported; unmount it first, or merge a "
                                            "snapshot below the top with -u GUID"));
   }

@@ -9,12 +9,14 @@
 #   - offline: ResizeDisk, then resize2fs on a device our daemon serves;
 #     then run again after the refused online case;
 #   - only the device mounted: the unmounted ext4 on it grows (resize2fs);
+#   - offline without root: the image grows, a note says the ext4 did not;
+#     the same command as root then grows it;
 #   - shrinking is refused (exit 2), online and offline, nothing changes;
 #   - every step: files intact, e2fsck -fn clean.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
-need blockdev dumpe2fs resize2fs fallocate
+need blockdev dumpe2fs resize2fs fallocate setpriv
 
 d="$TMP/ct"
 m="$TMP/mnt"
@@ -106,6 +108,18 @@ pl resize -s 2G "$dd"
 assert_eq "$(blockdev --getsize64 "$dev")" $((2048 * MiB)) "device size"
 assert_eq "$(fs_bytes "$dev")" $((2048 * MiB)) "ext4 size"
 expect_rc 0 e2fsck -fn "$dev"
+pl umount "$dev"
+
+note "offline without root: only the image grows, with a note"
+chmod o+x "$TMP"
+chown -R 65534:65534 "$d"
+expect_rc 0 setpriv --reuid=65534 --regid=65534 --clear-groups "$PLOOP" resize -s 2304M "$dd"
+err_has "^ploop resize: note: .*ext4 .*stays 2048 MiB .*needs root"
+assert_eq "$(dd_size)" $((2304 * MiB)) "descriptor size after the resize without root"
+pl resize -s 2304M "$dd"
+pl mount "$dd"
+dev=$OUT
+assert_eq "$(fs_bytes "$dev")" $((2304 * MiB)) "ext4 size after the same resize as root"
 pl umount "$dev"
 
 pl mount -r -m "$m" "$dd"

@@ -7,11 +7,31 @@
 #include "fsimage/reader.h"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 
 #include "fsimage/ext4.h"
 
 namespace ploop::fsimage {
+
+Result<std::optional<uint64_t>> ProbeExt4SizeBytes(Image& image) {
+  // The superblock: 1024 bytes at offset 1024 (little-endian fields).
+  constexpr uint64_t kSuperOffset = 1024;
+  if (image.size_bytes() < 2 * kSuperOffset) return std::optional<uint64_t>();
+  std::array<std::byte, 1024> sb;
+  TRY(image.Read(kSuperOffset, sb));
+  auto u16 = [&](size_t off) {
+    return static_cast<uint32_t>(sb[off]) | static_cast<uint32_t>(sb[off + 1]) << 8;
+  };
+  auto u32 = [&](size_t off) { return u16(off) | u16(off + 2) << 16; };
+  if (u16(0x38) != 0xEF53) return std::optional<uint64_t>();  // s_magic
+  const uint32_t log_block = u32(0x18);                       // s_log_block_size
+  if (log_block > 6) return std::optional<uint64_t>();
+  uint64_t blocks = u32(0x04);  // s_blocks_count_lo
+  constexpr uint32_t kIncompat64Bit = 0x80;
+  if (u32(0x60) & kIncompat64Bit) blocks |= static_cast<uint64_t>(u32(0x150)) << 32;
+  return std::optional<uint64_t>(blocks * (1024ull << log_block));
+}
 namespace {
 
 Timestamp DecodeTime(uint32_t base, uint32_t extra, bool has_extra) {

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,11 @@
 namespace ploop::fsimage {
 
 class Ext4;
+
+// The size in bytes of the ext2/3/4 file system at the start of `image`
+// (its superblock's block count times its block size), or nullopt when
+// the image holds none there. Errors of reading the image.
+Result<std::optional<uint64_t>> ProbeExt4SizeBytes(Image& image);
 
 struct FileInfo {
   // path is the name inside its directory for List(), the path given to

@@ -23,9 +23,17 @@
 //   stop     -> {"ok":true}: detaches the loop device (at once, or when its
 //               last user closes it); the daemon then flushes, marks the
 //               image clean and exits.
-// Online operations (snapshot, resize, merge) are added as further commands
-// on top of ServedDisk::ReplaceLayers() / Grow(); an unknown command gets
-// {"ok":false,"code":"NotSupported",...}.
+//   snapshot {"guid"?} -> {"ok":true, "guid", "images", "pause_ms",
+//               "freeze_ms", "switch_ms", "frozen":[mountpoints]}: the
+//               device's file system frozen around the switch to a new top
+//   grow     {"size_bytes"} -> {"ok":true, "size_bytes", "mountpoints"}:
+//               the disk, the FUSE file and the loop device grown (the
+//               caller then grows the file system)
+//   merge    {"guid"} -> {"ok":true, "guid", "images"}: a snapshot below
+//               the top merged into its parent
+// (The layer and descriptor steps of the last three are the daemon's
+// OnlineOperations, daemon.h; they run one at a time.) An unknown command
+// gets {"ok":false,"code":"NotSupported",...}.
 //
 // Thread-safety: ControlServer runs its own threads (one per connection);
 // the handler must be thread-safe. ControlCall is a plain function.

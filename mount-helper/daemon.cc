@@ -23,6 +23,7 @@
 #include <thread>
 
 #include "mount-helper/control.h"
+#include "mount-helper/filesystem_ops.h"
 #include "mount-helper/fuse_server.h"
 #include "mount-helper/log.h"
 #include "mount-helper/loop_device.h"
@@ -204,8 +205,109 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     if (!s.ok() && s.code() != StatusCode::kNotFound) LogError("detach: " + s.ToString());
     return s;
   };
+  // Online operations run one at a time; `images` changes with them.
+  std::mutex online_mu;
+  std::mutex images_mu;
+  auto set_images = [&](const Json& reply) {
+    if (!reply.contains("images")) return;
+    std::lock_guard lock(images_mu);
+    images = reply["images"].get<std::vector<std::string>>();
+    record.images = images;
+    if (Status s = WriteRecord(record); !s.ok()) LogError("update the record: " + s.ToString());
+  };
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+  };
+  auto online_snapshot = [&](const Json& request) -> Json {
+    std::lock_guard lock(online_mu);
+    if (!options.online.snapshot)
+      return ErrorReply(Status::NotSupported("no online snapshot here"));
+    if (!disk.writable()) return ErrorReply(Status::FailedPrecondition("the disk is read-only"));
+    // Every mountpoint of the device is the same file system (bind
+    // mounts): freezing one freezes it.
+    std::vector<std::string> dirs = MountpointsOf(*device);
+    if (dirs.size() > 1) dirs.resize(1);
+    auto prepared = options.online.snapshot(disk, request);
+    if (!prepared.ok()) return ErrorReply(prepared.error());
+    // The pause writers see: from the first FIFREEZE until the thaw
+    // (without file systems, the quiesced switch inside the operation).
+    auto frozen = FrozenFilesystems::Freeze(dirs);
+    if (!frozen.ok()) {
+      prepared->abandon();
+      return ErrorReply(frozen.error());
+    }
+    const double freeze_ms = ms_since((*frozen)->started());
+    const auto t1 = Clock::now();
+    Result<Json> done = prepared->run();
+    const double switch_ms = ms_since(t1);
+    Status thawed = (*frozen)->Thaw();
+    const double pause_ms = ms_since((*frozen)->started());
+    if (!thawed.ok()) LogError(thawed.ToString());
+    if (!done.ok()) {
+      LogError("online snapshot failed: " + done.error().ToString());
+      return ErrorReply(done.error());
+    }
+    Json reply = *done;
+    set_images(reply);
+    reply["ok"] = true;
+    reply["pause_ms"] = pause_ms;
+    reply["freeze_ms"] = freeze_ms;
+    reply["switch_ms"] = switch_ms;
+    reply["frozen"] = dirs;
+    LogInfo("online snapshot " + reply.value("guid", "") + ": writes paused " +
+            std::to_string(pause_ms) + " ms (freeze " + std::to_string(freeze_ms) + " ms, switch " +
+            std::to_string(switch_ms) + " ms)");
+    return reply;
+  };
+  auto online_grow = [&](const Json& request) -> Json {
+    std::lock_guard lock(online_mu);
+    if (!options.online.grow) return ErrorReply(Status::NotSupported("no online resize here"));
+    if (!disk.writable()) return ErrorReply(Status::FailedPrecondition("the disk is read-only"));
+    Result<Json> done = options.online.grow(disk, request);
+    if (!done.ok()) return ErrorReply(done.error());
+    // The loop device reads the size of its file from the FUSE inode: drop
+    // the cached attributes, let a stat fetch them anew, then resize.
+    Status s = server.InvalidateSize();
+    struct stat st = {};
+    if (s.ok() && ::stat(fuse_file.c_str(), &st) != 0)
+      s = Status::FromErrno(errno, "stat " + fuse_file);
+    if (s.ok() && static_cast<uint64_t>(st.st_size) != disk.size_bytes()) {
+      s = Status::FromErrno(EIO,
+                            "the FUSE file still shows " + std::to_string(st.st_size) + " bytes");
+    }
+    if (s.ok()) s = RefreshLoopCapacity(*device);
+    if (!s.ok()) {
+      LogError("online resize: " + s.ToString());
+      return ErrorReply(s);
+    }
+    Json reply = *done;
+    reply["ok"] = true;
+    reply["size_bytes"] = disk.size_bytes();
+    reply["mountpoints"] = MountpointsOf(*device);
+    LogInfo("online resize: the disk is now " + std::to_string(disk.size_bytes()) + " bytes");
+    return reply;
+  };
+  auto online_merge = [&](const Json& request) -> Json {
+    std::lock_guard lock(online_mu);
+    if (!options.online.merge) return ErrorReply(Status::NotSupported("no online merge here"));
+    const auto t0 = Clock::now();
+    Result<Json> done = options.online.merge(disk, request);
+    if (!done.ok()) {
+      LogError("online merge failed: " + done.error().ToString());
+      return ErrorReply(done.error());
+    }
+    Json reply = *done;
+    set_images(reply);
+    reply["ok"] = true;
+    LogInfo("online merge done in " + std::to_string(ms_since(t0)) + " ms");
+    return reply;
+  };
   auto handler = [&](const Json& request) -> Json {
     const std::string cmd = request["cmd"].get<std::string>();
+    if (cmd == "snapshot") return online_snapshot(request);
+    if (cmd == "grow") return online_grow(request);
+    if (cmd == "merge") return online_merge(request);
     if (cmd == "status") {
       ServedDisk::Counters c = disk.counters();
       rusage ru = {};
@@ -220,7 +322,11 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"descriptor", options.descriptor},
           {"guid", options.guid},
           {"read_only", !disk.writable()},
-          {"images", images},
+          {"images",
+           [&] {
+             std::lock_guard lock(images_mu);
+             return images;
+           }()},
           {"size_bytes", disk.size_bytes()},
           {"cluster_bytes", disk.cluster_bytes()},
           {"direct_io", direct_io},

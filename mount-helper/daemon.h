@@ -26,13 +26,44 @@
 // process (it forks).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "mount-helper/control.h"
 #include "ploop/chain.h"
 
+namespace ploop {
+class ServedDisk;
+}
+
 namespace ploop::mount {
+
+// The online operations of the control socket (control.h): how the served
+// disk's layers and its descriptor change. They are given by the caller
+// (tools/), because the descriptor's snapshot and merge logic lives in
+// snapshot/, which this library does not link; the daemon runs them one at
+// a time and does the kernel's part around them:
+//   snapshot  prepares (the new top's file: before the freeze, so writers
+//             do not wait for it) and returns the switch, which the daemon
+//             runs with the device's file systems frozen; the switch returns
+//             {"guid", "images"} (the layers' files, base first). A prepared
+//             snapshot not switched (the freeze failed) is abandoned;
+//   grow      it grows the disk ({"size_bytes"}); the daemon then makes the
+//             FUSE file and the loop device show the new size;
+//   merge     it merges a snapshot below the top and returns {"images"}.
+// An operation not given is refused (NotSupported).
+using OnlineOperation = std::function<Result<Json>(ServedDisk& disk, const Json& request)>;
+struct PreparedSwitch {
+  std::function<Result<Json>()> run;
+  std::function<void()> abandon;
+};
+struct OnlineOperations {
+  std::function<Result<PreparedSwitch>(ServedDisk& disk, const Json& request)> snapshot;
+  OnlineOperation grow;
+  OnlineOperation merge;
+};
 
 struct DaemonOptions {
   std::string descriptor;  // absolute path, for the record and the log
@@ -40,6 +71,7 @@ struct DaemonOptions {
   unsigned threads = 32;   // FUSE worker threads at most
   // The image files' data bypasses the page cache (ServedDiskOptions).
   bool direct_io = true;
+  OnlineOperations online;
 };
 
 struct DaemonInfo {

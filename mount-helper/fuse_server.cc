@@ -451,6 +451,13 @@ void FuseServer::Exit() {
   if (ctx_->running.load()) ::pthread_kill(ctx_->run_thread, SIGUSR1);
 }
 
+Status FuseServer::InvalidateSize() {
+  // A negative offset invalidates the attributes only (no page cache here).
+  int rc = fuse_lowlevel_notify_inval_inode(session_, FUSE_ROOT_ID, -1, 0);
+  if (rc != 0 && rc != -ENOENT) return Status::FromErrno(-rc, "invalidate the disk file's size");
+  return Status::Ok();
+}
+
 void FuseServer::Unmount() {
   if (!mounted_) return;
   fuse_session_unmount(session_);

@@ -58,6 +58,9 @@ class FuseServer {
   Status Run();
   // Makes Run() return (after the request being served, if any).
   void Exit();
+  // After the disk grew: drops the attributes the kernel keeps of the file
+  // (fuse_lowlevel_notify_inval_inode), so the next stat sees the new size.
+  Status InvalidateSize();
   // Unmounts (lazily: the loop device may still hold the file).
   void Unmount();
 

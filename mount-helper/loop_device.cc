@@ -114,6 +114,15 @@ Status SetAutoclear(const std::string& device) {
   return Status::Ok();
 }
 
+Status RefreshLoopCapacity(const std::string& device) {
+  Fd dev(::open(device.c_str(), O_RDONLY | O_CLOEXEC));
+  if (dev.fd < 0) return Status::FromErrno(errno, "open " + device);
+  if (::ioctl(dev.fd, LOOP_SET_CAPACITY, 0) != 0) {
+    return Status::FromErrno(errno, "set the capacity of " + device);
+  }
+  return Status::Ok();
+}
+
 Result<LoopState> QueryLoop(const std::string& device) {
   auto name = LoopName(device);
   if (!name) return Status::InvalidArgument(device + " is not a loop device");

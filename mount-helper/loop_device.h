@@ -46,6 +46,9 @@ Status DetachLoop(const std::string& device);
 
 // Sets LO_FLAGS_AUTOCLEAR on an attached device.
 Status SetAutoclear(const std::string& device);
+// Makes the device take the current size of its backing file
+// (LOOP_SET_CAPACITY), after the file grew.
+Status RefreshLoopCapacity(const std::string& device);
 
 struct LoopState {
   bool attached = false;

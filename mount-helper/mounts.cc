@@ -252,6 +252,7 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
     options.descriptor = request.descriptor;
     options.guid = request.guid;
     options.threads = request.threads;
+    options.online = request.online;
     // PLOOP_DAEMON_BUFFERED=1: the image files through the page cache (to
     // measure what direct I/O gains; see tools/bench/fio_bench.sh).
     if (const char* b = std::getenv("PLOOP_DAEMON_BUFFERED"); b != nullptr && *b == '1') {

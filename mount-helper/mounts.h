@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "mount-helper/daemon.h"
 #include "mount-helper/records.h"
 #include "ploop/chain.h"
 
@@ -33,8 +34,9 @@ struct MountRequest {
   bool read_only = false;
   std::string mountpoint;  // "" = only the device
   std::string fs_type = "ext4";
-  std::string fs_options;  // mount(8) style: "noatime,discard,..."
-  unsigned threads = 32;   // the daemon's FUSE threads at most
+  std::string fs_options;   // mount(8) style: "noatime,discard,..."
+  unsigned threads = 32;    // the daemon's FUSE threads at most
+  OnlineOperations online;  // what the daemon's control socket may do
 };
 
 struct Mounted {

@@ -67,30 +67,17 @@ Status ChsFor(uint64_t size_bytes, uint64_t cluster_bytes, Header* out) {
   return Status::Ok();
 }
 
-// Merges delta `child` into its parent `parent` (which has no other
-// child) and updates `dd` (saved). Steps:
-//   1. mark the parent <Temporary/> and save: from here a crash is
-//      finished by FinishInterruptedMerges();
-//   2. copy every cluster the child holds into the parent (the child's
-//      data wins; the child still shadows every cluster copied so far, so
-//      its view never changes), then close the parent (flush, clean);
-//   3. the child's GUID takes over the parent's file and place in the tree;
-//      save;
-//   4. remove the child's old file.
-Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
-                 const std::string& parent_guid) {
-  const DescriptorImage child_image = *dd.FindImage(child_guid);
-  const DescriptorImage parent_image = *dd.FindImage(parent_guid);
-  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+// Step 1 of a merge (see MergeInto) on deltas the caller opened: the
+// child (any mode) and the parent: the room check, then the parent marked
+// <Temporary/> (saved).
+Status AnnounceMerge(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
+                     const std::string& parent_guid, Image& child, Image& parent) {
   auto ctx = "merge " + child_guid + " into " + parent_guid;
-
-  ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, dd, child_image, false), ctx);
-  ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, dd, parent_image, true), ctx);
-  auto* child_delta = dynamic_cast<Delta*>(child.get());
-  auto* parent_delta = dynamic_cast<Delta*>(parent.get());
+  auto* child_delta = dynamic_cast<Delta*>(&child);
+  auto* parent_delta = dynamic_cast<Delta*>(&parent);
   if (child_delta == nullptr) return Status::NotSupported(ctx + ": a raw delta has no parent");
   const uint64_t cb = dd.cluster_bytes();
-  if (child->cluster_bytes() != cb || (parent_delta && parent->cluster_bytes() != cb)) {
+  if (child.cluster_bytes() != cb || (parent_delta && parent.cluster_bytes() != cb)) {
     return Status::Corruption(ctx + ": cluster sizes differ");
   }
 
@@ -116,16 +103,28 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
     TRY_CTX(dd.SetTemporary(parent_guid, true), ctx);
     TRY_CTX(dd.Save(fs), ctx);
   }
+  return Status::Ok();
+}
 
-  if (child->size_bytes() > parent->size_bytes()) TRY_CTX(parent->Grow(child->size_bytes()), ctx);
+// Step 2's copy (after AnnounceMerge): grows the parent to the child's
+// size if smaller, and copies every cluster the child holds into it.
+Status CopyIntoParent(Descriptor& dd, const std::string& child_guid, const std::string& parent_guid,
+                      Image& child, Image& parent) {
+  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+  auto ctx = "merge " + child_guid + " into " + parent_guid;
+  auto* child_delta = dynamic_cast<Delta*>(&child);
+  auto* parent_delta = dynamic_cast<Delta*>(&parent);
+  if (child_delta == nullptr) return Status::NotSupported(ctx + ": a raw delta has no parent");
+  const uint64_t cb = dd.cluster_bytes();
+  if (child.size_bytes() > parent.size_bytes()) TRY_CTX(parent.Grow(child.size_bytes()), ctx);
   std::vector<std::byte> buf(cb);
-  const uint64_t size = child->size_bytes();
+  const uint64_t size = child.size_bytes();
   for (uint64_t i = 0; i < child_delta->bat_entries(); ++i) {
     if (child_delta->ClusterFileOffset(i) == 0) continue;
     const uint64_t off = i * cb;
     const uint64_t len = std::min(cb, size - off);
     std::fill(buf.begin(), buf.end(), std::byte{0});
-    TRY_CTX(child->Read(off, std::span<std::byte>(buf.data(), len)), ctx);
+    TRY_CTX(child.Read(off, std::span<std::byte>(buf.data(), len)), ctx);
     if (parent_delta != nullptr) {
       // A zero cluster the parent lacks can be skipped only when nothing
       // below the parent could show through it; over a grandparent it may
@@ -135,12 +134,19 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
       }
       TRY_CTX(parent_delta->WriteCluster(i, buf), ctx);
     } else {
-      TRY_CTX(parent->Write(off, std::span<const std::byte>(buf.data(), len)), ctx);
+      TRY_CTX(parent.Write(off, std::span<const std::byte>(buf.data(), len)), ctx);
     }
   }
-  TRY_CTX(parent->Close(), ctx);
-  child.reset();
+  return Status::Ok();
+}
 
+// Step 3 of a merge: the child's GUID takes over the parent's file and
+// place in the tree; saved.
+Status TakeOverParent(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
+                      const std::string& parent_guid) {
+  const DescriptorImage parent_image = *dd.FindImage(parent_guid);
+  const std::string grandparent = dd.FindShot(parent_guid)->parent_guid;
+  auto ctx = "merge " + child_guid + " into " + parent_guid;
   // SetFile while the parent still names the file: the name then counts as
   // one the descriptor already holds (it may lie outside the folder when
   // allow_outside_files let it in).
@@ -148,6 +154,32 @@ Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
   TRY_CTX(dd.SetParent(child_guid, grandparent), ctx);
   TRY_CTX(dd.RemoveImage(parent_guid), ctx);
   TRY_CTX(dd.Save(fs), ctx);
+  return Status::Ok();
+}
+
+// Merges delta `child` into its parent `parent` (which has no other
+// child) and updates `dd` (saved). Steps:
+//   1. mark the parent <Temporary/> and save: from here a crash is
+//      finished by FinishInterruptedMerges();
+//   2. copy every cluster the child holds into the parent (the child's
+//      data wins; the child still shadows every cluster copied so far, so
+//      its view never changes), then close the parent (flush, clean);
+//   3. the child's GUID takes over the parent's file and place in the tree;
+//      save;
+//   4. remove the child's old file.
+Status MergeInto(FileSystem& fs, Descriptor& dd, const std::string& child_guid,
+                 const std::string& parent_guid) {
+  const DescriptorImage child_image = *dd.FindImage(child_guid);
+  const DescriptorImage parent_image = *dd.FindImage(parent_guid);
+  auto ctx = "merge " + child_guid + " into " + parent_guid;
+
+  ASSIGN_OR_RETURN_CTX(auto child, OpenDelta(fs, dd, child_image, false), ctx);
+  ASSIGN_OR_RETURN_CTX(auto parent, OpenDelta(fs, dd, parent_image, true), ctx);
+  TRY(AnnounceMerge(fs, dd, child_guid, parent_guid, *child, *parent));
+  TRY(CopyIntoParent(dd, child_guid, parent_guid, *child, *parent));
+  TRY_CTX(parent->Close(), ctx);
+  child.reset();
+  TRY(TakeOverParent(fs, dd, child_guid, parent_guid));
   fs.Remove(child_image.path).IgnoreError();  // an orphan at worst
   return Status::Ok();
 }
@@ -187,9 +219,11 @@ Result<Descriptor> LoadRecovered(FileSystem& fs, const std::string& dd_path,
 
 }  // namespace
 
-Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
-                                   std::string_view guid, const DescriptorLoadOptions& load) {
-  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
+namespace {
+
+// The GUID a new snapshot of `dd` gets: `guid` checked (normalised), or a
+// random one.
+Result<std::string> NewSnapshotGuid(const Descriptor& dd, std::string_view guid) {
   std::string snap;
   if (guid.empty()) {
     ASSIGN_OR_RETURN(snap, NewRandomGuid());
@@ -200,25 +234,52 @@ Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
     return Status::InvalidArgument(snap + " is reserved and cannot name a snapshot");
   }
   if (dd.FindImage(snap) != nullptr) return Status::AlreadyExists("snapshot " + snap + " exists");
+  return snap;
+}
 
+}  // namespace
+
+Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
+                                         std::string_view guid, uint64_t top_size_bytes,
+                                         const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string snap, NewSnapshotGuid(dd, guid));
+  const uint64_t size = std::max(top_size_bytes, dd.disk_size_bytes());
+  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
+  TRY(CreateEmptyDelta(fs, dd, file, size));
+  std::string old_top_path = dd.top().path;
+  std::string new_top_path = JoinPath(dd.folder(), file);
+  return PreparedSnapshot{std::move(dd), std::move(snap), std::move(old_top_path),
+                          std::move(new_top_path), load};
+}
+
+Status CommitSnapshot(FileSystem& fs, PreparedSnapshot& prepared) {
+  Descriptor& dd = prepared.dd;
+  const std::string old_top = dd.top_guid();
+  TRY(dd.RenameGuid(old_top, prepared.guid));
+  TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, BaseName(prepared.new_top_path), prepared.guid));
+  TRY(dd.SetTop(kTopGuid));
+  return dd.Save(fs);
+}
+
+void AbandonSnapshot(FileSystem& fs, const PreparedSnapshot& prepared) {
+  fs.Remove(prepared.new_top_path).IgnoreError();
+}
+
+Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
+                                   std::string_view guid, const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
+  ASSIGN_OR_RETURN(std::string snap, NewSnapshotGuid(dd, guid));
   TRY(CheckChainOpens(fs, dd, dd.FindShot(dd.top_guid())->parent_guid));
   // Holding the top open for writing keeps everyone else out meanwhile.
   ASSIGN_OR_RETURN(auto top, OpenDelta(fs, dd, dd.top(), true));
-  const uint64_t size = std::max(top->size_bytes(), dd.disk_size_bytes());
-  ASSIGN_OR_RETURN(std::string file, NewDeltaFile(dd));
-  TRY(CreateEmptyDelta(fs, dd, file, size));
-  const std::string old_top = dd.top_guid();
-  Status s = [&]() -> Status {
-    TRY(dd.RenameGuid(old_top, snap));
-    TRY(dd.AddImage(kTopGuid, ImageKind::kExpanded, file, snap));
-    TRY(dd.SetTop(kTopGuid));
-    return dd.Save(fs);
-  }();
-  if (!s.ok()) {
-    fs.Remove(JoinPath(dd.folder(), file)).IgnoreError();
+  ASSIGN_OR_RETURN(PreparedSnapshot prepared,
+                   PrepareSnapshot(fs, dd_path, snap, top->size_bytes(), load));
+  if (Status s = CommitSnapshot(fs, prepared); !s.ok()) {
+    AbandonSnapshot(fs, prepared);
     return s;
   }
-  return snap;
+  return prepared.guid;
 }
 
 Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
@@ -281,6 +342,38 @@ Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vie
                                       ": the parent has other children that need it");
   }
   return MergeInto(fs, dd, child, parent);
+}
+
+Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
+                                     std::string_view guid, const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
+  if (guid.empty()) return Status::InvalidArgument("an online merge needs a snapshot's GUID");
+  ASSIGN_OR_RETURN(std::string child, ParseGuid(guid));
+  const DescriptorImage* child_image = dd.FindImage(child);
+  if (child_image == nullptr) return Status::NotFound("no snapshot " + child);
+  const std::string parent = dd.FindShot(child)->parent_guid;
+  if (parent == kNullGuid) {
+    return Status::FailedPrecondition(child + " is the base; there is nothing to merge it into");
+  }
+  if (dd.Children(parent).size() != 1) {
+    return Status::FailedPrecondition("cannot merge " + child + " into " + parent +
+                                      ": the parent has other children that need it");
+  }
+  OnlineMerge out{std::move(dd), child, parent, child_image->path, ""};
+  out.parent_path = out.dd.FindImage(parent)->path;
+  return out;
+}
+
+Status AnnounceOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent) {
+  return AnnounceMerge(fs, merge.dd, merge.child_guid, merge.parent_guid, child, parent);
+}
+
+Status CopyOnlineMerge(OnlineMerge& merge, Image& child, Image& parent) {
+  return CopyIntoParent(merge.dd, merge.child_guid, merge.parent_guid, child, parent);
+}
+
+Status CommitOnlineMerge(FileSystem& fs, OnlineMerge& merge) {
+  return TakeOverParent(fs, merge.dd, merge.child_guid, merge.parent_guid);
 }
 
 Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load) {
@@ -348,9 +441,15 @@ Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_
   TRY(top->Grow(new_size_bytes));
   const uint64_t size = top->size_bytes();
   TRY(top->Close());
+  return RecordDiskSize(fs, dd_path, size, load);
+}
+
+Status RecordDiskSize(FileSystem& fs, const std::string& dd_path, uint64_t size_bytes,
+                      const DescriptorLoadOptions& load) {
+  ASSIGN_OR_RETURN(Descriptor dd, Descriptor::Load(fs, dd_path, load));
   Header chs;
-  TRY(ChsFor(size, dd.cluster_bytes(), &chs));
-  TRY(dd.SetDiskSize(size, chs.cylinders, chs.heads));
+  TRY(ChsFor(size_bytes, dd.cluster_bytes(), &chs));
+  TRY(dd.SetDiskSize(size_bytes, chs.cylinders, chs.heads));
   return dd.Save(fs);
 }
 

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ploop/descriptor.h"
+#include "ploop/image.h"
 #include "ploop/io/file_system.h"
 #include "ploop/status.h"
 
@@ -42,6 +43,32 @@ namespace ploop {
 Result<std::string> CreateSnapshot(FileSystem& fs, const std::string& dd_path,
                                    std::string_view guid, const DescriptorLoadOptions& load = {});
 
+// The online form of CreateSnapshot, in two steps, for a disk whose top a
+// running process (the mount daemon) holds open for writing -- the caller
+// then holds the locks, and switches its open layers between the steps:
+//   PrepareSnapshot  checks the request and creates the new empty top file
+//                    (`top_size_bytes`, synced, folder synced); the
+//                    descriptor does not name it yet, so a crash leaves an
+//                    orphan file at worst. Nothing is opened or locked.
+//   CommitSnapshot   the atomic descriptor save of CreateSnapshot: the old
+//                    top renamed to the snapshot's GUID, the new file the
+//                    top. Call it with the old top flushed and no write in
+//                    flight, and let no write reach the new top before it
+//                    returns OK.
+//   AbandonSnapshot  removes the new file after a failed or skipped commit.
+struct PreparedSnapshot {
+  Descriptor dd;               // as loaded by PrepareSnapshot
+  std::string guid;            // the snapshot's GUID (the old top's new name)
+  std::string old_top_path;    // the old top's file (it keeps its name)
+  std::string new_top_path;    // the new empty top's file
+  DescriptorLoadOptions load;  // as given to PrepareSnapshot
+};
+Result<PreparedSnapshot> PrepareSnapshot(FileSystem& fs, const std::string& dd_path,
+                                         std::string_view guid, uint64_t top_size_bytes,
+                                         const DescriptorLoadOptions& load = {});
+Status CommitSnapshot(FileSystem& fs, PreparedSnapshot& prepared);
+void AbandonSnapshot(FileSystem& fs, const PreparedSnapshot& prepared);
+
 // Rolls back to snapshot `guid`: the current top's data is dropped.
 // InvalidArgument for the top itself; NotFound for an unknown GUID.
 Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
@@ -52,6 +79,38 @@ Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
 // the host file system lacks the room the merge may need.
 Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                      const DescriptorLoadOptions& load = {});
+
+// The online form of MergeSnapshot, for a disk whose deltas a running
+// process (the mount daemon) holds open and serves: the same steps and
+// crash protocol, but the caller opens the two deltas its own way (it
+// holds their locks) and swaps its open layers between the steps:
+//   CheckOnlineMerge   loads the descriptor and checks the request (the
+//                      errors of MergeSnapshot); changes nothing;
+//   AnnounceOnlineMerge  checks the host has room (NoSpace) and marks the
+//                      parent <Temporary/> (saved: a crash from here is
+//                      finished by FinishInterruptedMerges); the deltas
+//                      open in any mode;
+//   CopyOnlineMerge    grows the parent to the child's size if smaller
+//                      (Delta::Grow may move clusters: nobody else may read
+//                      the parent meanwhile), and copies the child's
+//                      clusters into it; `parent` writable. The child keeps
+//                      shadowing every cluster copied, so the disk reads the
+//                      same throughout;
+//   CommitOnlineMerge  after the parent is closed: the child's GUID takes
+//                      over the parent's file (saved). The caller then
+//                      stops using the child's file and removes it.
+struct OnlineMerge {
+  Descriptor dd;
+  std::string child_guid;
+  std::string parent_guid;
+  std::string child_path;
+  std::string parent_path;
+};
+Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
+                                     std::string_view guid, const DescriptorLoadOptions& load = {});
+Status AnnounceOnlineMerge(FileSystem& fs, OnlineMerge& merge, Image& child, Image& parent);
+Status CopyOnlineMerge(OnlineMerge& merge, Image& child, Image& parent);
+Status CommitOnlineMerge(FileSystem& fs, OnlineMerge& merge);
 
 // Merges the whole active chain into its base, so the disk is one delta.
 Status MergeAll(FileSystem& fs, const std::string& dd_path, const DescriptorLoadOptions& load = {});
@@ -68,6 +127,12 @@ Result<int> FinishInterruptedMerges(FileSystem& fs, const std::string& dd_path,
 // Grows the disk offline: the top delta and the descriptor's size.
 Status ResizeDisk(FileSystem& fs, const std::string& dd_path, uint64_t new_size_bytes,
                   const DescriptorLoadOptions& load = {});
+
+// The descriptor step of a resize: records `size_bytes` (the top delta's
+// new size, grown already -- online by the mount daemon) as the disk's
+// size, saved atomically.
+Status RecordDiskSize(FileSystem& fs, const std::string& dd_path, uint64_t size_bytes,
+                      const DescriptorLoadOptions& load = {});
 
 // What CompactDisk() did, per delta file and in all.
 struct CompactResult {

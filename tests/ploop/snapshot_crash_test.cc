@@ -26,8 +26,11 @@
 #include <tuple>
 #include <vector>
 
+#include "ploop/disk.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
+#include "ploop/served_disk.h"
+#include "snapshot/online.h"
 #include "snapshot/snapshot.h"
 #include "snapshot_support.h"
 #include "test_support.h"
@@ -511,6 +514,105 @@ TEST_CASE("snapshot crash: resize") {
   c.before = StateOf({{kS1, kNull, s1}, {kTop, kS1, top}});
   c.after = StateOf({{kS1, kNull, s1}, {kTop, kS1, grown}});
   RunCrashCase(c, rng);
+}
+
+// Serves the disk (as the mount daemon does: the top writable, marked in
+// use) while `fn` runs an online operation on it, then closes it.
+Status Served(FileSystem& fs, const std::function<Status(ServedDisk&)>& fn) {
+  OpenOptions o;
+  o.writable = true;
+  ASSIGN_OR_RETURN(auto chain, OpenDisk(fs, kDd, "", o));
+  ASSIGN_OR_RETURN(auto disk, ServedDisk::Create(std::move(chain)));
+  Status s = fn(*disk);
+  Status closed = disk->Close();
+  return s.ok() ? closed : s;
+}
+
+TEST_CASE("snapshot crash: online create on a served disk") {
+  TestRng rng;
+  const Bytes base = With(With(Bytes(kSize), 0, 6 * kCb, 0xa1), 11 * kCb + 100, 300, 0xa2);
+  const Bytes top = With(base, 2 * kCb, kCb + 10, 0xb1);
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem) {
+    MakeDisk(mem, kSize, kCb);
+    WriteBase(mem);
+    REQUIRE_OK(CreateSnapshot(mem, kDd, kS1).status());
+    WriteTop(mem, 2 * kCb, Pattern(kCb + 10, 0xb1));
+  };
+  c.op = [&](FileSystem& fs) {
+    return Served(fs, [&](ServedDisk& disk) -> Status {
+      ASSIGN_OR_RETURN(PreparedSnapshot p, PrepareSnapshot(fs, kDd, kS2, disk.size_bytes()));
+      ASSIGN_OR_RETURN(auto images, SwitchToSnapshot(fs, disk, p));
+      if (images.size() != 3) return Status::Corruption("served layers after the switch");
+      return Status::Ok();
+    });
+  };
+  c.before = StateOf({{kS1, kNull, base}, {kTop, kS1, top}});
+  c.after = StateOf({{kS1, kNull, base}, {kS2, kS1, top}, {kTop, kS2, top}});
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("snapshot crash: online merge below the top of a served disk, the parent growing") {
+  TestRng rng;
+  const uint64_t big = kSize + 8 * kCb;
+  const Bytes s1 = With(With(Bytes(kSize), 0, 6 * kCb, 0xa1), 11 * kCb + 100, 300, 0xa2);
+  Bytes s2_content = s1;
+  s2_content.resize(big);
+  s2_content = With(s2_content, 4 * kCb, 3 * kCb, 0xb2);
+  s2_content = With(s2_content, 15 * kCb + 7, 2 * kCb, 0xb3);
+  s2_content = With(s2_content, 1 * kCb, kCb, 0x00);
+  const Bytes top = With(s2_content, 8 * kCb, kCb, 0xc4);
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem) {
+    MakeDisk(mem, kSize, kCb);
+    WriteBase(mem);
+    REQUIRE_OK(CreateSnapshot(mem, kDd, kS1).status());
+    REQUIRE_OK(ResizeDisk(mem, kDd, big));
+    WriteTop(mem, 4 * kCb, Pattern(3 * kCb, 0xb2));
+    WriteTop(mem, 15 * kCb + 7, Pattern(2 * kCb, 0xb3));
+    auto chain = OpenTop(mem);
+    REQUIRE_OK(chain->Discard(1 * kCb, kCb));
+    REQUIRE_OK(chain->Close());
+    REQUIRE_OK(CreateSnapshot(mem, kDd, kS2).status());
+    WriteTop(mem, 8 * kCb, Pattern(kCb, 0xc4));
+  };
+  c.before = StateOf({{kS1, kNull, s1}, {kS2, kS1, s2_content}, {kTop, kS2, top}});
+  c.after = StateOf({{kS2, kNull, s2_content}, {kTop, kS2, top}});
+  c.op = [&](FileSystem& fs) {
+    return Served(fs, [&](ServedDisk& disk) -> Status {
+      ASSIGN_OR_RETURN(auto images, MergeServedSnapshot(fs, kDd, disk, kS2));
+      if (images.size() != 2) return Status::Corruption("served layers after the merge");
+      // The served disk reads the same after the merge.
+      Bytes now(disk.size_bytes());
+      TRY(disk.Read(0, now));
+      if (now != top) return Status::Corruption("the served disk changed in the merge");
+      return Status::Ok();
+    });
+  };
+  RunCrashCase(c, rng);
+}
+
+TEST_CASE("online merge refuses the top - a base - an unknown snapshot - and the disk serves on") {
+  MemoryFileSystem mem;
+  MakeDisk(mem, kSize, kCb);
+  WriteBase(mem);
+  REQUIRE_OK(CreateSnapshot(mem, kDd, kS1).status());
+  WriteTop(mem, 2 * kCb, Pattern(kCb, 0xb1));
+  const Bytes top = ReadSnapshot(mem, "");
+  REQUIRE_OK(Served(mem, [&](ServedDisk& disk) -> Status {
+    auto r = MergeServedSnapshot(mem, kDd, disk, kTop);
+    CHECK(r.error().code() == StatusCode::kFailedPrecondition);
+    r = MergeServedSnapshot(mem, kDd, disk, kS1);
+    CHECK(r.error().code() == StatusCode::kFailedPrecondition);  // the base
+    r = MergeServedSnapshot(mem, kDd, disk, kS3);
+    CHECK(r.error().code() == StatusCode::kNotFound);
+    Bytes now(disk.size_bytes());
+    TRY(disk.Read(0, now));
+    CHECK(now == top);
+    return disk.Write(0, Pattern(100, 0x77));
+  }));
+  CHECK(ReadSnapshot(mem, "") == With(top, 0, 100, 0x77));
+  RequireCleanDisk(mem);
 }
 
 TEST_SUITE_END();

@@ -163,6 +163,43 @@ TEST_CASE("snapshot create renames the top to the snapshot GUID and adds an empt
   RequireCleanDisk(fs);
 }
 
+TEST_CASE(
+    "online snapshot steps: prepare adds an unnamed empty top, abandon removes it, commit "
+    "names it while the top stays open for writing") {
+  MemoryFileSystem fs;
+  TestRng rng;
+  MakeDisk(fs, kSize, kCb);
+  WriteTop(fs, 2 * kCb, rng.Bytes(kCb));
+  const Bytes content = ReadSnapshot(fs, "");
+  const auto files_before = FileNames(fs);
+
+  // The served top is held open for writing (its lock) all along, as the
+  // mount daemon holds it.
+  auto chain = OpenTop(fs);
+  REQUIRE_ASSIGN(PreparedSnapshot p1, PrepareSnapshot(fs, kDd, "", kSize));
+  CHECK(fs.Exists(p1.new_top_path).value());
+  CHECK(p1.old_top_path == kImage);
+  CHECK(LoadDd(fs).images().size() == 1);  // not named yet: an orphan at worst
+  AbandonSnapshot(fs, p1);
+  CHECK(FileNames(fs) == files_before);
+
+  CHECK(PrepareSnapshot(fs, kDd, "{00000000-0000-0000-0000-000000000000}", kSize).error().code() ==
+        StatusCode::kInvalidArgument);
+  CHECK(FileNames(fs) == files_before);
+
+  REQUIRE_ASSIGN(PreparedSnapshot p2, PrepareSnapshot(fs, kDd, "", kSize));
+  REQUIRE_OK(CommitSnapshot(fs, p2));
+  Descriptor dd = LoadDd(fs);
+  CHECK(ChainGuids(dd) == std::vector<std::string>{p2.guid, kTop});
+  CHECK(dd.FindImage(p2.guid)->file == "root.hds");
+  CHECK(dd.top().path == p2.new_top_path);
+  REQUIRE_OK(chain->Close());
+  CHECK(ReadSnapshot(fs, p2.guid) == content);
+  CHECK(ReadSnapshot(fs, "") == content);
+  RequireNoStrayFiles(fs);
+  RequireCleanDisk(fs);
+}
+
 TEST_CASE("snapshot create is O(1): the new delta is the same small file for 1 GiB and 64 GiB") {
   std::map<uint64_t, uint64_t> new_delta_bytes;
   for (uint64_t size : {1ull << 30, 64ull << 30}) {

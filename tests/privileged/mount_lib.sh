@@ -83,6 +83,14 @@ for m in json.load(sys.stdin):
     if m["device"] == sys.argv[1]: print(m[sys.argv[2]])' "$1" "$2"
 }
 
+# ploop_images DEVICE: how many layers the mount of DEVICE serves.
+ploop_images() {
+  "$PLOOP" list --json | python3 -c '
+import json, sys
+for m in json.load(sys.stdin):
+    if m["device"] == sys.argv[1]: print(len(m["images"]))' "$1"
+}
+
 # alive PID: the process exists and is not a zombie.
 alive() {
   [[ -n $1 && -r /proc/$1/stat ]] || return 1

@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "cli_common.h"
+#include "online.h"
 #include "ploop/check.h"
 #include "ploop/convert.h"
 #include "ploop/delta.h"
@@ -382,8 +383,7 @@ int RunResize(const ResizeArgs& args) {
   if (!size) return rc;
   std::string dd_path;
   if (IsDescriptorPath(DefaultFileSystem(), args.file, &dd_path)) {
-    Status s = ResizeDisk(DefaultFileSystem(), dd_path, *size, LoadOptions());
-    return s.ok() ? kExitOk : Fail("resize", s);
+    return ResizeDescriptorDisk(dd_path, *size);
   }
   auto image = OpenFor(args.file, args.format, /*writable=*/true);
   if (!image.ok()) return Fail("resize", image.error());

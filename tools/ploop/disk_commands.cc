@@ -6,6 +6,7 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "online.h"
 #include "ploop/disk.h"
 #include "snapshot/snapshot.h"
 #include "units.h"
@@ -42,9 +43,34 @@ int RunSnapshot(const SnapshotArgs& args) {
   int rc = kExitOk;
   auto dd = Descriptor("snapshot", args.dd, &rc);
   if (!dd) return rc;
+  if (auto mounted = ActiveMount(*dd)) {
+    // Online: the daemon freezes the file system, switches to a new top
+    // and saves the descriptor (online.cc).
+    auto reply = OnlineCall(*mounted, {{"cmd", "snapshot"}, {"guid", args.guid}});
+    if (!reply.ok()) return Fail("snapshot", reply.error());
+    // The pause is in the daemon's log too.
+    if (args.json) {
+      std::cout << json{{"guid", reply->value("guid", "")},
+                        {"online", true},
+                        {"device", mounted->device},
+                        {"frozen", reply->value("frozen", json::array())},
+                        {"pause_ms", reply->value("pause_ms", 0.0)},
+                        {"freeze_ms", reply->value("freeze_ms", 0.0)},
+                        {"switch_ms", reply->value("switch_ms", 0.0)}}
+                       .dump()
+                << "\n";
+    } else {
+      std::cout << reply->value("guid", "") << "\n";
+    }
+    return kExitOk;
+  }
   auto guid = CreateSnapshot(DefaultFileSystem(), *dd, args.guid, LoadOptions());
   if (!guid.ok()) return Fail("snapshot", guid.error());
-  std::cout << *guid << "\n";
+  if (args.json) {
+    std::cout << json{{"guid", *guid}, {"online", false}}.dump() << "\n";
+  } else {
+    std::cout << *guid << "\n";
+  }
   return kExitOk;
 }
 
@@ -99,6 +125,7 @@ int RunSnapshotMerge(const SnapshotArgs& args) {
   if (!dd) return rc;
   if (args.all && !args.guid.empty())
     return Usage("snapshot-merge", "-u and -A exclude each other");
+  if (auto online = MergeIfMounted(*dd, args.guid, args.all)) return *online;
   Status s = args.all ? MergeAll(DefaultFileSystem(), *dd, LoadOptions())
                       : MergeSnapshot(DefaultFileSystem(), *dd, args.guid, LoadOptions());
   return s.ok() ? kExitOk : Fail("snapshot-merge", s);
@@ -136,13 +163,14 @@ int RunCompact(const SnapshotArgs& args) {
   for (const auto& d : result->deltas) {
     before += d.bytes_before;
     after += d.bytes_after;
-    std::cout << d.file << ": " << HumanSize(d.bytes_before) << " -> "
-              << HumanSize(d.bytes_after) << " (" << d.moved_clusters << " clusters moved";
-    if (d.dropped_zero_clusters > 0) std::cout << ", " << d.dropped_zero_clusters << " zero clusters dropped";
+    std::cout << d.file << ": " << HumanSize(d.bytes_before) << " -> " << HumanSize(d.bytes_after)
+              << " (" << d.moved_clusters << " clusters moved";
+    if (d.dropped_zero_clusters > 0)
+      std::cout << ", " << d.dropped_zero_clusters << " zero clusters dropped";
     std::cout << ")\n";
   }
-  std::cout << "compacted " << result->deltas.size() << " delta(s): " << HumanSize(before)
-            << " -> " << HumanSize(after) << "\n";
+  std::cout << "compacted " << result->deltas.size() << " delta(s): " << HumanSize(before) << " -> "
+            << HumanSize(after) << "\n";
   return kExitOk;
 }
 

@@ -114,6 +114,8 @@ int main(int argc, char** argv) {
   SnapshotArgs snap;
   auto* c_snap = app.add_subcommand("snapshot", "take a snapshot; prints its GUID");
   c_snap->add_option("-u,--uuid", snap.guid, "GUID for the snapshot (default: random)");
+  c_snap->add_flag("--json", snap.json,
+                   "print JSON: the GUID and, for a mounted disk, how long writes paused");
   c_snap->add_option("DD", snap.dd, "DiskDescriptor.xml")->required();
   c_snap->callback([&] { rc = RunSnapshot(snap); });
 

@@ -11,6 +11,7 @@
 #include "cli_common.h"
 #include "commands.h"
 #include "mount-helper/mounts.h"
+#include "online.h"
 #include "ploop/disk.h"
 #include "snapshot/snapshot.h"
 #include "units.h"
@@ -97,6 +98,7 @@ int RunMount(const MountArgs& args) {
   request.fs_type = args.fs_type;
   request.fs_options = args.options;
   request.threads = args.threads;
+  if (!read_only) request.online = OnlineOperationsFor(dd_path, LoadOptions());
   auto mounted = mount::MountChain(std::move(chain).value(), request);
   if (!mounted.ok()) return Fail("mount", mounted.error());
   std::cout << mounted->device << "\n";

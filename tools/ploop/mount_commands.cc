@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <array>
 #include <iomanip>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -156,17 +157,25 @@ int RunList(const ListArgs& args) {
     return kExitOk;
   }
   if (mounts.empty()) return kExitOk;
-  std::cout << std::left << std::setw(12) << "DEVICE" << std::setw(8) << "STATE" << std::setw(9)
-            << "PID" << std::setw(4) << "RW" << std::setw(24) << "MOUNTPOINT"
-            << "TOP\n";
+  // Columns as wide as their longest value, two spaces apart.
+  std::vector<std::array<std::string, 6>> rows;
+  rows.push_back({"DEVICE", "STATE", "PID", "RW", "MOUNTPOINT", "TOP"});
   for (const auto& m : mounts) {
     const auto& r = m.record;
-    std::string pid = r.kind == "fuse" ? std::to_string(r.pid) : "-";
-    std::string where = m.mountpoints.empty() ? "-" : m.mountpoints.front();
-    std::cout << std::left << std::setw(12) << r.device << std::setw(8)
-              << mount::HealthName(m.health) << std::setw(9) << pid << std::setw(4)
-              << (r.read_only ? "ro" : "rw") << std::setw(24) << where << r.top()
-              << (r.guid.empty() ? "" : " (snapshot " + r.guid + ")") << "\n";
+    rows.push_back({r.device, mount::HealthName(m.health),
+                    r.kind == "fuse" ? std::to_string(r.pid) : "-", r.read_only ? "ro" : "rw",
+                    m.mountpoints.empty() ? "-" : m.mountpoints.front(),
+                    r.top() + (r.guid.empty() ? "" : " (snapshot " + r.guid + ")")});
+  }
+  std::array<size_t, 6> width{};
+  for (const auto& row : rows) {
+    for (size_t c = 0; c < row.size(); ++c) width[c] = std::max(width[c], row[c].size());
+  }
+  for (const auto& row : rows) {
+    for (size_t c = 0; c + 1 < row.size(); ++c) {
+      std::cout << std::left << std::setw(static_cast<int>(width[c] + 2)) << row[c];
+    }
+    std::cout << row.back() << "\n";
   }
   return kExitOk;
 }

@@ -169,6 +169,21 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   server.ExpectOpen();
   int fd = ::open(fuse_file.c_str(), (disk.writable() ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) return abort_start(Status::FromErrno(errno, "open " + fuse_file));
+  // The loop device takes its size from the FUSE inode's cached size, which
+  // some kernels (6.1, 6.12) leave at 0 for the mount's root file until its
+  // attributes are fetched: stat it first, so the kernel asks us.
+  struct stat fuse_st;
+  if (::fstat(fd, &fuse_st) != 0) {
+    Status s = Status::FromErrno(errno, "stat " + fuse_file);
+    ::close(fd);
+    return abort_start(s);
+  }
+  if (static_cast<uint64_t>(fuse_st.st_size) != disk.size_bytes()) {
+    ::close(fd);
+    return abort_start(Status::FromErrno(
+        EIO, "the FUSE file shows " + std::to_string(fuse_st.st_size) + " bytes, the disk has " +
+                 std::to_string(disk.size_bytes())));
+  }
   LoopConfig lc;
   lc.backing_fd = fd;
   lc.read_only = !disk.writable();

@@ -23,9 +23,9 @@
 #
 # Timed, per round (order alternated):
 #   ploop     `ploop send src | ploop receive dst`: the whole disk as one
-#             stream (lz4, SHA-256 per cluster and chunk), received into a
-#             new disk folder; durable when receive returns (deltas synced,
-#             descriptor saved atomically).
+#             stream (lz4, SHA-256 of every chunk's bytes, XXH3 content
+#             digests), received into a new disk folder; durable when
+#             receive returns (deltas synced, descriptor saved atomically).
 #   qemu-img  `qemu-img convert -f parallels -O parallels -t writeback
 #             src/root.hds dst.hds`: the same image copied to a new one,
 #             flushed when qemu-img closes it (writeback), so both are

@@ -73,7 +73,7 @@ Digest DigestAt(const std::byte* p) {
 
 const EVP_MD* Sha256Md() {
   // Fetched once: the implicit fetch behind EVP_sha256() takes a lock per
-  // call, which the per-cluster digests of several workers would contend on.
+  // call, which the chunk digests of several workers would contend on.
   static const EVP_MD* md = [] {
     EVP_MD* m = EVP_MD_fetch(nullptr, "SHA256", nullptr);
     if (m == nullptr) std::abort();  // no SHA-256 provider: OpenSSL is unusable

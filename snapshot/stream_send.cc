@@ -37,7 +37,7 @@
 // incremental stream needs its base's digest in the header, before any
 // data: taken from the descriptor when the disk recorded it (it received
 // those snapshots), else computed by a first pass over the data (phase
-// kDigest), and it sends no cluster digests of its own.
+// kDigest), and its workers digest no clusters.
 //
 // Invariants: the chain is open read-only with reader locks for the whole
 // send (nobody writes to it meanwhile); memory is a few windows and chunks

@@ -84,7 +84,6 @@ constexpr const char* kStorageOrder[] = {"Start", "End", "Blocksize", "Prealloca
 constexpr const char* kImageOrder[] = {"GUID", "Type", "File"};
 constexpr const char* kSnapshotsOrder[] = {"TopGUID", "Shot"};
 constexpr const char* kShotOrder[] = {"GUID", "ParentGUID", "Temporary", "ContentDigest"};
-constexpr std::string_view kContentDigestPrefix = "view-sha256-v1:";
 
 using Order = std::span<const char* const>;
 

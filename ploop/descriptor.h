@@ -91,18 +91,26 @@ struct DescriptorShot {
   // unknown nodes.
   bool temporary = false;
   // The snapshot's content digest (<ContentDigest>), recorded when it was
-  // received from a stream (snapshot/STREAM.md: "view-sha256-v1:" and 64
-  // hex digits); empty when none is known. It binds the GUID to what the
-  // snapshot reads as, so a later incremental stream can check its base in
-  // O(1). Every operation here keeps a shot's content while its GUID lives
-  // (a merge moves a GUID to another file, never changes what it reads);
-  // RenameGuid() clears it, since the renamed image is another snapshot.
+  // received from a stream (snapshot/STREAM.md: kContentDigestPrefix and 64
+  // hex digits); empty when none is known, or when the element holds
+  // anything else (an older ploop's kind of digest is dropped on load). It
+  // binds the GUID to what the snapshot reads as, so a later incremental
+  // stream can check its base in O(1). Every operation here keeps a
+  // shot's content while its GUID lives (a merge moves a GUID to another
+  // file, never changes what it reads); RenameGuid() clears it, since the
+  // renamed image is another snapshot.
   std::string content_digest;
 
   bool operator==(const DescriptorShot&) const = default;
 };
 
-// True for a well-formed DescriptorShot::content_digest value.
+// The tag of the content digests this ploop computes and trusts
+// (snapshot/STREAM.md, "Content digest"). A new kind of digest gets a new
+// tag, so records of the old kind read as absent, never as wrong.
+inline constexpr std::string_view kContentDigestPrefix = "view-xxh3-v2:";
+
+// True for a well-formed DescriptorShot::content_digest value: the tag and
+// 64 lower-case hex digits.
 bool IsContentDigest(std::string_view text);
 
 struct DescriptorLoadOptions {

@@ -24,6 +24,7 @@
 #include <lz4.h>
 #include <lz4frame.h>
 #include <openssl/evp.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -72,7 +73,7 @@ Digest DigestAt(const std::byte* p) {
 
 const EVP_MD* Sha256Md() {
   // Fetched once: the implicit fetch behind EVP_sha256() takes a lock per
-  // call, which the per-cluster digests of several workers would contend on.
+  // call, which the chunk digests of several workers would contend on.
   static const EVP_MD* md = [] {
     EVP_MD* m = EVP_MD_fetch(nullptr, "SHA256", nullptr);
     if (m == nullptr) std::abort();  // no SHA-256 provider: OpenSSL is unusable
@@ -120,10 +121,11 @@ bool FromBase64Url(std::string_view in, std::vector<std::byte>& out) {
   return bits < 6 && (acc & ((1u << bits) - 1)) == 0;
 }
 
-// The lz4 frame header Lz4Compressor writes: magic, FLG 0x78 (version 1,
-// independent blocks, block checksums, content size), BD 0x70 (4 MiB
-// blocks), then the content size; the header checksum byte follows.
-constexpr uint8_t kLz4Flg = 0x78;
+// The lz4 frame header Lz4Compressor writes: magic, FLG 0x68 (version 1,
+// independent blocks, content size; no block or content checksums: the
+// chunk's SHA-256 covers the frame), BD 0x70 (4 MiB blocks), then the
+// content size; the header checksum byte follows.
+constexpr uint8_t kLz4Flg = 0x68;
 constexpr uint8_t kLz4Bd = 0x70;
 constexpr size_t kLz4FixedHeaderBytes = 4 + 1 + 1 + 8;
 
@@ -135,7 +137,7 @@ LZ4F_preferences_t Lz4Prefs(size_t raw_bytes) {
   prefs.frameInfo.contentChecksumFlag = LZ4F_noContentChecksum;
   prefs.frameInfo.frameType = LZ4F_frame;
   prefs.frameInfo.contentSize = raw_bytes;
-  prefs.frameInfo.blockChecksumFlag = LZ4F_blockChecksumEnabled;
+  prefs.frameInfo.blockChecksumFlag = LZ4F_noBlockChecksum;
   prefs.compressionLevel = 0;  // the fast default
   prefs.autoFlush = 1;
   return prefs;
@@ -454,14 +456,20 @@ Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const S
   return out;
 }
 
-Digest ChunkDigest(const Digest& chain, std::span<const std::byte> header_prefix,
-                   std::span<const std::byte> records, std::span<const Digest> cluster_digests) {
-  Sha256 sha;
-  sha.Update(chain);
+Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
+                       std::span<const std::byte> payload) {
+  thread_local Sha256 sha;
   sha.Update(header_prefix);
   sha.Update(records);
-  for (const Digest& d : cluster_digests) sha.Update(d);
+  sha.Update(payload);
   return sha.Final();
+}
+
+Digest ChainDigest(const Digest& chain, const Digest& body) {
+  std::byte buf[2 * kDigestBytes];
+  std::memcpy(buf, chain.data(), kDigestBytes);
+  std::memcpy(buf + kDigestBytes, body.data(), kDigestBytes);
+  return Sha256::Of(buf);
 }
 
 // --- End record, resume record ----------------------------------------------------------
@@ -616,20 +624,30 @@ Digest Sha256::Of(std::span<const std::byte> data) {
   return sha.Final();
 }
 
+ClusterDigest ClusterDigestOf(std::span<const std::byte> data) {
+  const XXH128_hash_t h = XXH3_128bits(data.data(), data.size());
+  XXH128_canonical_t canonical;
+  XXH128_canonicalFromHash(&canonical, h);
+  static_assert(sizeof(canonical.digest) == kClusterDigestBytes);
+  ClusterDigest d;
+  std::memcpy(d.data(), canonical.digest, kClusterDigestBytes);
+  return d;
+}
+
 void ViewChain::Init(uint64_t size_bytes, uint64_t cluster_bytes) {
   std::vector<std::byte> seed;
-  constexpr std::string_view kDomain = "ploop view digest v1";
+  constexpr std::string_view kDomain = "ploop view digest v2";
   PutBytes(seed, std::as_bytes(std::span(kDomain.data(), kDomain.size())));
   PutLe64(seed, size_bytes);
   PutLe64(seed, cluster_bytes);
   state_ = Sha256::Of(seed);
 }
 
-void ViewChain::Add(uint64_t index, const Digest& cluster_digest) {
-  std::byte buf[kDigestBytes + 8 + kDigestBytes];
+void ViewChain::Add(uint64_t index, const ClusterDigest& cluster_digest) {
+  std::byte buf[kDigestBytes + 8 + kClusterDigestBytes];
   std::memcpy(buf, state_.data(), kDigestBytes);
   StoreLe64(buf + kDigestBytes, index);
-  std::memcpy(buf + kDigestBytes + 8, cluster_digest.data(), kDigestBytes);
+  std::memcpy(buf + kDigestBytes + 8, cluster_digest.data(), kClusterDigestBytes);
   state_ = Sha256::Of(buf);
 }
 
@@ -643,7 +661,9 @@ std::string Hex(std::span<const std::byte> bytes) {
   return out;
 }
 
-std::string ContentDigestText(const Digest& digest) { return "view-sha256-v1:" + Hex(digest); }
+std::string ContentDigestText(const Digest& digest) {
+  return std::string(kContentDigestPrefix) + Hex(digest);
+}
 
 bool ParseContentDigest(std::string_view text, Digest* out) {
   if (!IsContentDigest(text)) return false;

@@ -1,5 +1,6 @@
 // The send/receive stream's byte format (snapshot/STREAM.md) as plain
-// encode/decode functions, plus the digests (SHA-256 through OpenSSL EVP)
+// encode/decode functions, plus the digests (SHA-256 through OpenSSL EVP
+// for the stream's integrity, XXH3-128 per cluster for content digests)
 // and the lz4 frame codec the sender and receiver share. Internal to
 // snapshot/.
 //
@@ -31,10 +32,13 @@ namespace ploop::stream {
 
 inline constexpr size_t kDigestBytes = 32;
 using Digest = std::array<std::byte, kDigestBytes>;
+// A cluster's XXH3-128, in xxHash's canonical (big-endian) byte order.
+inline constexpr size_t kClusterDigestBytes = 16;
+using ClusterDigest = std::array<std::byte, kClusterDigestBytes>;
 
 // --- Limits (STREAM.md, "Limits") ---------------------------------------------
 
-inline constexpr uint32_t kVersion = 1;
+inline constexpr uint32_t kVersion = 2;
 inline constexpr uint32_t kMaxLayers = 256;
 // Cluster data a chunk carries: at most this much, or one index group
 // (all layers' records of one cluster index) when that alone is bigger.
@@ -138,10 +142,15 @@ void EncodeRecords(std::span<const Record> records, std::vector<std::byte>& out)
 Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const StreamHeader& header,
                                           uint64_t min_index, uint32_t data_count);
 
-// d = SHA-256(chain || chunk header[0, 48) || records || cluster digests):
-// the chunk's digest, which is also the chain value for the next chunk.
-Digest ChunkDigest(const Digest& chain, std::span<const std::byte> header_prefix,
-                   std::span<const std::byte> records, std::span<const Digest> cluster_digests);
+// SHA-256 of a chunk's bytes as they travel, all but its digest field:
+// header bytes [0, 48), the record table, the payload (compressed or not).
+// The expensive half of a chunk digest; it does not depend on the chain,
+// so the sender's and the receiver's workers compute it in parallel.
+Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
+                       std::span<const std::byte> payload);
+// d = SHA-256(chain || body): the chunk's digest, which is also the chain
+// value for the next chunk.
+Digest ChainDigest(const Digest& chain, const Digest& body);
 
 // --- End record, resume record -------------------------------------------------
 
@@ -209,13 +218,17 @@ class Sha256 {
   evp_md_ctx_st* ctx_;
 };
 
-// The content digest of a disk view (STREAM.md, "Content digest"): a hash
-// chain over the non-zero clusters in index order.
+// XXH3-128 of a cluster's bytes (STREAM.md, "Cluster digest").
+ClusterDigest ClusterDigestOf(std::span<const std::byte> data);
+
+// The content digest of a disk view (STREAM.md, "Content digest"): a
+// SHA-256 hash chain over the non-zero clusters' XXH3-128 digests in index
+// order.
 class ViewChain {
  public:
   void Init(uint64_t size_bytes, uint64_t cluster_bytes);
-  // Cluster `index` is not all zeros and has SHA-256 `cluster_digest`.
-  void Add(uint64_t index, const Digest& cluster_digest);
+  // Cluster `index` is not all zeros and has digest `cluster_digest`.
+  void Add(uint64_t index, const ClusterDigest& cluster_digest);
   const Digest& state() const { return state_; }
   void set_state(const Digest& state) { state_ = state; }
 
@@ -223,15 +236,18 @@ class ViewChain {
   Digest state_{};
 };
 
-// "view-sha256-v1:<hex>" (the descriptor's <ContentDigest>) and back.
+// "view-xxh3-v2:<hex>" (the descriptor's <ContentDigest>, kContentDigestPrefix)
+// and back. A record with another tag (an older ploop's "view-sha256-v1:")
+// does not parse: it is treated as absent.
 std::string ContentDigestText(const Digest& digest);
 bool ParseContentDigest(std::string_view text, Digest* out);
 std::string Hex(std::span<const std::byte> bytes);
 
 // --- lz4 frames -----------------------------------------------------------------
 
-// One lz4 frame per chunk: 4 MiB independent blocks, each with its xxh32
-// block checksum, the content size in the frame header, no dictionary.
+// One lz4 frame per chunk: 4 MiB independent blocks, the content size in
+// the frame header, no checksums (the chunk's SHA-256 covers the frame's
+// bytes and is checked before decoding), no dictionary.
 class Lz4Compressor {
  public:
   static Result<std::unique_ptr<Lz4Compressor>> Create();
@@ -260,8 +276,8 @@ class Lz4Decompressor {
   ~Lz4Decompressor();
   // Decodes the frame `in` into exactly out.size() bytes. Corruption unless
   // the frame header is exactly the one Lz4Compressor writes for that size,
-  // every block checksum matches, the frame ends exactly at the end of `in`
-  // and yields exactly out.size() bytes. Never writes past `out`.
+  // the frame ends exactly at the end of `in` and yields exactly out.size()
+  // bytes. Never writes past `out`, whatever `in` holds.
   Status Decompress(std::span<const std::byte> in, std::span<std::byte> out);
 
  private:

@@ -8,11 +8,12 @@
 //
 //   reader thread              workers (N)              calling thread
 //   -------------              -----------              --------------
-//   read and bound-check  -->  lz4 decode (bounded)  --> check the chunk
-//   each chunk header and      and SHA-256 of each       digest against the
-//   record table, read the     cluster                   chain, append the
-//   payload into a buffer                                clusters to the new
-//                                                        deltas, checkpoint
+//   read and bound-check  -->  SHA-256 of the chunk's -> check the chunk
+//   each chunk header and      bytes, its digest         follows the one
+//   record table, read the     checked; then lz4         applied before it
+//   payload into a buffer      decode (bounded) and      (chain), append the
+//                              XXH3-128 per cluster      clusters to the new
+//                              (full streams)            deltas, checkpoint
 //
 // Order of a receive:
 //   1. header: size read in two bounded steps, every field validated, its
@@ -26,8 +27,13 @@
 //      nothing has been written yet;
 //   3. state: the state file (ploop-receive.state: the header, the file
 //      names, the checkpoint) is written before the first delta file;
-//   4. chunks: a chunk's clusters are written only after its digest
-//      matched; every checkpoint_bytes the deltas are checkpointed (data,
+//   4. chunks: a chunk is decompressed only after its digest matched
+//      (so lz4 only ever sees the bytes the sender hashed), and written
+//      only after that and after its place in the chain checked out; a
+//      worker checks the digest against the previous chunk's digest field
+//      as read, and the calling thread checks that this previous digest is
+//      the one it applied last, which makes the checks in parallel worth
+//      the sequential chain; every checkpoint_bytes the deltas are checkpointed (data,
 //      then BATs, synced) and only then the state file records the new
 //      position (atomic replace); meanwhile a background thread syncs the
 //      deltas' data every 64 MiB (an optimisation only: durability comes
@@ -360,15 +366,19 @@ class BackgroundWriteback {
 constexpr uint64_t kWritebackBytes = 64ull << 20;
 
 struct ChunkJob {
+  std::array<std::byte, kChunkHeaderBytes> header_bytes;
   ChunkHeader header;
+  // The chain value the chunk's digest claims to follow: the digest field
+  // of the chunk before it as read (or the header's or resume record's).
+  Digest chain_in{};
   std::vector<std::byte> record_bytes;
   std::vector<Record> records;
   AlignedBuffer payload;
   bool pooled_payload = false;
   // Filled by a worker:
-  AlignedBuffer raw;               // decoded data, or the payload itself when stored
-  BufferPool* raw_home = nullptr;  // the pool `raw` goes back to, if any
-  std::vector<Digest> digests;
+  AlignedBuffer raw;                   // decoded data, or the payload itself when stored
+  BufferPool* raw_home = nullptr;      // the pool `raw` goes back to, if any
+  std::vector<ClusterDigest> digests;  // full streams: per data cluster, payload order
 };
 
 class Receiver {
@@ -393,7 +403,7 @@ class Receiver {
   Status ReceiveChunks(StreamIn& in, StreamReader& reader,
                        const std::array<std::byte, kTagBytes>& first_tag,
                        std::vector<std::byte>* end_raw);
-  Status ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
+  Status ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, Digest chain,
                     OrderedPipeline<ChunkJob>& pipe, std::vector<std::byte>* end_raw);
   Status Decode(ChunkJob& job);
   Status Apply(const ChunkJob& job);
@@ -589,7 +599,7 @@ Status Receiver::OpenBuilders() {
   return fs_.SyncDir(dir_.empty() ? "." : dir_);
 }
 
-Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
+Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, Digest chain,
                             OrderedPipeline<ChunkJob>& pipe, std::vector<std::byte>* end_raw) {
   uint64_t seq = state_.next_seq;
   uint64_t min_index = state_.next_index;
@@ -605,7 +615,7 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
                                 " or the end of the stream, found other bytes");
     }
     auto job = std::make_unique<ChunkJob>();
-    std::array<std::byte, kChunkHeaderBytes> raw;
+    std::array<std::byte, kChunkHeaderBytes>& raw = job->header_bytes;
     std::memcpy(raw.data(), tag.data(), kTagBytes);
     TRY(in.ReadExact(std::span(raw).subspan(kTagBytes), "a chunk header"));
     ASSIGN_OR_RETURN(job->header, DecodeChunkHeader(raw, header_));
@@ -613,6 +623,8 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
       return Status::Corruption("chunk " + std::to_string(job->header.seq) + " where chunk " +
                                 std::to_string(seq) + " was due");
     }
+    job->chain_in = chain;
+    chain = job->header.digest;
     job->record_bytes.resize(size_t{job->header.record_count} * kRecordBytes);
     TRY(in.ReadExact(job->record_bytes, "a record table"));
     ASSIGN_OR_RETURN_CTX(
@@ -634,6 +646,15 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag,
 Status Receiver::Decode(ChunkJob& job) {
   const uint64_t cb = header_.cluster_bytes;
   const uint64_t raw_bytes = uint64_t{job.header.data_count} * cb;
+  // Integrity first: the chunk's bytes as they travelled, before lz4 or
+  // anything else looks at the payload.
+  const Digest body = ChunkBodyDigest(
+      std::span(job.header_bytes).first(kChunkHeaderDigestedBytes), job.record_bytes,
+      std::span<const std::byte>(job.payload.get(), job.header.payload_bytes));
+  if (ChainDigest(job.chain_in, body) != job.header.digest) {
+    return Status::Corruption("chunk " + std::to_string(job.header.seq) +
+                              ": digest mismatch (the stream is corrupt)");
+  }
   if (job.header.flags & kChunkLz4) {
     thread_local std::unique_ptr<Lz4Decompressor> decompressor;
     if (decompressor == nullptr) {
@@ -651,9 +672,13 @@ Status Receiver::Decode(ChunkJob& job) {
     job.raw = std::move(job.payload);
     job.raw_home = job.pooled_payload ? payload_pool_ : nullptr;
   }
-  job.digests.resize(job.header.data_count);
-  for (uint32_t j = 0; j < job.header.data_count; ++j) {
-    job.digests[j] = Sha256::Of(std::span<const std::byte>(job.raw.get() + j * cb, cb));
+  if (!header_.incremental) {
+    // The content digests are checked against the end record; an
+    // incremental stream's come from the end record alone.
+    job.digests.resize(job.header.data_count);
+    for (uint32_t j = 0; j < job.header.data_count; ++j) {
+      job.digests[j] = ClusterDigestOf(std::span<const std::byte>(job.raw.get() + j * cb, cb));
+    }
   }
   return Status::Ok();
 }
@@ -715,7 +740,7 @@ Status Receiver::Apply(const ChunkJob& job) {
     for (size_t r = 0; r < records.size();) {
       size_t end = r;
       while (end < records.size() && records[end].index == records[r].index) ++end;
-      const Digest* current = nullptr;
+      const ClusterDigest* current = nullptr;
       size_t next = r;
       for (size_t k = 0; k < views_.size(); ++k) {
         while (next < end && records[next].layer == k) {
@@ -755,8 +780,8 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
       workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); });
   OrderedPipeline<ChunkJob>& pipe = *pipe_owner;
   Status read_status;
-  std::thread producer([&] {
-    read_status = ReadChunks(in, first_tag, pipe, end_raw);
+  std::thread producer([&, chain = state_.chain] {
+    read_status = ReadChunks(in, first_tag, chain, pipe, end_raw);
     pipe.Finish();
   });
   std::vector<DeltaBuilder*> raw_builders;
@@ -771,12 +796,10 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
       failed = status;
       break;
     }
-    std::array<std::byte, kChunkHeaderBytes> raw;
-    ChunkHeader h = job->header;
-    EncodeChunkHeader(h, raw);
-    const Digest d = ChunkDigest(state_.chain, std::span(raw).first(kChunkHeaderDigestedBytes),
-                                 job->record_bytes, job->digests);
-    if (d != h.digest) {
+    // The worker checked the chunk's digest against job->chain_in; the
+    // chain holds when that is the digest of the chunk applied last.
+    const ChunkHeader& h = job->header;
+    if (job->chain_in != state_.chain) {
       failed = Status::Corruption("chunk " + std::to_string(h.seq) +
                                   ": digest mismatch (the stream is corrupt)");
       break;
@@ -789,7 +812,7 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     failed = Apply(*job);
     if (!failed.ok()) break;
     at_boundary = true;
-    state_.chain = d;
+    state_.chain = h.digest;
     state_.next_seq = h.seq + 1;
     state_.next_index = job->records.back().index + 1;
     state_.progress_bytes = h.progress_bytes;

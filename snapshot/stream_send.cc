@@ -8,11 +8,11 @@
 //
 //   reader thread            workers (N)                 calling thread
 //   -------------            -----------                 --------------
-//   walk indices, read  -->  SHA-256 per cluster,   -->  chunk digest (hash
-//   windows of clusters      lz4 frame per chunk         chain), content
-//   (one read per run),                                  digests, write in
-//   decide records, cut                                  order
-//   chunks
+//   walk indices, read  -->  XXH3-128 per cluster   -->  chain the chunk
+//   windows of clusters      (full streams), lz4         digest (one small
+//   (one read per run),      frame per chunk, the        SHA-256), content
+//   decide records, cut      SHA-256 of the chunk's      digests, write in
+//   chunks                   bytes as they travel        order
 //
 // What is sent, per cluster index i (STREAM.md, "Records"):
 //   flatten, full         the snapshot's data at i, unless it is all zeros;
@@ -26,12 +26,18 @@
 // and a resumed sender (which starts at the receiver's next index with the
 // chain value from the token) cuts the same chunks as an uninterrupted one.
 //
-// Digests: every data cluster is hashed once (workers); the chunk digest
-// chains them with the chunk's header and records. A full stream's content
-// digests are computed from the records as they go by; an incremental
-// stream needs its base's digest in the header, before any data: taken from
-// the descriptor when the disk recorded it (it received those snapshots),
-// else computed by a first pass over the data (phase kDigest).
+// Digests: a worker hashes each chunk's bytes as they will travel (header
+// fields, records, the payload after compression: fewer bytes than the
+// data when lz4 helped) with SHA-256; the calling thread only chains that
+// body digest to the previous chunk's, so the one sequential step is a
+// 64-byte hash. Content digests use XXH3-128 per cluster (an order of
+// magnitude cheaper than SHA-256) folded into a SHA-256 chain: a full
+// stream's are computed from the records as they go by (workers digest
+// the clusters, the calling thread chains them in index order); an
+// incremental stream needs its base's digest in the header, before any
+// data: taken from the descriptor when the disk recorded it (it received
+// those snapshots), else computed by a first pass over the data (phase
+// kDigest), and its workers digest no clusters.
 //
 // Invariants: the chain is open read-only with reader locks for the whole
 // send (nobody writes to it meanwhile); memory is a few windows and chunks
@@ -101,10 +107,14 @@ struct ChunkJob {
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
-  std::vector<Digest> digests;  // payload order
+  std::vector<ClusterDigest> digests;  // payload order (full streams only)
   AlignedBuffer compressed;
   size_t compressed_bytes = 0;
   bool lz4 = false;
+  // The chunk header (its digest field zero until Emit) and the record
+  // table, as they will go out; the SHA-256 of them with the payload.
+  std::vector<std::byte> head;
+  Digest body{};
 };
 
 class Sender {
@@ -142,7 +152,12 @@ class Sender {
   // into chunk payloads (no window, no copy for the common case).
   Status ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
   Status CutChunk(OrderedPipeline<ChunkJob>& pipe);
+  // A worker's part of a chunk: cluster digests, compression, the digest
+  // of the chunk's bytes.
   Status Work(ChunkJob& job);
+  Status Compress(ChunkJob& job);
+  // The payload as it travels: the lz4 frame or the stored clusters.
+  std::span<const std::byte> Payload(const ChunkJob& job) const;
   Status Emit(ChunkJob& job, Digest* chain);
   void Report(StreamProgress::Phase phase, uint64_t done, uint64_t total) {
     if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
@@ -218,7 +233,7 @@ Status Sender::DigestPass(Digest* base, std::vector<Digest>* layers) {
     for (WindowVersion& v : job.w->versions) {
       auto data = job.w->Data(v, cb_);
       v.zero = IsZero(data);
-      if (!v.zero) v.digest = Sha256::Of(data);
+      if (!v.zero) v.digest = ClusterDigestOf(data);
     }
     return Status::Ok();
   });
@@ -434,36 +449,16 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
 }
 
 Status Sender::Work(ChunkJob& job) {
-  job.digests.resize(job.data_count);
-  for (uint32_t j = 0; j < job.data_count; ++j) {
-    job.digests[j] = Sha256::Of(std::span<const std::byte>(job.payload.get() + j * cb_, cb_));
-  }
-  if (options_.compress && job.data_count > 0) {
-    thread_local std::unique_ptr<Lz4Compressor> compressor;
-    if (compressor == nullptr) {
-      ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
-    }
-    const size_t raw = uint64_t{job.data_count} * cb_;
-    if (!compressor->WorthCompressing(std::span<const std::byte>(job.payload.get(), raw), cb_)) {
-      return Status::Ok();
-    }
-    job.compressed = compressed_pool_.Get();
-    ASSIGN_OR_RETURN(size_t n,
-                     compressor->Compress(
-                         std::span<const std::byte>(job.payload.get(), raw),
-                         std::span<std::byte>(job.compressed.get(), Lz4Compressor::Bound(raw))));
-    if (n < raw) {
-      job.lz4 = true;
-      job.compressed_bytes = n;
-    } else {
-      compressed_pool_.Put(std::move(job.compressed));
-    }
-  }
-  return Status::Ok();
-}
-
-Status Sender::Emit(ChunkJob& job, Digest* chain) {
   const uint64_t raw = uint64_t{job.data_count} * cb_;
+  if (!plan_.header.incremental) {
+    // A full stream's content digests come from the data it carries.
+    job.digests.resize(job.data_count);
+    for (uint32_t j = 0; j < job.data_count; ++j) {
+      job.digests[j] =
+          ClusterDigestOf(std::span<const std::byte>(job.payload.get() + j * cb_, cb_));
+    }
+  }
+  TRY(Compress(job));
   ChunkHeader ch;
   ch.flags = job.lz4 ? kChunkLz4 : 0;
   ch.seq = job.seq;
@@ -471,27 +466,58 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   ch.data_count = job.data_count;
   ch.payload_bytes = job.lz4 ? job.compressed_bytes : raw;
   ch.progress_bytes = job.progress_bytes;
-  std::vector<std::byte> head(kChunkHeaderBytes);
-  EncodeChunkHeader(ch, std::span<std::byte, kChunkHeaderBytes>(head.data(), kChunkHeaderBytes));
-  std::vector<std::byte> records;
-  EncodeRecords(job.records, records);
-  ch.digest =
-      ChunkDigest(*chain, std::span(head).first(kChunkHeaderDigestedBytes), records, job.digests);
-  std::memcpy(head.data() + kChunkHeaderDigestedBytes, ch.digest.data(), kDigestBytes);
-  *chain = ch.digest;
-  head.insert(head.end(), records.begin(), records.end());
-  TRY(out_.Write(head));
-  if (ch.payload_bytes > 0) {
-    const std::byte* payload = job.lz4 ? job.compressed.get() : job.payload.get();
-    TRY(out_.Write(std::span<const std::byte>(payload, ch.payload_bytes)));
+  EncodeRecords(job.records, job.head);
+  job.head.insert(job.head.begin(), kChunkHeaderBytes, std::byte{0});
+  EncodeChunkHeader(ch, std::span(job.head).first<kChunkHeaderBytes>());
+  job.body = ChunkBodyDigest(std::span(job.head).first(kChunkHeaderDigestedBytes),
+                             std::span(job.head).subspan(kChunkHeaderBytes), Payload(job));
+  return Status::Ok();
+}
+
+Status Sender::Compress(ChunkJob& job) {
+  if (!options_.compress || job.data_count == 0) return Status::Ok();
+  thread_local std::unique_ptr<Lz4Compressor> compressor;
+  if (compressor == nullptr) {
+    ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
   }
+  const size_t raw = uint64_t{job.data_count} * cb_;
+  const std::span<const std::byte> data(job.payload.get(), raw);
+  if (!compressor->WorthCompressing(data, cb_)) return Status::Ok();
+  job.compressed = compressed_pool_.Get();
+  ASSIGN_OR_RETURN(
+      size_t n, compressor->Compress(
+                    data, std::span<std::byte>(job.compressed.get(), Lz4Compressor::Bound(raw))));
+  if (n < raw) {
+    job.lz4 = true;
+    job.compressed_bytes = n;
+  } else {
+    compressed_pool_.Put(std::move(job.compressed));
+  }
+  return Status::Ok();
+}
+
+std::span<const std::byte> Sender::Payload(const ChunkJob& job) const {
+  if (job.lz4) return std::span<const std::byte>(job.compressed.get(), job.compressed_bytes);
+  if (job.data_count == 0) return {};
+  return std::span<const std::byte>(job.payload.get(), uint64_t{job.data_count} * cb_);
+}
+
+Status Sender::Emit(ChunkJob& job, Digest* chain) {
+  const Digest digest = ChainDigest(*chain, job.body);
+  std::memcpy(job.head.data() + kChunkHeaderDigestedBytes, digest.data(), kDigestBytes);
+  *chain = digest;
+  // Header and records in one write, the payload (up to 4 MiB) straight
+  // from its buffer.
+  TRY(out_.Write(job.head));
+  const std::span<const std::byte> payload = Payload(job);
+  if (!payload.empty()) TRY(out_.Write(payload));
   // Content digests of a full stream, index by index: layer k reads the
   // highest record at or below k (a hole reads zeros), or zeros.
   if (!plan_.header.incremental) {
     for (size_t r = 0; r < job.records.size();) {
       size_t end = r;
       while (end < job.records.size() && job.records[end].index == job.records[r].index) ++end;
-      const Digest* current = nullptr;
+      const ClusterDigest* current = nullptr;
       size_t next = r;
       for (size_t k = 0; k < views_.size(); ++k) {
         while (next < end && job.records[next].layer == k) {

@@ -226,7 +226,7 @@ Result<Digest> ViewDigestOf(Chain& chain, uint64_t size_bytes,
     if (w == nullptr) break;
     for (const WindowEntry& e : w->entries) {
       auto data = w->Data(w->versions[e.first], cb);
-      if (!IsZero(data)) view.Add(e.index, Sha256::Of(data));
+      if (!IsZero(data)) view.Add(e.index, ClusterDigestOf(data));
     }
     done += w->progress_bytes;
     if (progress) progress(done, total);

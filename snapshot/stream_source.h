@@ -82,7 +82,7 @@ struct WindowVersion {
   size_t offset = 0;  // into Window::buf
   // Filled by whoever digests the window.
   bool zero = false;
-  Digest digest{};
+  ClusterDigest digest{};
 };
 
 struct WindowEntry {

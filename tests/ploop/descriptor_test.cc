@@ -366,7 +366,7 @@ TEST_CASE("Descriptor: the Temporary marker follows the model") {
 TEST_CASE("Descriptor: a shot's content digest round-trips and a renamed image loses it") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "temporary.xml");
-  const std::string digest = "view-sha256-v1:" + std::string(63, 'a') + "b";
+  const std::string digest = std::string(kContentDigestPrefix) + std::string(63, 'a') + "b";
   REQUIRE_OK(d.SetContentDigest(kBase, digest));
   CHECK(d.SetContentDigest(kBase, "sha256:abc").code() == StatusCode::kInvalidArgument);
   CHECK(d.SetContentDigest(kTopGuid, digest).code() == StatusCode::kInvalidArgument);
@@ -376,9 +376,17 @@ TEST_CASE("Descriptor: a shot's content digest round-trips and a renamed image l
   CHECK(back.FindShot(kBase)->content_digest == digest);
   CHECK(Contains(Get(fs, kPath), "<ContentDigest>" + digest + "</ContentDigest>"));
   // A malformed one in the file is dropped, never trusted.
-  Put(fs, kPath, Replace(Get(fs, kPath), digest, "view-sha256-v1:XYZ"));
+  Put(fs, kPath, Replace(Get(fs, kPath), digest, std::string(kContentDigestPrefix) + "XYZ"));
   REQUIRE_ASSIGN(Descriptor junk, Descriptor::Load(fs, kPath));
   CHECK(junk.FindShot(kBase)->content_digest.empty());
+  // So is an older kind of digest (an earlier ploop's SHA-256 per cluster):
+  // absent, so that a receiver computes the digest instead of trusting it.
+  const std::string old_kind = "view-sha256-v1:" + std::string(64, 'c');
+  CHECK_FALSE(IsContentDigest(old_kind));
+  Put(fs, kPath, Replace(Get(fs, kPath), std::string(kContentDigestPrefix) + "XYZ", old_kind));
+  REQUIRE(Contains(Get(fs, kPath), old_kind));
+  REQUIRE_ASSIGN(Descriptor older, Descriptor::Load(fs, kPath));
+  CHECK(older.FindShot(kBase)->content_digest.empty());
   // Renaming the image (what snapshot create does to the top) clears it,
   // and the element goes from the file.
   REQUIRE_OK(back.RenameGuid(kBase, "{55555555-5555-4555-8555-555555555555}"));

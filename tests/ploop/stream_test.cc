@@ -18,6 +18,8 @@
 #include "snapshot/stream.h"
 
 #include <lz4frame.h>
+#include <openssl/evp.h>
+#include <xxhash.h>
 
 #include <algorithm>
 #include <atomic>
@@ -505,7 +507,7 @@ TEST_CASE("stream: a base with another content is refused before anything is wri
   REQUIRE_OK(Receive(forged, Send(src, Full(kS1))).status());
   {
     Descriptor dd = LoadDd(forged, kDstDd);
-    REQUIRE_OK(dd.SetContentDigest(kS1, "view-sha256-v1:" + std::string(64, '0')));
+    REQUIRE_OK(dd.SetContentDigest(kS1, std::string(kContentDigestPrefix) + std::string(64, '0')));
     REQUIRE_OK(dd.Save(forged));
   }
   CHECK(Receive(forged, inc).error().code() == StatusCode::kFailedPrecondition);
@@ -715,6 +717,206 @@ std::vector<size_t> Positions(size_t size) {
   return out;
 }
 
+// --- The digests, as STREAM.md defines them -------------------------------------------
+//
+// Computed here independently of stream_format.cc (OpenSSL and xxHash
+// called directly), so the code and the document cannot drift apart.
+
+Bytes RefSha256(std::initializer_list<std::span<const std::byte>> parts) {
+  Bytes all;
+  for (auto part : parts) all.insert(all.end(), part.begin(), part.end());
+  Bytes out(32);
+  unsigned int n = 0;
+  REQUIRE(EVP_Digest(all.data(), all.size(), reinterpret_cast<unsigned char*>(out.data()), &n,
+                     EVP_sha256(), nullptr) == 1);
+  return out;
+}
+
+Bytes Le64Bytes(uint64_t v) {
+  Bytes b(8);
+  StoreLe64(b.data(), v);
+  return b;
+}
+
+// The content digest of a view that reads `data` (whole clusters of kCb).
+Bytes RefViewDigest(const Bytes& data) {
+  constexpr std::string_view kDomain = "ploop view digest v2";
+  Bytes v = RefSha256({std::as_bytes(std::span(kDomain.data(), kDomain.size())),
+                       Le64Bytes(data.size()), Le64Bytes(kCb)});
+  for (uint64_t i = 0; i < data.size() / kCb; ++i) {
+    std::span<const std::byte> cluster(data.data() + i * kCb, kCb);
+    if (std::all_of(cluster.begin(), cluster.end(), [](std::byte b) { return b == std::byte{0}; }))
+      continue;
+    XXH128_canonical_t canonical;
+    XXH128_canonicalFromHash(&canonical, XXH3_128bits(cluster.data(), cluster.size()));
+    v = RefSha256({v, Le64Bytes(i), std::as_bytes(std::span(canonical.digest))});
+  }
+  return v;
+}
+
+struct ChunkAt {
+  size_t offset = 0;
+  stream::ChunkHeader header;
+  size_t bytes() const {
+    return stream::kChunkHeaderBytes + header.record_count * stream::kRecordBytes +
+           header.payload_bytes;
+  }
+  size_t payload_offset() const { return offset + bytes() - header.payload_bytes; }
+};
+
+// The chunks of `s` (a stream from its start) and where its end record is.
+std::vector<ChunkAt> ChunksOf(const Bytes& s, size_t* end_offset = nullptr) {
+  REQUIRE_ASSIGN(size_t header_bytes, stream::StreamHeaderBytes(s));
+  REQUIRE_ASSIGN(stream::StreamHeader h,
+                 stream::DecodeStreamHeader(std::span(s).first(header_bytes)));
+  std::vector<ChunkAt> out;
+  size_t o = header_bytes;
+  while (std::memcmp(s.data() + o, stream::kChunkTag, 4) == 0) {
+    REQUIRE_ASSIGN(stream::ChunkHeader ch,
+                   stream::DecodeChunkHeader(std::span<const std::byte, stream::kChunkHeaderBytes>(
+                                                 s.data() + o, stream::kChunkHeaderBytes),
+                                             h));
+    out.push_back(ChunkAt{o, ch});
+    o += out.back().bytes();
+  }
+  REQUIRE(std::memcmp(s.data() + o, stream::kEndTag, 4) == 0);
+  if (end_offset != nullptr) *end_offset = o;
+  return out;
+}
+
+TEST_CASE("stream: chunk, stream and content digests are the ones STREAM.md defines") {
+  TestRng rng;
+  MemoryFileSystem src;
+  MakeBigSource(src, rng);
+  for (StreamLayout layout : {StreamLayout::kFlatten, StreamLayout::kLayers}) {
+    INFO("layered " << (layout == StreamLayout::kLayers));
+    const Bytes s = Send(src, Full(kS2, layout));
+    REQUIRE_ASSIGN(size_t header_bytes, stream::StreamHeaderBytes(s));
+    // c_0: the header's digest.
+    Bytes c(s.begin() + header_bytes - 32, s.begin() + header_bytes);
+    CHECK(c == RefSha256({std::span(s).first(header_bytes - 32)}));
+    size_t end = 0;
+    std::vector<ChunkAt> chunks = ChunksOf(s, &end);
+    REQUIRE(chunks.size() > 2);
+    int compressed = 0;
+    for (const ChunkAt& chunk : chunks) {
+      INFO("chunk " << chunk.header.seq);
+      const std::span<const std::byte> bytes(s.data() + chunk.offset, chunk.bytes());
+      // d_k = SHA-256(c_k || SHA-256(bytes [0, 48) || records || payload)).
+      Bytes body = RefSha256({bytes.first(48), bytes.subspan(stream::kChunkHeaderBytes)});
+      Bytes d = RefSha256({c, body});
+      CHECK(d == Bytes(bytes.begin() + 48, bytes.begin() + 80));
+      c = d;
+      if (chunk.header.flags & stream::kChunkLz4) {
+        ++compressed;
+        // The frame header: magic, FLG 0x68, BD 0x70, the content size.
+        const std::byte* f = s.data() + chunk.payload_offset();
+        CHECK(LoadLe32(f) == 0x184D2204u);
+        CHECK(f[4] == std::byte{0x68});
+        CHECK(f[5] == std::byte{0x70});
+        CHECK(LoadLe64(f + 6) == uint64_t{chunk.header.data_count} * kCb);
+      }
+    }
+    CHECK(compressed > 0);
+    // The end record: the layers' content digests, then
+    // SHA-256(c_n || the record's bytes before the final digest).
+    const std::span<const std::byte> end_record = std::span(s).subspan(end);
+    REQUIRE(end_record.size() ==
+            stream::kEndFixedBytes + 32 * (layout == StreamLayout::kLayers ? 2 : 1) + 32);
+    CHECK(RefSha256({c, end_record.first(end_record.size() - 32)}) ==
+          Bytes(end_record.end() - 32, end_record.end()));
+    // The last layer's content digest is S2's view digest, and the receiver
+    // records it (and layer 0's, S1's, when layered).
+    const Bytes last(end_record.end() - 64, end_record.end() - 32);
+    CHECK(last == RefViewDigest(ReadSnapshot(src, kS2, kSrc)));
+    MemoryFileSystem dst;
+    REQUIRE_OK(Receive(dst, s).status());
+    Descriptor dd = LoadDd(dst, kDstDd);
+    CHECK(dd.FindShot(kS2)->content_digest ==
+          std::string(kContentDigestPrefix) + stream::Hex(last));
+    if (layout == StreamLayout::kLayers) {
+      const Bytes first(end_record.begin() + 32, end_record.begin() + 64);
+      CHECK(first == RefViewDigest(ReadSnapshot(src, kS1, kSrc)));
+      CHECK(dd.FindShot(kS1)->content_digest ==
+            std::string(kContentDigestPrefix) + stream::Hex(first));
+    }
+  }
+}
+
+TEST_CASE("stream: a corrupt chunk is refused before it is decompressed or written") {
+  TestRng rng;
+  MemoryFileSystem src;
+  MakeBigSource(src, rng);
+  const Bytes s = Send(src, Full(kS1));
+  std::vector<ChunkAt> chunks = ChunksOf(s);
+  // A compressed chunk after the first.
+  size_t k = 1;
+  while (k < chunks.size() && !(chunks[k].header.flags & stream::kChunkLz4)) ++k;
+  REQUIRE(k < chunks.size());
+  const ChunkAt& chunk = chunks[k];
+  // What the receiver holds when the stream stops right before chunk k.
+  MemoryFileSystem cut;
+  REQUIRE(!Receive(cut, s, false, chunk.offset).ok());
+  const Bytes before = cut.Contents("dst/root.hds");
+  REQUIRE(!before.empty());
+  const size_t payload = chunk.payload_offset();
+  const std::vector<std::pair<size_t, std::string>> flips = {
+      {payload + 4, "the lz4 frame's FLG byte"},
+      {payload + 14, "the frame header's checksum byte"},
+      {payload + chunk.header.payload_bytes / 2, "a compressed block"},
+      {payload + chunk.header.payload_bytes - 1, "the frame's end mark"},
+      {chunk.offset + 32, "the chunk's progress field"},
+      {chunk.offset + 56, "the chunk's digest"},
+  };
+  for (const auto& [pos, what] : flips) {
+    INFO("a flip in " << what << " (byte " << pos << ")");
+    Bytes bad = s;
+    bad[pos] ^= std::byte{0x10};
+    MemoryFileSystem dst;
+    auto r = Receive(dst, bad);
+    REQUIRE(!r.ok());
+    CHECK(r.error().code() == StatusCode::kCorruption);
+    // The digest caught it, not lz4 (which never saw the frame)...
+    CHECK(r.error().message() ==
+          "chunk " + std::to_string(k) + ": digest mismatch (the stream is corrupt)");
+    // ... and nothing of the chunk reached the delta: it holds what a
+    // stream ending before the chunk leaves.
+    CHECK(dst.Contents("dst/root.hds") == before);
+    REQUIRE_ASSIGN(std::string token, ReceiveResumeToken(dst, kDst));
+    REQUIRE_ASSIGN(stream::ResumeToken t, stream::DecodeToken(token));
+    CHECK(t.next_seq == k);
+    // The sender resumes at the chunk, and the disk completes.
+    SendOptions o = Full(kS1);
+    o.resume_token = token;
+    REQUIRE_OK(Receive(dst, Send(src, o), true).status());
+    RequireSameSnapshot(src, kSrc, dst, kDstDd, kS1);
+  }
+}
+
+TEST_CASE("stream: a full stream whose content digests differ from its data is refused") {
+  // An end record naming other content digests, properly chained (as a
+  // sender that digested other data would make it): the receiver's own
+  // digests of what arrived disagree, and no disk appears.
+  TestRng rng;
+  MemoryFileSystem src;
+  MakeSource(src, rng);
+  Bytes s = Send(src, Full(kS2));
+  size_t end = 0;
+  std::vector<ChunkAt> chunks = ChunksOf(s, &end);
+  const Bytes chain(s.begin() + chunks.back().offset + 48, s.begin() + chunks.back().offset + 80);
+  s[end + stream::kEndFixedBytes + 3] ^= std::byte{1};
+  const size_t digested = s.size() - end - 32;
+  const Bytes final_digest = RefSha256({chain, std::span(s).subspan(end, digested)});
+  std::copy(final_digest.begin(), final_digest.end(), s.end() - 32);
+  MemoryFileSystem dst;
+  auto r = Receive(dst, s);
+  REQUIRE(!r.ok());
+  CHECK(r.error().code() == StatusCode::kCorruption);
+  CHECK(r.error().message().find("content digest of layer " + kS2 + " differs") !=
+        std::string::npos);
+  CHECK(!Exists(dst, kDstDd));
+}
+
 TEST_CASE("stream: every sampled single-bit flip is rejected") {
   for (bool compress : {true, false}) {
     for (bool incremental : {false, true}) {
@@ -852,9 +1054,13 @@ TEST_CASE("stream: hostile headers are refused before any allocation or write") 
     b = encode(ValidHeader());
     StoreLe32(b.data() + 12, 0x7fffffff);  // header size
     RequireHostileRefused(b, kCorrupt, "a 2 GiB header");
-    b = encode(ValidHeader());
-    StoreLe32(b.data() + 8, 2);
-    RequireHostileRefused(b, StatusCode::kNotSupported, "version 2");
+    // Another version: an older ploop's (1: SHA-256 per cluster) or a
+    // newer one's.
+    for (uint32_t version : {1u, stream::kVersion + 1}) {
+      b = encode(ValidHeader());
+      StoreLe32(b.data() + 8, version);
+      RequireHostileRefused(b, StatusCode::kNotSupported, "version " + std::to_string(version));
+    }
     b = encode(ValidHeader());
     b[200] ^= std::byte{1};
     RequireHostileRefused(b, kCorrupt, "a flipped layer byte");

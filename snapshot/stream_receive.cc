@@ -27,14 +27,14 @@
 //      nothing has been written yet;
 //   3. state: the state file (ploop-receive.state: the header, the file
 //      names, the checkpoint) is written before the first delta file;
-//   4. chunks: a chunk is decompressed only after its digest matched
-//      (so lz4 only ever sees the bytes the sender hashed), and written
-//      only after that and after its place in the chain checked out; a
-//      worker checks the digest against the previous chunk's digest field
-//      as read, and the calling thread checks that this previous digest is
-//      the one it applied last, which makes the checks in parallel worth
-//      the sequential chain; every checkpoint_bytes the deltas are checkpointed (data,
-//      then BATs, synced) and only then the state file records the new
+//   4. chunks: a chunk is decompressed only after its digest matched (so
+//      lz4 only ever sees bytes the sender hashed), and written only after
+//      that and after its place in the chain checked out: a worker checks
+//      the digest against the previous chunk's digest field as read (so
+//      chunks are checked in parallel), the calling thread checks that
+//      this previous digest is the one it applied last; every
+//      checkpoint_bytes the deltas are checkpointed (data, then BATs,
+//      synced) and only then the state file records the new
 //      position (atomic replace); meanwhile a background thread syncs the
 //      deltas' data every 64 MiB (an optimisation only: durability comes
 //      from the checkpoints);

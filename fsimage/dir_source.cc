@@ -342,7 +342,7 @@ class DirSource final : public TreeSource {
   std::thread prefetch_;
   std::mutex prefetch_mu_;
   std::condition_variable prefetch_cv_;
-  size_t consumer_ = 0;  // guarded by prefetch_mu_: the writer's next index
+  size_t consumer_ = 0;         // guarded by prefetch_mu_: the writer's next index
   bool stop_prefetch_ = false;  // guarded by prefetch_mu_
   // prefetch_prefix_[i]: bytes asked for entries before i (set before the
   // thread starts, read-only while it runs).

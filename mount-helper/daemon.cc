@@ -180,9 +180,9 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   }
   if (static_cast<uint64_t>(fuse_st.st_size) != disk.size_bytes()) {
     ::close(fd);
-    return abort_start(Status::FromErrno(
-        EIO, "the FUSE file shows " + std::to_string(fuse_st.st_size) + " bytes, the disk has " +
-                 std::to_string(disk.size_bytes())));
+    return abort_start(
+        Status::FromErrno(EIO, "the FUSE file shows " + std::to_string(fuse_st.st_size) +
+                                   " bytes, the disk has " + std::to_string(disk.size_bytes())));
   }
   LoopConfig lc;
   lc.backing_fd = fd;

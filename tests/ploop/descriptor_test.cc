@@ -362,7 +362,6 @@ TEST_CASE("Descriptor: the Temporary marker follows the model") {
   CHECK(marker < xml.find("</Shot>"));
 }
 
-
 TEST_CASE("Descriptor: a shot's content digest round-trips and a renamed image loses it") {
   MemoryFileSystem fs;
   Descriptor d = LoadGolden(fs, "temporary.xml");

@@ -6,11 +6,11 @@
 
 #include "commands.h"
 #include "convert_commands.h"
-#include "serve_commands.h"
-#include "stream_commands.h"
 #include "mount_commands.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
+#include "serve_commands.h"
+#include "stream_commands.h"
 
 namespace {
 
@@ -183,7 +183,8 @@ int main(int argc, char** argv) {
 
   SnapshotArgs compact;
   auto* c_compact = app.add_subcommand(
-      "compact", "give back the space a fragmented disk keeps: move clusters into holes, cut files");
+      "compact",
+      "give back the space a fragmented disk keeps: move clusters into holes, cut files");
   c_compact->add_option("DD", compact.dd, "DiskDescriptor.xml")->required();
   c_compact->add_flag("--json", compact.json, "print the result as JSON");
   c_compact->callback([&] { rc = RunCompact(compact); });

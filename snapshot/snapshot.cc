@@ -325,6 +325,24 @@ Status SwitchSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vi
   return Status::Ok();
 }
 
+namespace {
+
+// The parent that delta `child` (named in `dd`) merges into.
+// FailedPrecondition for a base, or a parent with other children.
+Result<std::string> MergeTarget(const Descriptor& dd, const std::string& child) {
+  std::string parent = dd.FindShot(child)->parent_guid;
+  if (parent == kNullGuid) {
+    return Status::FailedPrecondition(child + " is the base; there is nothing to merge it into");
+  }
+  if (dd.Children(parent).size() != 1) {
+    return Status::FailedPrecondition("cannot merge " + child + " into " + parent +
+                                      ": the parent has other children that need it");
+  }
+  return parent;
+}
+
+}  // namespace
+
 Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_view guid,
                      const DescriptorLoadOptions& load) {
   ASSIGN_OR_RETURN(Descriptor dd, LoadRecovered(fs, dd_path, load));
@@ -333,14 +351,7 @@ Status MergeSnapshot(FileSystem& fs, const std::string& dd_path, std::string_vie
     ASSIGN_OR_RETURN(child, ParseGuid(guid));
   }
   if (dd.FindImage(child) == nullptr) return Status::NotFound("no snapshot " + child);
-  const std::string parent = dd.FindShot(child)->parent_guid;
-  if (parent == kNullGuid) {
-    return Status::FailedPrecondition(child + " is the base; there is nothing to merge it into");
-  }
-  if (dd.Children(parent).size() != 1) {
-    return Status::FailedPrecondition("cannot merge " + child + " into " + parent +
-                                      ": the parent has other children that need it");
-  }
+  ASSIGN_OR_RETURN(const std::string parent, MergeTarget(dd, child));
   return MergeInto(fs, dd, child, parent);
 }
 
@@ -351,14 +362,7 @@ Result<OnlineMerge> CheckOnlineMerge(FileSystem& fs, const std::string& dd_path,
   ASSIGN_OR_RETURN(std::string child, ParseGuid(guid));
   const DescriptorImage* child_image = dd.FindImage(child);
   if (child_image == nullptr) return Status::NotFound("no snapshot " + child);
-  const std::string parent = dd.FindShot(child)->parent_guid;
-  if (parent == kNullGuid) {
-    return Status::FailedPrecondition(child + " is the base; there is nothing to merge it into");
-  }
-  if (dd.Children(parent).size() != 1) {
-    return Status::FailedPrecondition("cannot merge " + child + " into " + parent +
-                                      ": the parent has other children that need it");
-  }
+  ASSIGN_OR_RETURN(const std::string parent, MergeTarget(dd, child));
   OnlineMerge out{std::move(dd), child, parent, child_image->path, ""};
   out.parent_path = out.dd.FindImage(parent)->path;
   return out;

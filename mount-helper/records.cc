@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -56,6 +57,29 @@ std::string Unescape(const std::string& s) {
   }
   return out;
 }
+
+// Holds <run dir>/devices/.lock (flock) while it lives: writers and
+// removers of records take it, so that "read the record, compare, unlink"
+// cannot remove a record another process wrote in between (a device freed
+// by one mount is soon taken by the next).
+class RecordsLock {
+ public:
+  RecordsLock() {
+    const std::string path = RunDir() + "/devices/.lock";
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd_ < 0) return;  // then unlocked: the rename still keeps records whole
+    while (::flock(fd_, LOCK_EX) != 0 && errno == EINTR) {
+    }
+  }
+  ~RecordsLock() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  RecordsLock(const RecordsLock&) = delete;
+  RecordsLock& operator=(const RecordsLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 }  // namespace
 
@@ -129,6 +153,7 @@ Status WriteRecord(const MountRecord& record) {
   TRY(EnsureRunDir());
   const std::string path = RecordPath(record.device);
   const std::string tmp = path + ".tmp";
+  RecordsLock lock;
   {
     std::ofstream out(tmp, std::ios::trunc);
     out << RecordToJson(record);
@@ -141,6 +166,7 @@ Status WriteRecord(const MountRecord& record) {
 
 Status RemoveRecord(const MountRecord& record) {
   const std::string path = RecordPath(record.device);
+  RecordsLock lock;
   std::ifstream in(path);
   std::stringstream text;
   text << in.rdbuf();

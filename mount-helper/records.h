@@ -2,7 +2,8 @@
 // `ploop list` and the CLI's "in use by /dev/loopN" can find it later.
 //
 // One JSON file per loop device, <run dir>/devices/loopN.json, written
-// atomically (temporary file, rename). The run dir is /run/ploop (created
+// atomically (temporary file, rename) under a lock, devices/.lock, which
+// removal takes too (see RemoveRecord). The run dir is /run/ploop (created
 // 0700, root only), or $PLOOP_RUN_DIR. A record can outlive what it
 // describes (a daemon killed with SIGKILL, a device detached by `umount`
 // through autoclear); Health() tells, from the kernel's view of the device
@@ -10,6 +11,7 @@
 //
 // Layout of the run dir:
 //   devices/loopN.json      records
+//   devices/.lock           flock'd by whoever writes or removes a record
 //   daemons/PID/disk        a daemon's FUSE mount (the loop device's file)
 //   daemons/PID/control     its control socket (mount-helper/control.h)
 //   daemon.log              what every daemon logged (also in syslog)

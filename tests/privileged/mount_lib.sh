@@ -43,12 +43,15 @@ for m in json.load(sys.stdin):
 _mount_cleanup() {
   set +e
   local mp dev pid dd state f
-  # Our disks first: ploop umount also unmounts their file systems.
+  # Our disks first: ploop umount also unmounts their file systems. By
+  # descriptor, not by device: tests run in parallel, and a device our disk
+  # has just left may already serve another test's disk.
   while read -r dev pid dd state; do
     [[ -n $dev ]] || continue
-    "$PLOOP" umount "$dev" >/dev/null 2>&1 || {
-      [[ $pid != 0 ]] && kill -KILL "$pid" 2>/dev/null
-      "$PLOOP" umount "$dev" >/dev/null 2>&1
+    "$PLOOP" umount "$dd" >/dev/null 2>&1 || {
+      [[ $pid != 0 && $(field_of "$dev" pid 2>/dev/null) == "$pid" ]] &&
+        kill -KILL "$pid" 2>/dev/null
+      "$PLOOP" umount "$dd" >/dev/null 2>&1
     }
   done < <(mounts_of_tmp)
   # Anything else mounted under $TMP, deepest first, lazily.

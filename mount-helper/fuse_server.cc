@@ -5,18 +5,22 @@
 
 #include <fuse_lowlevel.h>
 #include <linux/falloc.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "mount-helper/log.h"
@@ -45,53 +49,62 @@ constexpr uint64_t kMaxRequestBytes = 1 << 20;
 constexpr uint64_t kMinDirectWriteBytes = 64 << 10;
 constexpr uint32_t kDirectWriteQueueDepth = 2;
 
+// Where a write request's data starts in what a read() of /dev/fuse
+// returns: the request header, then the write header.
+constexpr size_t kWriteDataOffset = sizeof(fuse_in_header) + sizeof(fuse_write_in);
+static_assert(kWriteDataOffset == 80);
+
+// A worker's buffer for the requests it reads from /dev/fuse. libfuse
+// reads up to its bufsize (256 pages of data plus a 4 KiB header area) at
+// the address it is given; the buffer is placed so that a write request's
+// data starts on a page boundary -- it then goes to the image with direct
+// I/O as it is, with no aligned copy. While the worker serves a read, the
+// page-aligned area after the header is that read's data buffer (the
+// request's fields have been parsed by then).
+class ReceiveBuffer {
+ public:
+  ReceiveBuffer() {
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    page_ = page;
+    data_bytes_ = 256 * page + 4096;  // libfuse's bufsize at most
+    base_ = static_cast<std::byte*>(std::aligned_alloc(page, page + data_bytes_));
+  }
+  ~ReceiveBuffer() { std::free(base_); }
+  ReceiveBuffer(const ReceiveBuffer&) = delete;
+  ReceiveBuffer& operator=(const ReceiveBuffer&) = delete;
+
+  bool ok() const { return base_ != nullptr; }
+  // Where libfuse reads the next request to.
+  void* mem() const { return base_ + page_ - kWriteDataOffset; }
+  // The page-aligned area for a read's data.
+  std::span<std::byte> data_area() const { return {base_ + page_, data_bytes_}; }
+
+ private:
+  std::byte* base_ = nullptr;
+  size_t page_ = 4096;
+  size_t data_bytes_ = 0;
+};
+
+// The data area of the receive buffer of the worker serving this thread's
+// request (empty outside our workers).
+thread_local std::span<std::byte> t_read_area;
+
 int Errno(const Status& s) {
   int e = -s.ToErrno();
   return e > 0 ? e : EIO;
 }
 
-// Buffers for request data: page-aligned (direct I/O), per request.
-//   - up to kSmallBufferBytes: one per worker thread, reused;
-//   - larger (up to 1 MiB): from a pool that keeps kKeptLargeBuffers for
-//     reuse and frees the rest, so the daemon's memory does not grow with
-//     the number of threads that once served a large request.
-constexpr size_t kSmallBufferBytes = 64 << 10;
-constexpr size_t kKeptLargeBuffers = 8;
-
 std::byte* AllocateAligned(size_t bytes) {
   return static_cast<std::byte*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
 }
 
+// A page-aligned buffer of its own for one request, where the worker's
+// receive buffer cannot serve (a read larger than its data area, a write
+// whose data is not aligned): not on the usual path.
 class RequestBuffer {
  public:
-  explicit RequestBuffer(size_t bytes) : bytes_(bytes) {
-    if (bytes <= kSmallBufferBytes) {
-      static thread_local std::unique_ptr<std::byte, decltype(&std::free)> small(
-          AllocateAligned(kSmallBufferBytes), &std::free);
-      data_ = small.get();
-      return;
-    }
-    {
-      std::lock_guard lock(mu_);
-      if (!pool_.empty()) {
-        data_ = pool_.back();
-        pool_.pop_back();
-        large_ = true;
-        return;
-      }
-    }
-    data_ = AllocateAligned(kMaxRequestBytes);
-    large_ = data_ != nullptr;
-  }
-  ~RequestBuffer() {
-    if (!large_) return;
-    std::lock_guard lock(mu_);
-    if (pool_.size() < kKeptLargeBuffers) {
-      pool_.push_back(data_);
-    } else {
-      std::free(data_);
-    }
-  }
+  explicit RequestBuffer(size_t bytes) : data_(AllocateAligned(bytes)), bytes_(bytes) {}
+  ~RequestBuffer() { std::free(data_); }
   RequestBuffer(const RequestBuffer&) = delete;
   RequestBuffer& operator=(const RequestBuffer&) = delete;
 
@@ -99,11 +112,8 @@ class RequestBuffer {
   std::span<std::byte> span() const { return {data_, bytes_}; }
 
  private:
-  static inline std::mutex mu_;
-  static inline std::vector<std::byte*> pool_;
-  std::byte* data_ = nullptr;
+  std::byte* data_;
   size_t bytes_;
-  bool large_ = false;
 };
 
 void NoOpSignal(int) {}
@@ -118,8 +128,12 @@ struct FuseServer::Context {
   std::atomic<uint64_t> loop_fh{0};
   std::atomic<uint64_t> errors{0};
   std::atomic<uint32_t> writes_in_flight{0};
-  pthread_t run_thread{};
-  std::atomic<bool> running{false};
+  // Run() and its workers.
+  std::mutex run_mu;
+  std::condition_variable run_cv;
+  bool exit_requested = false;     // by Exit()
+  unsigned workers_running = 0;    // workers still in their loop
+  std::vector<pthread_t> workers;  // while Run() runs
 
   // Logs the first errors of the data path and then every 1000th, so a
   // failing disk is visible in the log without flooding it.
@@ -242,18 +256,25 @@ void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
     return;
   }
   const size_t n = static_cast<size_t>(std::min<uint64_t>(size, disk_size - offset));
-  RequestBuffer buf(n);
-  if (buf.data() == nullptr) {
-    fuse_reply_err(req, ENOMEM);
-    return;
+  std::optional<RequestBuffer> own;
+  std::span<std::byte> out;
+  if (n <= t_read_area.size()) {
+    out = t_read_area.first(n);
+  } else {
+    own.emplace(n);
+    if (own->data() == nullptr) {
+      fuse_reply_err(req, ENOMEM);
+      return;
+    }
+    out = own->span();
   }
-  Status s = ctx.disk->Read(offset, buf.span());
+  Status s = ctx.disk->Read(offset, out);
   if (!s.ok()) {
     ctx.Failed("read", offset, s);
     ReplyStatus(req, s);
     return;
   }
-  fuse_reply_buf(req, reinterpret_cast<const char*>(buf.data()), n);
+  fuse_reply_buf(req, reinterpret_cast<const char*>(out.data()), n);
 }
 
 void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
@@ -268,14 +289,18 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
   }
   auto data = std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf), size);
   // Large writes, and any write while few are in flight, go to the image
-  // with direct I/O: libfuse's request buffer puts the data 80 bytes into a
-  // page, so they get an aligned copy (a memcpy, far cheaper than a trip
-  // through the page cache). A later fsync then has nothing to write back,
-  // only the device cache to flush. Small writes at a high queue depth stay
-  // buffered (the unaligned buffer makes them so): the host's page cache
-  // batches them into few device requests, where direct I/O would cost one
-  // device round trip (and, virtualised, one exit) each.
+  // with direct I/O: a later fsync then has nothing to write back, only the
+  // device cache to flush. Our workers receive a write's data page-aligned
+  // (ReceiveBuffer), so it goes as it is; data that is not aligned gets an
+  // aligned copy (a memcpy, far cheaper than a trip through the page
+  // cache). Small writes at a high queue depth stay buffered: the host's
+  // page cache batches them into few device requests, where direct I/O
+  // would cost one device round trip (and, virtualised, one exit) each
+  // (random 4 KiB writes at queue depth 32 ran at half the rate direct).
+  // The files take unaligned buffers to the page cache, so those get an
+  // unaligned copy.
   const uint64_t align = ctx.disk->io_alignment();
+  const bool aligned = align <= 1 || reinterpret_cast<uintptr_t>(buf) % align == 0;
   std::optional<RequestBuffer> copy;
   const uint32_t in_flight = ctx.writes_in_flight.fetch_add(1) + 1;
   struct Done {
@@ -283,13 +308,18 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
     ~Done() { n.fetch_sub(1); }
   } done{ctx.writes_in_flight};
   const bool direct = size >= kMinDirectWriteBytes || in_flight <= kDirectWriteQueueDepth;
-  if (align > 1 && direct && offset % align == 0 && size % align == 0 &&
-      reinterpret_cast<uintptr_t>(buf) % align != 0) {
+  if (direct && !aligned && offset % align == 0 && size % align == 0) {
     copy.emplace(size);
     if (copy->data() != nullptr) {
       std::memcpy(copy->data(), buf, size);
       data = copy->span();
     }
+  } else if (!direct && aligned && align > 1) {
+    constexpr size_t kSkew = 64;  // from a page boundary: aligned to nothing above 64
+    static thread_local std::unique_ptr<std::byte, decltype(&std::free)> skewed(
+        AllocateAligned(kMinDirectWriteBytes + kSkew), &std::free);
+    std::memcpy(skewed.get() + kSkew, buf, size);  // size < kMinDirectWriteBytes
+    data = std::span<const std::byte>(skewed.get() + kSkew, size);
   }
   Status s = ctx.disk->Write(offset, data);
   if (!s.ok()) {
@@ -415,9 +445,45 @@ FuseServer::~FuseServer() {
   }
 }
 
+namespace {
+
+// One worker: reads a request, serves it, reads the next, until the
+// session ends (unmounted, aborted, or Exit()). A blocked read is woken by
+// SIGUSR1 (EINTR).
+void ServeRequests(Context& ctx, fuse_session* session) {
+  ReceiveBuffer buffer;
+  if (buffer.ok()) {
+    t_read_area = buffer.data_area();
+    fuse_buf request = {};
+    while (!fuse_session_exited(session)) {
+      request.mem = buffer.mem();
+      request.size = 0;
+      request.flags = static_cast<fuse_buf_flags>(0);
+      int rc = fuse_session_receive_buf(session, &request);
+      if (rc == -EINTR || rc == -EAGAIN) continue;
+      if (rc <= 0) {
+        if (rc < 0) LogError(std::string("read a FUSE request: ") + std::strerror(-rc));
+        break;
+      }
+      fuse_session_process_buf(session, &request);
+    }
+    t_read_area = {};
+  } else {
+    LogError("no memory for a FUSE worker's buffer");
+  }
+  // Any worker leaving ends the session: the others follow.
+  fuse_session_exit(session);
+  std::lock_guard lock(ctx.run_mu);
+  --ctx.workers_running;
+  ctx.run_cv.notify_all();
+}
+
+}  // namespace
+
 Status FuseServer::Run() {
-  // Exit() interrupts the loop's wait with SIGUSR1 (sem_wait returns EINTR
-  // and the loop sees the session has exited).
+  // Exit() and a worker that ends interrupt the others' reads of /dev/fuse
+  // with SIGUSR1 (a handler without SA_RESTART: the read fails with EINTR
+  // and the worker sees that the session has exited).
   struct sigaction sa = {};
   sa.sa_handler = NoOpSignal;
   sigemptyset(&sa.sa_mask);
@@ -425,30 +491,45 @@ Status FuseServer::Run() {
   sigset_t usr1;
   sigemptyset(&usr1);
   sigaddset(&usr1, SIGUSR1);
-  ::pthread_sigmask(SIG_UNBLOCK, &usr1, nullptr);
-  ctx_->run_thread = ::pthread_self();
-  ctx_->running.store(true);
-  fuse_loop_config* config = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_max_threads(config, ctx_->options.max_threads);
-  // Idle workers are kept (up to max_threads): libfuse starts a worker
-  // whenever none is idle and ends one whenever more than this many are, so
-  // a lower bound makes a queue-depth-32 load create and destroy threads
-  // continuously (thread start, stack and buffer page faults, and lock
-  // contention in the loop: random 4 KiB reads ran at half the rate). A
-  // kept worker costs its stack and the pages of its request buffer it
-  // touched.
-  fuse_loop_cfg_set_idle_threads(config, ctx_->options.max_threads);
-  fuse_loop_cfg_set_clone_fd(config, 0);
-  int rc = fuse_session_loop_mt(session_, config);
-  fuse_loop_cfg_destroy(config);
-  ctx_->running.store(false);
-  if (rc != 0) return Status::FromErrno(rc < 0 ? -rc : rc, "FUSE loop");
+  ::pthread_sigmask(SIG_UNBLOCK, &usr1, nullptr);  // the workers inherit it
+  // A fixed set of workers, each with its own buffer, rather than
+  // libfuse's loop: that one starts and ends threads with the load and
+  // takes a shared lock twice per request, and reads requests into buffers
+  // that leave a write's data 80 bytes into a page (an aligned copy before
+  // every direct write).
+  const unsigned n = std::max(1u, ctx_->options.max_threads);
+  std::vector<std::thread> threads;
+  {
+    std::lock_guard lock(ctx_->run_mu);
+    if (ctx_->exit_requested) return Status::Ok();
+    ctx_->workers_running = n;
+    for (unsigned i = 0; i < n; ++i) {
+      threads.emplace_back(ServeRequests, std::ref(*ctx_), session_);
+      ctx_->workers.push_back(threads.back().native_handle());
+    }
+  }
+  {
+    std::unique_lock lock(ctx_->run_mu);
+    ctx_->run_cv.wait(lock, [&] { return ctx_->exit_requested || ctx_->workers_running < n; });
+    fuse_session_exit(session_);
+    // A signal can land just before a worker blocks in read(): repeat it
+    // until every worker has left its loop.
+    while (ctx_->workers_running > 0) {
+      for (pthread_t t : ctx_->workers) ::pthread_kill(t, SIGUSR1);
+      ctx_->run_cv.wait_for(lock, std::chrono::milliseconds(20),
+                            [&] { return ctx_->workers_running == 0; });
+    }
+    ctx_->workers.clear();
+  }
+  for (std::thread& t : threads) t.join();
   return Status::Ok();
 }
 
 void FuseServer::Exit() {
   fuse_session_exit(session_);
-  if (ctx_->running.load()) ::pthread_kill(ctx_->run_thread, SIGUSR1);
+  std::lock_guard lock(ctx_->run_mu);
+  ctx_->exit_requested = true;
+  ctx_->run_cv.notify_all();
 }
 
 Status FuseServer::InvalidateSize() {

@@ -12,10 +12,12 @@
 //   - asynchronous direct I/O (FUSE_CAP_ASYNC_DIO): the loop device keeps
 //     many requests in flight; max_background is raised so they reach us;
 //   - requests up to 1 MiB (max_write; max_pages 256);
-//   - a multi-threaded loop with up to `threads` workers; each request is
-//     served synchronously in its worker, straight from the buffer libfuse
-//     read it into (writes) or into a per-thread buffer (reads): every
-//     request in flight has its own buffer;
+//   - a fixed set of `threads` workers (not libfuse's loop, which starts
+//     and ends threads with the load), each serving one request at a time
+//     synchronously from its own buffer: a write's data arrives there
+//     page-aligned and goes to the image with direct I/O as it is; a read's
+//     data is read into the same buffer and replied from it. Every request
+//     in flight has its own buffer;
 //   - fsync -> ServedDisk::Flush(); fallocate(PUNCH_HOLE|KEEP_SIZE) and
 //     fallocate(ZERO_RANGE) -> ServedDisk::Discard() (fstrim and -o discard
 //     reach the image).
@@ -39,9 +41,9 @@ struct fuse_session;
 namespace ploop::mount {
 
 struct FuseOptions {
-  std::string mountpoint;  // an existing regular file
-  std::string fsname;      // shown in /proc/mounts
-  unsigned max_threads = 32;
+  std::string mountpoint;     // an existing regular file
+  std::string fsname;         // shown in /proc/mounts
+  unsigned max_threads = 32;  // the workers (each up to 1 MiB of buffer)
   // Called (from a worker thread) when the file the loop device held is
   // released.
   std::function<void()> on_released;

@@ -263,7 +263,15 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
     out.daemon = true;
     out.pid = info.pid;
     auto found = FindByDevice(out.device);
-    if (!found.ok()) return Status::FromErrno(EIO, "the daemon wrote no record for " + out.device);
+    if (!found.ok()) {
+      // Nothing could unmount a disk without a record: let it go now (the
+      // daemon exits when its device releases its file).
+      const std::string file = RunDir() + "/daemons/" + std::to_string(info.pid) + "/disk";
+      if (auto st = QueryLoop(out.device); st.ok() && st->attached && st->backing_file == file) {
+        DetachLoop(out.device).IgnoreError();
+      }
+      return Status::FromErrno(EIO, "the daemon wrote no record for " + out.device);
+    }
     record = found->front();
   }
   if (!request.mountpoint.empty()) {

@@ -197,7 +197,7 @@ void RegisterMountCommands(CLI::App& app, int& rc) {
   c_mount->add_option("-m,--mountpoint", mount_args.mountpoint, "mount the file system here");
   c_mount->add_option("-o,--options", mount_args.options, "file system mount options (with -m)");
   c_mount->add_option("-t,--type", mount_args.fs_type, "file system type (default ext4)");
-  c_mount->add_option("--threads", mount_args.threads, "daemon worker threads at most (default 32)")
+  c_mount->add_option("--threads", mount_args.threads, "daemon worker threads (default 32)")
       ->check(CLI::Range(1, 256));
   c_mount->add_option("DD", mount_args.dd, "DiskDescriptor.xml (or its folder)")->required();
   c_mount->callback([&rc] { rc = RunMount(mount_args); });

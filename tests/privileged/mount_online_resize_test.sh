@@ -29,6 +29,10 @@ MiB=$((1 << 20))
 cap_resource=$(python3 -c '
 for l in open("/proc/self/status"):
     if l.startswith("CapEff:"): print(int(l.split()[1], 16) >> 24 & 1)')
+# The VM test (tests/vm/online_resize_vm_test.sh) requires the online branch.
+if [[ ${PLOOP_REQUIRE_ONLINE_GROW:-} == 1 && $cap_resource != 1 ]]; then
+  fail "PLOOP_REQUIRE_ONLINE_GROW=1 but this root lacks CAP_SYS_RESOURCE"
+fi
 
 dd_size() {  # the descriptor's disk size in bytes
   python3 -c '

@@ -33,10 +33,13 @@
 # The ratio is qemu-img's time over ours, i.e. our throughput relative to
 # qemu-img's (target >= 1.0x).
 #
-# Before every timed command: outputs removed, `sync`, the page cache
-# dropped (CACHE=cold, the default when /proc/sys/vm/drop_caches is
-# writable; CACHE=warm reads the source into the cache instead), both
-# programs loaded once.
+# Before every timed command: `sync`, the page cache dropped (CACHE=cold,
+# the default when /proc/sys/vm/drop_caches is writable; CACHE=warm reads
+# the source into the cache instead), both programs loaded once. Every
+# command writes a new output (dst.N, dst.N.hds), and the outputs are
+# removed after the last round: removing an output just before a timed
+# command (on a file system mounted with discard) slowed that command, and
+# which tool paid for it depended on the order of the round.
 #
 # Checked: every round, the received disk's top delta equals the source
 # image (`qemu-img compare`); the incremental stream applies on a copy
@@ -47,7 +50,8 @@
 #   PLOOP      ploop binary (default: build/tools/ploop under the repo root)
 #   BENCH_DIR  work directory on a real disk, not tmpfs (default: a new
 #              directory in the ploop binary's build directory, removed at
-#              the end); needs about 12 GiB free at SCALE=full
+#              the end); needs about 6 + 2 x ROUNDS GiB free at SCALE=full
+#              (half at medium)
 #   SCALE      full (default), medium or small
 #   ROUNDS     rounds (default 5)
 #   CACHE      cold or warm
@@ -108,7 +112,7 @@ fi
 src="$dir/src"
 raw="$dir/src.raw"
 cleanup() {
-  rm -rf "$dir/dst" "$dir/dst.hds" "$dir/inc" "$dir/inc.stream" "$dir"/*.export
+  rm -rf "$dir"/dst.* "$dir/inc" "$dir/inc.stream" "$dir"/*.export
   if [[ "${KEEP:-0}" != 1 ]]; then
     rm -rf "$src" "$raw" "$raw.layout" "$dir/changes"
     if ((own_dir)); then rmdir "$dir" 2>/dev/null || true; fi
@@ -175,7 +179,6 @@ if [[ -z "$cache" ]]; then
   if [[ -w /proc/sys/vm/drop_caches ]]; then cache=cold; else cache=warm; fi
 fi
 prepare() {
-  rm -rf "$dir/dst" "$dir/dst.hds"
   sync
   if [[ "$cache" == cold ]]; then
     echo 3 >/proc/sys/vm/drop_caches
@@ -186,8 +189,10 @@ prepare() {
   qemu-img --version >/dev/null
 }
 
-run_ploop() { "$ploop" send "$src" | "$ploop" receive "$dir/dst" >/dev/null; }
-run_qemu() { qemu-img convert -f parallels -O parallels -t writeback "$src/root.hds" "$dir/dst.hds"; }
+run_ploop() { "$ploop" send "$src" | "$ploop" receive "$dir/dst.$1" >/dev/null; }
+run_qemu() {
+  qemu-img convert -f parallels -O parallels -t writeback "$src/root.hds" "$dir/dst.$1.hds"
+}
 
 timed() {
   prepare
@@ -225,12 +230,12 @@ for ((r = 1; r <= rounds; r++)); do
   for what in "${order[@]}"; do
     case "$what" in
       ours)
-        a=$(timed run_ploop)
-        verify "$dir/dst/root.hds"
+        a=$(timed run_ploop "$r")
+        verify "$dir/dst.$r/root.hds"
         ;;
       qemu)
-        b=$(timed run_qemu)
-        if ((r == 1)); then verify "$dir/dst.hds"; fi
+        b=$(timed run_qemu "$r")
+        if ((r == 1)); then verify "$dir/dst.$r.hds"; fi
         ;;
     esac
   done
@@ -241,7 +246,7 @@ for ((r = 1; r <= rounds; r++)); do
   fi
   printf '%-6s %8ss %8ss %8sx  %s\n' "$r" "$a" "$b" "$ratio" "${order[*]}"
 done
-rm -rf "$dir/dst" "$dir/dst.hds"
+rm -rf "$dir"/dst.*
 stream_bytes=$("$ploop" send "$src" | wc -c)
 echo "stream: $((stream_bytes / 1048576)) MiB for $data_mib MiB of data"
 m_ours=$(printf '%s\n' "${t_ours[@]}" | median)

@@ -72,18 +72,23 @@ fail() {
 
 note() { echo "--- $*"; }
 
-# need TOOL...: skip the test (exit 77) when a tool is missing; under
-# CI=true a missing tool is a failure instead.
+# skip WHY: skip the test (exit 77) for a missing prerequisite (a tool, a
+# privilege, a kernel feature); under CI=true, where CI provides them all,
+# it is a failure instead.
+skip() {
+  if [[ ${CI:-} == true ]]; then
+    echo "FAIL: $* (required when CI=true)" >&2
+    exit 1
+  fi
+  echo "SKIP: $*" >&2
+  exit 77
+}
+
+# need TOOL...: skip the test when a tool is missing.
 need() {
   local tool
   for tool in "$@"; do
-    command -v "$tool" >/dev/null 2>&1 && continue
-    if [[ ${CI:-} == true ]]; then
-      echo "FAIL: $tool is not installed (required when CI=true)" >&2
-      exit 1
-    fi
-    echo "SKIP: $tool is not installed" >&2
-    exit 77
+    command -v "$tool" >/dev/null 2>&1 || skip "$tool is not installed"
   done
 }
 

@@ -10,20 +10,13 @@
 # instead. The VM runs the binaries of this build (it sees the host's root
 # file system).
 set -euo pipefail
+. "$TESTS_DIR/interop/lib.sh"
 
 vm="$(cd "$TESTS_DIR/../.." && pwd)/shared/vm/run-in-vm"
-skip() {
-  if [[ ${CI:-} == true ]]; then
-    echo "FAIL: $* (required when CI=true)" >&2
-    exit 1
-  fi
-  echo "SKIP: $*" >&2
-  exit 77
-}
 [[ $(id -u) == 0 ]] || skip "needs root (run-in-vm)"
 [[ -x $vm ]] || skip "no $vm"
 
-exec "$vm" --timeout 900 --mem 3G --scratch 4G \
+"$vm" --timeout 900 --mem 3G --scratch 4G \
   --env TMPDIR=/scratch --env CI=true --env PLOOP="$PLOOP" --env TESTS_DIR="$TESTS_DIR" \
   --env PLOOP_REQUIRE_ONLINE_GROW=1 \
   -- bash "$TESTS_DIR/privileged/mount_online_resize_test.sh"

@@ -30,6 +30,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -44,6 +45,10 @@ struct FuseOptions {
   std::string mountpoint;     // an existing regular file
   std::string fsname;         // shown in /proc/mounts
   unsigned max_threads = 32;  // the workers (each up to 1 MiB of buffer)
+  // Serve requests through FUSE over io_uring where the kernel has it
+  // (enabling it in the kernel: /sys/module/fuse/parameters/enable_uring),
+  // with the classic workers as the fallback. See fuse_server.cc.
+  bool io_uring = false;
   // Called (from a worker thread) when the file the loop device held is
   // released.
   std::function<void()> on_released;
@@ -60,6 +65,10 @@ class FuseServer {
   Status Run();
   // Makes Run() return (after the request being served, if any).
   void Exit();
+  // Whether the kernel agreed to FUSE over io_uring (after INIT), and how
+  // many requests came through it.
+  bool UsesIoUring() const;
+  uint64_t RingRequests() const;
   // After the disk grew: drops the attributes the kernel keeps of the file
   // (fuse_lowlevel_notify_inval_inode), so the next stat sees the new size.
   Status InvalidateSize();

@@ -18,6 +18,14 @@
 //     page-aligned and goes to the image with direct I/O as it is; a read's
 //     data is read into the same buffer and replied from it. Every request
 //     in flight has its own buffer;
+//   - optionally (FuseOptions::io_uring) FUSE over io_uring (Linux 6.14+,
+//     the fuse module's enable_uring): per-CPU queues of ring entries, each
+//     served by its own worker thread and io_uring; a request arrives in
+//     the entry's buffers (a write's data page-aligned) and its reply goes
+//     back with the command that fetches the next one, one system call per
+//     request instead of a read and a writev. libfuse still parses requests
+//     and handles INIT; the classic workers serve everything when the
+//     kernel does not offer or refuses the ring;
 //   - fsync -> ServedDisk::Flush(); fallocate(PUNCH_HOLE|KEEP_SIZE) and
 //     fallocate(ZERO_RANGE) -> ServedDisk::Discard() (fstrim and -o discard
 //     reach the image).

@@ -644,12 +644,22 @@ class RingWorker {
       }
     }
     std::memcpy(header_->in_out, &out, sizeof out);
-    header_->ring_ent_in_out.payload_sz = static_cast<uint32_t>(data);
+    SetPayloadBytes(static_cast<uint32_t>(data));
     replied_ = true;
     return static_cast<ssize_t>(total);
   }
 
  private:
+  // The reply's size in the entry's trailer; the rest of it zero (later
+  // protocol versions give the padding a meaning, zero being the default).
+  void SetPayloadBytes(uint32_t bytes) {
+    fuse_uring::EntInOut& trailer = header_->ring_ent_in_out;
+    trailer.flags = 0;
+    trailer.payload_sz = bytes;
+    trailer.padding = 0;
+    trailer.reserved = 0;
+  }
+
   bool Queue(uint32_t cmd_op, uint64_t commit_id) {
     io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
     if (sqe == nullptr) {
@@ -699,7 +709,7 @@ class RingWorker {
     if (!replied_) {  // every request on the ring takes a reply
       fuse_out_header out = {sizeof out, -EIO, unique_};
       std::memcpy(header_->in_out, &out, sizeof out);
-      header_->ring_ent_in_out.payload_sz = 0;
+      SetPayloadBytes(0);
     }
     unique_ = 0;
     return commit_id;

@@ -5,6 +5,7 @@
 
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fuse.h>
 #include <pthread.h>
@@ -12,7 +13,6 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
-#include <liburing.h>
 
 #include <cerrno>
 #include <chrono>
@@ -432,7 +432,6 @@ std::string EscapeOption(const std::string& value) {
   return out;
 }
 
-
 // FUSE over io_uring (defined with the ring workers below).
 bool EnableKernelUring();
 ssize_t ReadHook(int fd, void* buf, size_t len, void* userdata);
@@ -789,14 +788,12 @@ ssize_t ReplyInit(Context& ctx, int fd, iovec* iov, int count) {
   const int err = errno;
   {
     std::lock_guard lock(ctx.run_mu);
-    ctx.ring_state =
-        use && res >= 0 ? Context::RingState::kGo : Context::RingState::kStop;
+    ctx.ring_state = use && res >= 0 ? Context::RingState::kGo : Context::RingState::kStop;
     ctx.ring_in_use.store(use && res >= 0);
     ctx.run_cv.notify_all();
     if (use && res >= 0) {
       LogInfo("FUSE over io_uring: " + std::to_string(ctx.ring_queues) + " queues, " +
-              std::to_string(ctx.rings_total / std::max(1u, ctx.ring_queues)) +
-              " workers each");
+              std::to_string(ctx.rings_total / std::max(1u, ctx.ring_queues)) + " workers each");
     } else if (!use) {
       LogInfo("FUSE over io_uring not used (" + why + "): classic /dev/fuse workers");
     }
@@ -946,9 +943,8 @@ Status FuseServer::Run() {
     // io_uring_enter): repeat it until every worker has left its loop.
     while (ctx_->workers_running > 0 || ctx_->rings_running > 0) {
       for (pthread_t t : ctx_->workers) ::pthread_kill(t, SIGUSR1);
-      ctx_->run_cv.wait_for(lock, std::chrono::milliseconds(20), [&] {
-        return ctx_->workers_running == 0 && ctx_->rings_running == 0;
-      });
+      ctx_->run_cv.wait_for(lock, std::chrono::milliseconds(20),
+                            [&] { return ctx_->workers_running == 0 && ctx_->rings_running == 0; });
     }
     ctx_->workers.clear();
   }

@@ -145,6 +145,7 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   fo.mountpoint = fuse_file;
   fo.fsname = "ploop:" + options.descriptor;
   fo.max_threads = options.threads;
+  fo.io_uring = options.fuse_uring;
   fo.on_released = [&] { stopper.Stop("the loop device released the disk"); };
   auto mounted = FuseServer::Mount(disk, fo);
   if (!mounted.ok()) {
@@ -345,6 +346,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"size_bytes", disk.size_bytes()},
           {"cluster_bytes", disk.cluster_bytes()},
           {"direct_io", direct_io},
+          {"fuse_transport", server.UsesIoUring() ? "io_uring" : "dev_fuse"},
+          {"fuse_ring_requests", server.RingRequests()},
           {"rss_bytes", StatusBytes("VmRSS")},
           {"peak_rss_bytes", StatusBytes("VmHWM")},
           {"cpu_seconds", cpu},

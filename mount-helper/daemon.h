@@ -69,6 +69,8 @@ struct DaemonOptions {
   std::string descriptor;  // absolute path, for the record and the log
   std::string guid;        // the snapshot served ("" = the top)
   unsigned threads = 32;   // FUSE worker threads at most
+  // FUSE over io_uring where the kernel has it (FuseOptions::io_uring).
+  bool fuse_uring = false;
   // The image files' data bypasses the page cache (ServedDiskOptions).
   bool direct_io = true;
   OnlineOperations online;

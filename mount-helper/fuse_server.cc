@@ -3,13 +3,16 @@
 #define FUSE_USE_VERSION 312
 #include "mount-helper/fuse_server.h"
 
+#include <fcntl.h>
 #include <fuse_lowlevel.h>
+#include <liburing.h>
 #include <linux/falloc.h>
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
@@ -18,11 +21,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <thread>
 #include <vector>
 
+#include "mount-helper/fuse_uring_abi.h"
 #include "mount-helper/log.h"
 
 namespace ploop::mount {
@@ -133,7 +138,22 @@ struct FuseServer::Context {
   std::condition_variable run_cv;
   bool exit_requested = false;     // by Exit()
   unsigned workers_running = 0;    // workers still in their loop
-  std::vector<pthread_t> workers;  // while Run() runs
+  std::vector<pthread_t> workers;  // while Run() runs (ring workers too)
+
+  // FUSE over io_uring (FuseOptions::io_uring; see RingWorker). `uring`:
+  // the kernel has it enabled and our custom I/O functions are installed.
+  bool uring = false;
+  std::atomic<uint64_t> init_unique{0};  // the INIT request's, until replied
+  std::atomic<bool> init_offers_uring{false};
+  enum class RingState { kPreparing, kGo, kStop };
+  RingState ring_state = RingState::kPreparing;  // under run_mu
+  unsigned rings_total = 0;                      // ring workers started
+  unsigned rings_prepared = 0;                   // ... with ring and buffers
+  unsigned rings_failed = 0;                     // ... without
+  unsigned rings_running = 0;                    // ... still in their function
+  unsigned ring_queues = 0;
+  std::atomic<bool> ring_in_use{false};
+  std::atomic<uint64_t> ring_requests{0};
 
   // Logs the first errors of the data path and then every 1000th, so a
   // failing disk is visible in the log without flooding it.
@@ -412,6 +432,11 @@ std::string EscapeOption(const std::string& value) {
   return out;
 }
 
+// FUSE over io_uring (defined with the ring workers below).
+bool EnableKernelUring();
+ssize_t ReadHook(int fd, void* buf, size_t len, void* userdata);
+ssize_t WritevHook(int fd, iovec* iov, int count, void* userdata);
+
 }  // namespace
 
 bool FuseServer::TakeOpen() { return open_allowed_.exchange(false); }
@@ -431,10 +456,23 @@ Result<std::unique_ptr<FuseServer>> FuseServer::Mount(ServedDisk& disk, FuseOpti
   fuse_args args = FUSE_ARGS_INIT(3, argv);
   server->session_ = fuse_session_new(&args, &kOps, sizeof kOps, server->ctx_.get());
   if (server->session_ == nullptr) return Status::FromErrno(EIO, "create the FUSE session");
+  // The kernel offers FUSE over io_uring in the INIT request it sends when
+  // mounting: enable it before.
+  const bool uring = o.io_uring && EnableKernelUring();
   if (fuse_session_mount(server->session_, o.mountpoint.c_str()) != 0) {
     return Status::FromErrno(EIO, "mount FUSE on " + o.mountpoint + " (see the log)");
   }
   server->mounted_ = true;
+  if (uring) {
+    fuse_custom_io io = {};
+    io.writev = WritevHook;
+    io.read = ReadHook;
+    if (fuse_session_custom_io(server->session_, &io, fuse_session_fd(server->session_)) == 0) {
+      server->ctx_->uring = true;
+    } else {
+      LogError("FUSE over io_uring: libfuse refused the custom I/O: classic /dev/fuse workers");
+    }
+  }
   return server;
 }
 
@@ -480,6 +518,375 @@ void ServeRequests(Context& ctx, fuse_session* session) {
 
 }  // namespace
 
+namespace {
+
+// ---- FUSE over io_uring ----
+//
+// With FUSE_OVER_IO_URING agreed in INIT, the kernel hands requests to
+// "ring entries" the server registered on /dev/fuse with io_uring commands
+// (IORING_OP_URING_CMD, 128-byte SQEs), one queue per possible CPU; a
+// request goes to the queue of the CPU it was issued on, and the ring takes
+// over only once every queue has an entry. An entry is a header buffer
+// (fuse_uring_abi.h's ReqHeader: in/out header, the opcode's argument
+// struct) and a payload buffer (the request's data, then the reply's). The
+// reply goes back with COMMIT_AND_FETCH, which also makes the entry wait for
+// the next request: one system call per request where /dev/fuse takes a
+// read and a writev.
+//
+// ServedDisk is synchronous, so each RingWorker thread owns its own
+// io_uring with one entry, and several serve each queue. libfuse still
+// parses the request and calls our handlers: the worker lays the request out
+// as a /dev/fuse read would return it, [fuse_in_header][op args][data], with
+// the data where the kernel put it (the page-aligned payload buffer), and
+// the custom writev (WritevHook) puts the reply into the entry instead of
+// writing it to /dev/fuse -- a read's data is already in the payload buffer
+// (OnRead reads into t_read_area), so it is not copied. INIT, interrupts,
+// forgets and notifications stay on /dev/fuse with the classic workers,
+// which also serve everything when the ring is not used.
+class RingWorker;
+thread_local RingWorker* t_ring = nullptr;
+
+class RingWorker {
+ public:
+  RingWorker(unsigned qid, size_t payload_bytes) : qid_(qid), payload_bytes_(payload_bytes) {}
+  ~RingWorker() {
+    if (ring_ok_) io_uring_queue_exit(&ring_);
+    std::free(header_);
+    std::free(base_);
+  }
+  RingWorker(const RingWorker&) = delete;
+  RingWorker& operator=(const RingWorker&) = delete;
+
+  // Sets up the io_uring and the buffers; false (and why) if it cannot.
+  bool Prepare(std::string* why) {
+    page_ = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    header_ = static_cast<fuse_uring::ReqHeader*>(
+        std::aligned_alloc(page_, (sizeof(fuse_uring::ReqHeader) + page_ - 1) / page_ * page_));
+    // One page before the payload for the request's headers (at most
+    // sizeof(fuse_in_header) + kOpInOutBytes), so libfuse sees one buffer.
+    base_ = static_cast<std::byte*>(std::aligned_alloc(page_, page_ + payload_bytes_));
+    if (header_ == nullptr || base_ == nullptr) {
+      *why = "no memory for the ring buffers";
+      return false;
+    }
+    std::memset(header_, 0, sizeof *header_);
+    payload_ = base_ + page_;
+    // Task work (handing a request to this entry) runs only when this
+    // thread waits for it, which is when it has nothing else to do.
+    unsigned flags = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+    int rc = io_uring_queue_init(4, &ring_, flags);
+    if (rc == -EINVAL) rc = io_uring_queue_init(4, &ring_, IORING_SETUP_SQE128);
+    if (rc < 0) {
+      *why = std::string("io_uring_queue_init: ") + std::strerror(-rc);
+      return false;
+    }
+    ring_ok_ = true;
+    iov_[0] = {header_, sizeof *header_};
+    iov_[1] = {payload_, payload_bytes_};
+    return true;
+  }
+
+  // Registers the entry and serves requests until the connection ends or
+  // the session exits (SIGUSR1 interrupts the wait).
+  void Serve(Context& ctx, fuse_session* se) {
+    fuse_fd_ = fuse_session_fd(se);
+    if (!Queue(fuse_uring::kCmdRegister, 0)) return;
+    for (;;) {
+      int rc = io_uring_submit_and_wait(&ring_, 1);
+      if (rc < 0 && rc != -EINTR) {
+        LogError(std::string("FUSE over io_uring: wait: ") + std::strerror(-rc));
+        break;
+      }
+      io_uring_cqe* cqe = nullptr;
+      if (io_uring_peek_cqe(&ring_, &cqe) != 0) {
+        if (fuse_session_exited(se)) break;
+        continue;
+      }
+      const int res = cqe->res;
+      io_uring_cqe_seen(&ring_, cqe);
+      if (res < 0) {
+        // ENOTCONN/ECANCELED: the connection ends. Anything else: the
+        // kernel refused the entry (then it falls back to /dev/fuse).
+        if (res != -ENOTCONN && res != -ECANCELED) {
+          LogError("FUSE over io_uring: queue " + std::to_string(qid_) + ": " +
+                   std::strerror(-res));
+        }
+        break;
+      }
+      const uint64_t commit_id = Handle(se);
+      ctx.ring_requests.fetch_add(1, std::memory_order_relaxed);
+      if (!Queue(fuse_uring::kCmdCommitAndFetch, commit_id)) break;
+      if (fuse_session_exited(se)) {
+        io_uring_submit(&ring_);  // the reply still goes back
+        break;
+      }
+    }
+  }
+
+  // WritevHook for this thread's request: the reply into the entry.
+  bool Owns(const fuse_out_header& out) const { return out.unique != 0 && out.unique == unique_; }
+  ssize_t TakeReply(const iovec* iov, int count) {
+    size_t total = 0;
+    for (int i = 0; i < count; ++i) total += iov[i].iov_len;
+    fuse_out_header out;
+    std::memcpy(&out, iov[0].iov_base, sizeof out);
+    size_t data = total - iov[0].iov_len;
+    if (data > payload_bytes_) {
+      out.error = -EIO;
+      out.len = sizeof out;
+      data = 0;
+    } else if (!(count == 2 && iov[1].iov_base == payload_)) {
+      size_t at = 0;
+      for (int i = 1; i < count; ++i) {
+        std::memmove(payload_ + at, iov[i].iov_base, iov[i].iov_len);
+        at += iov[i].iov_len;
+      }
+    }
+    std::memcpy(header_->in_out, &out, sizeof out);
+    SetPayloadBytes(static_cast<uint32_t>(data));
+    replied_ = true;
+    return static_cast<ssize_t>(total);
+  }
+
+ private:
+  // The reply's size in the entry's trailer; the rest of it zero (later
+  // protocol versions give the padding a meaning, zero being the default).
+  void SetPayloadBytes(uint32_t bytes) {
+    fuse_uring::EntInOut& trailer = header_->ring_ent_in_out;
+    trailer.flags = 0;
+    trailer.payload_sz = bytes;
+    trailer.padding = 0;
+    trailer.reserved = 0;
+  }
+
+  bool Queue(uint32_t cmd_op, uint64_t commit_id) {
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+    if (sqe == nullptr) {
+      LogError("FUSE over io_uring: no free submission entry");
+      return false;
+    }
+    std::memset(static_cast<void*>(sqe), 0, 2 * sizeof(io_uring_sqe));  // a 128-byte SQE
+    sqe->opcode = IORING_OP_URING_CMD;
+    sqe->fd = fuse_fd_;
+    sqe->cmd_op = cmd_op;
+    if (cmd_op == fuse_uring::kCmdRegister) {
+      sqe->addr = reinterpret_cast<uintptr_t>(iov_);
+      sqe->len = 2;
+    }
+    fuse_uring::CmdReq req = {};
+    req.commit_id = commit_id;
+    req.qid = static_cast<uint16_t>(qid_);
+    std::memcpy(sqe->cmd, &req, sizeof req);
+    return true;
+  }
+
+  // Serves the request in the entry; returns its commit id.
+  uint64_t Handle(fuse_session* se) {
+    fuse_in_header in;
+    std::memcpy(&in, header_->in_out, sizeof in);
+    const uint64_t commit_id = header_->ring_ent_in_out.commit_id;
+    const uint32_t payload_sz = header_->ring_ent_in_out.payload_sz;
+    unique_ = in.unique;
+    replied_ = false;
+    if (in.len < sizeof in + payload_sz || payload_sz > payload_bytes_ ||
+        in.len - sizeof in - payload_sz > fuse_uring::kOpInOutBytes) {
+      LogError("FUSE over io_uring: malformed request (opcode " + std::to_string(in.opcode) + ")");
+    } else {
+      const size_t op_bytes = in.len - sizeof in - payload_sz;
+      std::byte* start = payload_ - sizeof in - op_bytes;
+      std::memcpy(start, &in, sizeof in);
+      std::memcpy(start + sizeof in, header_->op_in, op_bytes);
+      fuse_buf buf = {};
+      buf.mem = start;
+      buf.size = in.len;
+      t_ring = this;
+      t_read_area = {payload_, payload_bytes_};
+      fuse_session_process_buf(se, &buf);
+      t_read_area = {};
+      t_ring = nullptr;
+    }
+    if (!replied_) {  // every request on the ring takes a reply
+      fuse_out_header out = {sizeof out, -EIO, unique_};
+      std::memcpy(header_->in_out, &out, sizeof out);
+      SetPayloadBytes(0);
+    }
+    unique_ = 0;
+    return commit_id;
+  }
+
+  io_uring ring_ = {};
+  bool ring_ok_ = false;
+  int fuse_fd_ = -1;
+  unsigned qid_;
+  size_t page_ = 4096;
+  size_t payload_bytes_;
+  fuse_uring::ReqHeader* header_ = nullptr;
+  std::byte* base_ = nullptr;
+  std::byte* payload_ = nullptr;
+  iovec iov_[2] = {};
+  uint64_t unique_ = 0;
+  bool replied_ = false;
+};
+
+// One ring worker: prepares, waits for INIT to decide, serves.
+void ServeRing(Context& ctx, fuse_session* se, unsigned qid) {
+  RingWorker worker(qid, kMaxRequestBytes);
+  std::string why;
+  const bool ok = worker.Prepare(&why);
+  std::unique_lock lock(ctx.run_mu);
+  ++(ok ? ctx.rings_prepared : ctx.rings_failed);
+  if (!ok && ctx.rings_failed == 1) LogError("FUSE over io_uring: " + why);
+  ctx.run_cv.notify_all();
+  ctx.run_cv.wait(lock, [&] { return ctx.ring_state != Context::RingState::kPreparing; });
+  const bool go = ok && ctx.ring_state == Context::RingState::kGo;
+  lock.unlock();
+  if (go) worker.Serve(ctx, se);
+  lock.lock();
+  --ctx.rings_running;
+  ctx.run_cv.notify_all();
+}
+
+// The INIT reply, when the ring may be used: asks for FUSE_OVER_IO_URING if
+// the kernel offered it and every ring worker is ready, then lets them
+// register (or go).
+ssize_t ReplyInit(Context& ctx, int fd, iovec* iov, int count) {
+  ctx.init_unique.store(0);
+  std::string why;
+  fuse_init_out out = {};
+  iovec patched[2];
+  {
+    std::unique_lock lock(ctx.run_mu);
+    ctx.run_cv.wait_for(lock, std::chrono::seconds(10), [&] {
+      return ctx.rings_prepared + ctx.rings_failed == ctx.rings_total || ctx.exit_requested;
+    });
+    const auto* header = static_cast<const fuse_out_header*>(iov[0].iov_base);
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    if (!ctx.init_offers_uring.load()) {
+      why = "the kernel did not offer it in INIT";
+    } else if (ctx.rings_total == 0 || ctx.rings_prepared != ctx.rings_total) {
+      why = "the rings could not be set up";
+    } else if (count != 2 || header->error != 0 ||
+               iov[1].iov_len < offsetof(fuse_init_out, flags2) + sizeof out.flags2 ||
+               iov[1].iov_len > sizeof out) {
+      why = "unexpected INIT reply";
+    } else {
+      std::memcpy(&out, iov[1].iov_base, iov[1].iov_len);
+      // The kernel's payload size: max(8 KiB, max_write, max_pages pages).
+      const size_t need = std::max<size_t>({8192, out.max_write, size_t{out.max_pages} * page});
+      if (need > kMaxRequestBytes) {
+        why = "requests larger than the ring buffers";
+      } else {
+        out.flags |= FUSE_INIT_EXT;
+        out.flags2 |= fuse_uring::kInitFlags2OverIoUring;
+        patched[0] = iov[0];
+        patched[1] = {&out, iov[1].iov_len};
+      }
+    }
+  }
+  const bool use = why.empty();
+  ssize_t res = use ? ::writev(fd, patched, 2) : ::writev(fd, iov, count);
+  const int err = errno;
+  {
+    std::lock_guard lock(ctx.run_mu);
+    ctx.ring_state = use && res >= 0 ? Context::RingState::kGo : Context::RingState::kStop;
+    ctx.ring_in_use.store(use && res >= 0);
+    ctx.run_cv.notify_all();
+    if (use && res >= 0) {
+      LogInfo("FUSE over io_uring: " + std::to_string(ctx.ring_queues) + " queues, " +
+              std::to_string(ctx.rings_total / std::max(1u, ctx.ring_queues)) + " workers each");
+    } else if (!use) {
+      LogInfo("FUSE over io_uring not used (" + why + "): classic /dev/fuse workers");
+    }
+  }
+  errno = err;
+  return res;
+}
+
+// libfuse's custom I/O (fuse_session_custom_io), installed when the ring
+// may be used: reads note the INIT request; writes put a ring request's
+// reply into its entry and patch the INIT reply.
+ssize_t ReadHook(int fd, void* buf, size_t len, void* userdata) {
+  Context& ctx = *static_cast<Context*>(userdata);
+  const ssize_t n = ::read(fd, buf, len);
+  if (n >= static_cast<ssize_t>(sizeof(fuse_in_header))) {
+    fuse_in_header in;
+    std::memcpy(&in, buf, sizeof in);
+    if (in.opcode == FUSE_INIT) {
+      fuse_init_in init = {};
+      std::memcpy(&init, static_cast<const char*>(buf) + sizeof in,
+                  std::min(sizeof init, static_cast<size_t>(n) - sizeof in));
+      ctx.init_offers_uring.store((init.flags & FUSE_INIT_EXT) != 0 &&
+                                  (init.flags2 & fuse_uring::kInitFlags2OverIoUring) != 0);
+      ctx.init_unique.store(in.unique);
+    }
+  }
+  return n;
+}
+
+ssize_t WritevHook(int fd, iovec* iov, int count, void* userdata) {
+  Context& ctx = *static_cast<Context*>(userdata);
+  if (count >= 1 && iov[0].iov_len >= sizeof(fuse_out_header)) {
+    fuse_out_header out;
+    std::memcpy(&out, iov[0].iov_base, sizeof out);
+    if (t_ring != nullptr && t_ring->Owns(out)) return t_ring->TakeReply(iov, count);
+    if (out.unique != 0 && out.unique == ctx.init_unique.load()) {
+      return ReplyInit(ctx, fd, iov, count);
+    }
+  }
+  return ::writev(fd, iov, count);
+}
+
+// Lets the kernel use FUSE over io_uring (its module parameter), as the
+// daemon was told to. False, with a log line, where the kernel has none.
+bool EnableKernelUring() {
+  const std::string path = "/sys/module/fuse/parameters/enable_uring";
+  std::ifstream in(path);
+  std::string value;
+  if (!in || !(in >> value)) {
+    LogInfo("FUSE over io_uring: this kernel has none (no " + path +
+            "): classic /dev/fuse workers");
+    return false;
+  }
+  if (value == "Y" || value == "1") return true;
+  int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+  const bool written = fd >= 0 && ::write(fd, "Y", 1) == 1;
+  const int err = errno;
+  if (fd >= 0) ::close(fd);
+  if (!written) {
+    LogInfo("FUSE over io_uring: cannot enable it (" + path + ": " + std::strerror(err) +
+            "): classic /dev/fuse workers");
+    return false;
+  }
+  LogInfo("FUSE over io_uring: enabled in the kernel (" + path + " = Y)");
+  return true;
+}
+
+// The kernel's queue count: num_possible_cpus().
+unsigned PossibleCpus() {
+  std::ifstream in("/sys/devices/system/cpu/possible");
+  std::string list;
+  unsigned count = 0;
+  if (in >> list) {
+    size_t at = 0;
+    while (at < list.size()) {
+      size_t end = list.find(',', at);
+      if (end == std::string::npos) end = list.size();
+      const std::string range = list.substr(at, end - at);
+      const size_t dash = range.find('-');
+      const unsigned first = static_cast<unsigned>(std::strtoul(range.c_str(), nullptr, 10));
+      const unsigned last =
+          dash == std::string::npos
+              ? first
+              : static_cast<unsigned>(std::strtoul(range.c_str() + dash + 1, nullptr, 10));
+      count += last >= first ? last - first + 1 : 0;
+      at = end + 1;
+    }
+  }
+  return count > 0 ? count : static_cast<unsigned>(std::max(1L, ::sysconf(_SC_NPROCESSORS_CONF)));
+}
+
+}  // namespace
+
 Status FuseServer::Run() {
   // Exit() and a worker that ends interrupt the others' reads of /dev/fuse
   // with SIGUSR1 (a handler without SA_RESTART: the read fails with EINTR
@@ -502,6 +909,22 @@ Status FuseServer::Run() {
   {
     std::lock_guard lock(ctx_->run_mu);
     if (ctx_->exit_requested) return Status::Ok();
+    // The ring workers first: they prepare their rings while the first
+    // classic worker reads INIT, whose reply waits for them. Every queue
+    // needs entries; the worker count is spread over the queues.
+    if (ctx_->uring) {
+      const unsigned queues = PossibleCpus();
+      const unsigned per_queue = std::max(2u, (n + queues - 1) / queues);
+      ctx_->ring_queues = queues;
+      ctx_->rings_total = queues * per_queue;
+      ctx_->rings_running = ctx_->rings_total;
+      for (unsigned q = 0; q < queues; ++q) {
+        for (unsigned i = 0; i < per_queue; ++i) {
+          threads.emplace_back(ServeRing, std::ref(*ctx_), session_, q);
+          ctx_->workers.push_back(threads.back().native_handle());
+        }
+      }
+    }
     ctx_->workers_running = n;
     for (unsigned i = 0; i < n; ++i) {
       threads.emplace_back(ServeRequests, std::ref(*ctx_), session_);
@@ -512,12 +935,16 @@ Status FuseServer::Run() {
     std::unique_lock lock(ctx_->run_mu);
     ctx_->run_cv.wait(lock, [&] { return ctx_->exit_requested || ctx_->workers_running < n; });
     fuse_session_exit(session_);
-    // A signal can land just before a worker blocks in read(): repeat it
-    // until every worker has left its loop.
-    while (ctx_->workers_running > 0) {
+    if (ctx_->ring_state == Context::RingState::kPreparing) {
+      ctx_->ring_state = Context::RingState::kStop;
+      ctx_->run_cv.notify_all();
+    }
+    // A signal can land just before a worker blocks in read() (or in
+    // io_uring_enter): repeat it until every worker has left its loop.
+    while (ctx_->workers_running > 0 || ctx_->rings_running > 0) {
       for (pthread_t t : ctx_->workers) ::pthread_kill(t, SIGUSR1);
       ctx_->run_cv.wait_for(lock, std::chrono::milliseconds(20),
-                            [&] { return ctx_->workers_running == 0; });
+                            [&] { return ctx_->workers_running == 0 && ctx_->rings_running == 0; });
     }
     ctx_->workers.clear();
   }
@@ -531,6 +958,10 @@ void FuseServer::Exit() {
   ctx_->exit_requested = true;
   ctx_->run_cv.notify_all();
 }
+
+bool FuseServer::UsesIoUring() const { return ctx_->ring_in_use.load(); }
+
+uint64_t FuseServer::RingRequests() const { return ctx_->ring_requests.load(); }
 
 Status FuseServer::InvalidateSize() {
   // A negative offset invalidates the attributes only (no page cache here).

@@ -18,6 +18,14 @@
 //     page-aligned and goes to the image with direct I/O as it is; a read's
 //     data is read into the same buffer and replied from it. Every request
 //     in flight has its own buffer;
+//   - optionally (FuseOptions::io_uring) FUSE over io_uring (Linux 6.14+,
+//     the fuse module's enable_uring): per-CPU queues of ring entries, each
+//     served by its own worker thread and io_uring; a request arrives in
+//     the entry's buffers (a write's data page-aligned) and its reply goes
+//     back with the command that fetches the next one, one system call per
+//     request instead of a read and a writev. libfuse still parses requests
+//     and handles INIT; the classic workers serve everything when the
+//     kernel does not offer or refuses the ring;
 //   - fsync -> ServedDisk::Flush(); fallocate(PUNCH_HOLE|KEEP_SIZE) and
 //     fallocate(ZERO_RANGE) -> ServedDisk::Discard() (fstrim and -o discard
 //     reach the image).
@@ -30,6 +38,7 @@
 #pragma once
 
 #include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -44,6 +53,10 @@ struct FuseOptions {
   std::string mountpoint;     // an existing regular file
   std::string fsname;         // shown in /proc/mounts
   unsigned max_threads = 32;  // the workers (each up to 1 MiB of buffer)
+  // Serve requests through FUSE over io_uring where the kernel has it
+  // (enabling it in the kernel: /sys/module/fuse/parameters/enable_uring),
+  // with the classic workers as the fallback. See fuse_server.cc.
+  bool io_uring = false;
   // Called (from a worker thread) when the file the loop device held is
   // released.
   std::function<void()> on_released;
@@ -60,6 +73,10 @@ class FuseServer {
   Status Run();
   // Makes Run() return (after the request being served, if any).
   void Exit();
+  // Whether the kernel agreed to FUSE over io_uring (after INIT), and how
+  // many requests came through it.
+  bool UsesIoUring() const;
+  uint64_t RingRequests() const;
   // After the disk grew: drops the attributes the kernel keeps of the file
   // (fuse_lowlevel_notify_inval_inode), so the next stat sees the new size.
   Status InvalidateSize();

@@ -36,6 +36,7 @@ struct MountRequest {
   std::string fs_type = "ext4";
   std::string fs_options;   // mount(8) style: "noatime,discard,..."
   unsigned threads = 32;    // the daemon's FUSE threads at most
+  bool fuse_uring = false;  // the daemon serves through FUSE over io_uring if it can
   OnlineOperations online;  // what the daemon's control socket may do
 };
 

@@ -31,6 +31,7 @@ struct MountArgs {
   std::string options;
   std::string fs_type = "ext4";
   unsigned threads = 32;
+  bool fuse_uring = false;
 };
 
 struct UmountArgs {
@@ -99,6 +100,7 @@ int RunMount(const MountArgs& args) {
   request.fs_type = args.fs_type;
   request.fs_options = args.options;
   request.threads = args.threads;
+  request.fuse_uring = args.fuse_uring;
   if (!read_only) request.online = OnlineOperationsFor(dd_path, LoadOptions());
   auto mounted = mount::MountChain(std::move(chain).value(), request);
   if (!mounted.ok()) return Fail("mount", mounted.error());
@@ -199,6 +201,9 @@ void RegisterMountCommands(CLI::App& app, int& rc) {
   c_mount->add_option("-t,--type", mount_args.fs_type, "file system type (default ext4)");
   c_mount->add_option("--threads", mount_args.threads, "daemon worker threads (default 32)")
       ->check(CLI::Range(1, 256));
+  c_mount->add_flag("--fuse-uring", mount_args.fuse_uring,
+                    "serve through FUSE over io_uring where the kernel has it (enables it "
+                    "in the fuse module); else the classic /dev/fuse workers");
   c_mount->add_option("DD", mount_args.dd, "DiskDescriptor.xml (or its folder)")->required();
   c_mount->callback([&rc] { rc = RunMount(mount_args); });
 

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# Privileged: `ploop mount --fuse-uring` serves the disk through FUSE over
+# io_uring where the kernel has it, and data stays intact: fio writes with a
+# crc32c checksum in every block and reads everything back, at queue depth
+# 1 and 32, on the device (over a snapshot full of data, so writes copy
+# clusters up) and through ext4; after a remount the data still verifies
+# and the image checks clean. The daemon's status must say the requests
+# went through the ring. On a kernel without FUSE over io_uring the same
+# mount must fall back to the classic /dev/fuse workers, say so in the
+# daemon's log and serve correctly (then the io_uring part is skipped:
+# exit 77, or a pass under CI=true, which has exercised the fallback).
+set -euo pipefail
+. "$TESTS_DIR/interop/lib.sh"
+. "$TESTS_DIR/privileged/mount_lib.sh"
+need fio
+
+param=/sys/module/fuse/parameters/enable_uring
+have_uring=false
+[[ -e $param ]] && have_uring=true
+# The daemon enables the kernel's switch when told to; put it back as it was.
+if $have_uring; then
+  param_before=$(<"$param")
+  trap 'rc=$?; echo "$param_before" >"$param" 2>/dev/null || true; _mount_cleanup; (exit $rc); _cleanup' EXIT
+fi
+
+fio_verify() { # fio_verify NAME ARGS...: fails the test on any fio error
+  local name=$1
+  shift
+  run fio --name="$name" --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --output-format=terse "$@"
+  [[ $RC == 0 ]] || fail "fio $name failed ($RC): $(tail -c 2000 "$TMP/.err") $(tail -c 500 "$TMP/.out")"
+  # Terse lines ("3;fio-...;"): field 5 is the job's error code.
+  [[ $(grep '^3;' <<<"$OUT" | cut -d';' -f5 | sort -u) == 0 ]] ||
+    fail "fio $name reported an error: $(grep -v '^3;' <<<"$OUT")"
+}
+
+# status DEVICE KEY: a field of the daemon's status (its control socket).
+status() {
+  python3 - "$(field_of "$1" socket)" "$2" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b'{"cmd": "status"}\n')
+reply = b""
+while not reply.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk: break
+    reply += chunk
+print(json.loads(reply)[sys.argv[2]])
+PY
+}
+
+# daemon_log PID: what the daemon PID wrote to the shared log.
+daemon_log() { grep -F "ploop[$1]" "$RUN_DIR/daemon.log" || true; }
+
+d="$TMP/ct"
+m="$TMP/mnt"
+mkdir -p "$d" "$m"
+pl init -s 512M -t none -b 256K "$d/root.hds"
+dd="$d/DiskDescriptor.xml"
+
+if ! $have_uring; then
+  note "no FUSE over io_uring in this kernel: --fuse-uring falls back to /dev/fuse"
+  pl mount --fuse-uring "$dd"
+  dev=$OUT
+  pid=$(daemon_of "$dd")
+  assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without kernel support"
+  daemon_log "$pid" | grep -q "FUSE over io_uring: this kernel has none" ||
+    fail "the daemon did not log the fallback: $(daemon_log "$pid")"
+  fill "$TMP/data.bin" 32 3
+  dd if="$TMP/data.bin" of="$dev" bs=1M oflag=direct status=none
+  dd if="$dev" bs=1M count=32 iflag=direct status=none | cmp - "$TMP/data.bin" ||
+    fail "data read back differs"
+  fio_verify fallback-qd32 --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 \
+    --size=16M --offset=64M --offset_increment=16M
+  pl umount "$dev"
+  wait_gone "$dd" "$pid"
+  [[ ${CI:-} == true ]] && echo PASS && exit 0
+  echo "SKIP: no FUSE over io_uring in this kernel ($param); checked the fallback only" >&2
+  exit 77
+fi
+
+note "without --fuse-uring: the classic /dev/fuse workers"
+pl mount "$dd"
+dev=$OUT
+pid=$(daemon_of "$dd")
+assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without --fuse-uring"
+pl umount "$dev"
+wait_gone "$dd" "$pid"
+
+note "a snapshot full of data below the top (served through io_uring)"
+pl mount --fuse-uring "$dd"
+dev=$OUT
+pid=$(daemon_of "$dd")
+assert_eq "$(status "$dev" fuse_transport)" io_uring "transport with --fuse-uring"
+assert_eq "$(<"$param")" Y "the kernel's switch after --fuse-uring"
+fill "$TMP/base.bin" 160 1
+dd if="$TMP/base.bin" of="$dev" bs=1M oflag=direct status=none
+dd if="$dev" bs=1M count=160 iflag=direct status=none | cmp - "$TMP/base.bin" ||
+  fail "data read back through the ring differs"
+pl umount "$dev"
+wait_gone "$dd" "$pid"
+pl snapshot "$dd"
+
+PLOOP_FUSE_URING=1 pl mount "$dd"
+dev=$OUT
+pid=$(daemon_of "$dd")
+assert_eq "$(status "$dev" fuse_transport)" io_uring "transport with PLOOP_FUSE_URING=1"
+assert_eq "$(cat "/sys/block/${dev#/dev/}/loop/dio")" 1 "direct I/O of $dev"
+before=$(status "$dev" fuse_ring_requests)
+
+note "on the device: QD32, four jobs, 4 KiB random writes over the snapshot's data"
+fio_verify qd32 --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 \
+  --size=32M --offset_increment=32M
+note "on the device: QD1, mixed sizes 4K-1M"
+fio_verify qd1 --filename="$dev" --rw=randwrite --bsrange=4k-1m --bs_unaligned=0 --iodepth=1 \
+  --size=64M --offset=256M
+note "on the device: QD32 mixed reads and writes, 64K"
+fio_verify rw32 --filename="$dev" --rw=randrw --bs=64k --iodepth=32 --numjobs=2 --size=48M \
+  --offset=384M --offset_increment=48M
+dd if="$dev" bs=1M skip=128 count=32 status=none | cmp - <(dd if="$TMP/base.bin" bs=1M skip=128 count=32 status=none) ||
+  fail "data outside fio's regions changed"
+after=$(status "$dev" fuse_ring_requests)
+((after - before >= 32768)) ||
+  fail "only $((after - before)) requests came through the ring during fio"
+pl umount "$dev"
+wait_gone "$dd" "$pid"
+pl check "$dd"
+out_has "no problems found"
+
+note "remounted: what fio wrote at QD32 still verifies"
+pl mount --fuse-uring "$dd"
+dev=$OUT
+pid=$(daemon_of "$dd")
+run fio --name=qd32 --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
+  --verify_only --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=32M \
+  --offset_increment=32M --output-format=terse
+[[ $RC == 0 ]] || fail "verify after remount failed: $(tail -c 2000 "$TMP/.err")"
+pl umount "$dev"
+wait_gone "$dd" "$pid"
+
+note "through ext4: QD1 and QD32"
+d2="$TMP/fs"
+mkdir -p "$d2"
+pl init -s 512M "$d2/root.hds"
+pl mount --fuse-uring -m "$m" "$d2/DiskDescriptor.xml"
+pid=$(daemon_of "$d2/DiskDescriptor.xml")
+dev=$(loops_of "$d2" | head -1)
+assert_eq "$(status "$dev" fuse_transport)" io_uring "transport of the ext4 mount"
+fio_verify ext4-qd32 --directory="$m" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=24M
+fio_verify ext4-qd1 --directory="$m" --rw=randwrite --bsrange=4k-256k --iodepth=1 --size=48M
+fio_verify ext4-seq --directory="$m" --rw=write --bs=1M --iodepth=8 --size=64M
+sha_before=$(find "$m" -type f -print0 | sort -z | xargs -0 cat | sha256sum)
+pl umount -m "$m"
+wait_gone "$d2/DiskDescriptor.xml" "$pid"
+pl check "$d2/DiskDescriptor.xml"
+out_has "no problems found"
+
+note "through ext4, remounted: the files are the same"
+pl mount --fuse-uring -m "$m" "$d2/DiskDescriptor.xml"
+pid=$(daemon_of "$d2/DiskDescriptor.xml")
+assert_eq "$(find "$m" -type f -print0 | sort -z | xargs -0 cat | sha256sum)" "$sha_before" \
+  "files after remount"
+pl umount -m "$m"
+wait_gone "$d2/DiskDescriptor.xml" "$pid"
+pl export "$d2/DiskDescriptor.xml" "$TMP/fs.raw"
+e2fsck -fn "$TMP/fs.raw" >"$TMP/fsck.log" 2>&1 || fail "e2fsck: $(cat "$TMP/fsck.log")"
+echo PASS

@@ -16,6 +16,10 @@
 #   - bad streams: garbage, a truncated header, a flipped bit, a stream cut
 #     short, a wrong or missing base, a disk already there -- each refused
 #     with its documented exit code and one line on stderr;
+#   - the zero-copy sender: the same stream bytes spliced into a pipe
+#     from the mapped deltas, written into a file, and read with pread; a
+#     delta cut short under the sender gives one line and exit 5 or 7 (a
+#     SIGBUS on the mapping is caught), not a crash;
 #   - progress: --progress=json lines on stderr; nothing on stderr by
 #     default when it is not a terminal.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -300,6 +304,31 @@ pl receive --resume bad8 <cont.stream
 same_snapshot a bad8 "$S1"
 # send refuses a base that is not an ancestor.
 expect_error 2 "$PLOOP" send -u "$S1" --from "$S2" a
+
+note "a delta cut short under the sender: one line and an error code, not a crash"
+# Only a writer ignoring the reader locks can do this. The sender maps the
+# deltas; depending on how far it got it meets the short files as a short
+# pread or a BAT past the end (exit 5), or as SIGBUS or EFAULT on its
+# mapping (exit 7) -- never a "Bus error" core dump. The FIFO holds the
+# sender back: the first bytes read (the header: the chain is open, the
+# data mapped) then nothing until the files were cut.
+cp -r a trunc
+mkfifo trunc.fifo
+"$PLOOP" send trunc >trunc.fifo 2>trunc.err &
+sender=$!
+exec 3<trunc.fifo
+head -c 1 <&3 >/dev/null
+for f in trunc/root.hds*; do truncate -s $((64 * KiB)) "$f"; done
+cat <&3 >/dev/null
+exec 3<&-
+set +e
+wait "$sender"
+rc=$?
+set -e
+[[ $rc == 5 || $rc == 7 ]] || fail "send of a cut delta: exit code $rc, expected 5 or 7: $(<trunc.err)"
+[[ $(wc -l <trunc.err) == 1 && $(<trunc.err) == "ploop send: "* ]] ||
+  fail "send of a cut delta: not one line of error: $(<trunc.err)"
+echo "  the sender said: $(<trunc.err) (exit $rc)"
 
 note "progress: JSON lines on request, quiet otherwise"
 run bash -c "'$PLOOP' send --progress=json -u '$S1' a | '$PLOOP' receive --progress=json p"

@@ -47,8 +47,12 @@ Status FdStreamWriter::WriteStable(std::span<const std::byte> data) {
     ssize_t n = ::vmsplice(fd_, &iov, 1, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
-      if (errno == EPIPE)
+      if (errno == EPIPE) {
         return Status::FromErrno(errno, "write to " + what_ + " (the receiver went away)");
+      }
+      // The memory itself is gone (a mapped file cut short under us):
+      // write() would fail the same way.
+      if (errno == EFAULT) return Status::FromErrno(errno, "send mapped data to " + what_);
       // Refused (EINVAL, EBADF for a descriptor that is no pipe after all,
       // ENOSYS or EPERM under a sandbox): nothing was moved, write() does
       // the rest.

@@ -95,8 +95,10 @@ class Prefetcher {
 // inside the file's size at that moment, and a cluster the BAT places past
 // the end of its file is not mapped at all (the caller's pread then reports
 // the short read as corruption). What is left -- a lock-ignoring writer
-// truncating a file during the send -- would as well corrupt what pread
-// returns; the CLI turns the resulting SIGBUS into a one-line error.
+// truncating a file during the send -- breaks the transfer with pread too
+// (a short read, or data that changes under us); a library cannot catch
+// SIGBUS without a process-wide handler, so `ploop send` installs one that
+// turns it into a one-line error (exit 7) instead of a crash.
 //
 // Thread-safety: used by one thread; Pieces (and the mappings they hold)
 // may move to other threads.

@@ -167,6 +167,9 @@ int RunSend(const SendArgs& args) {
   options.compress = !args.no_compress;
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
+  // PLOOP_SEND_NO_SPLICE / PLOOP_SEND_NO_MAP: the copying paths (write(),
+  // pread), for comparisons (tests, tools/bench/README.md); the stream's
+  // bytes are the same.
   FdStreamWriter out(STDOUT_FILENO, "stdout", std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);
   options.map_source = std::getenv("PLOOP_SEND_NO_MAP") == nullptr;
   auto sent = SendStream(DefaultFileSystem(), dd_path, out, options, LoadOptions());

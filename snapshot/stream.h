@@ -65,6 +65,16 @@ class StreamWriter {
   // Writes all of `data`. IOError when writing fails (EPIPE: the reader
   // went away).
   virtual Status Write(std::span<const std::byte> data) = 0;
+  // Writes all of `data`, like Write(), where `data` is file pages mapped
+  // read-only that stay unchanged until Drain() returned (the sender's
+  // locked source): a writer into a pipe may hand the pages themselves to
+  // the pipe (vmsplice) instead of copying them. The default is Write().
+  virtual Status WriteStable(std::span<const std::byte> data) { return Write(data); }
+  // Returns once nothing written by WriteStable() is still referenced by
+  // the writer or what it writes into (a pipe holding spliced pages until
+  // the reader took them), or once that reader went away; the sender calls
+  // it before it releases its locks. The default has nothing to wait for.
+  virtual Status Drain() { return Status::Ok(); }
 };
 
 struct StreamProgress {
@@ -103,6 +113,11 @@ struct SendOptions {
   bool compress = true;
   // Hash and compression workers; 0: one per CPU, at most 4.
   unsigned threads = 0;
+  // Read the snapshot through read-only mappings of its files where they
+  // allow it (BlockFile::Map), so stored data can reach the writer without
+  // a copy (StreamWriter::WriteStable); false reads everything with pread.
+  // The stream's bytes are the same either way.
+  bool map_source = true;
   StreamProgressFn progress;
 };
 

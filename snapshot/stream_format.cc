@@ -465,6 +465,15 @@ Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const
   return sha.Final();
 }
 
+Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
+                       std::span<const std::span<const std::byte>> payload) {
+  thread_local Sha256 sha;
+  sha.Update(header_prefix);
+  sha.Update(records);
+  for (std::span<const std::byte> piece : payload) sha.Update(piece);
+  return sha.Final();
+}
+
 Digest ChainDigest(const Digest& chain, const Digest& body) {
   std::byte buf[2 * kDigestBytes];
   std::memcpy(buf, chain.data(), kDigestBytes);
@@ -713,22 +722,28 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
 }
 
 bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in, size_t piece_bytes) {
+  const size_t pieces = piece_bytes == 0 ? 0 : in.size() / piece_bytes;
+  std::vector<const std::byte*> starts(pieces);
+  for (size_t i = 0; i < pieces; ++i) starts[i] = in.data() + i * piece_bytes;
+  return WorthCompressing(starts, piece_bytes);
+}
+
+bool Lz4Compressor::WorthCompressing(std::span<const std::byte* const> starts, size_t piece_bytes) {
   // One 4 KiB sample per piece (cluster), at most 64 pieces spread evenly:
   // a chunk that is mostly random but holds a few compressible clusters
   // is still compressed.
   constexpr size_t kSampleBytes = 4 << 10;
   constexpr size_t kMaxSamples = 64;
-  const size_t pieces = piece_bytes == 0 ? 0 : in.size() / piece_bytes;
+  const size_t pieces = starts.size();
   if (pieces == 0 || piece_bytes < kSampleBytes) return true;
   const size_t samples = std::min(pieces, kMaxSamples);
   scratch_.resize(LZ4_compressBound(kSampleBytes));
   size_t raw = 0;
   size_t packed = 0;
   for (size_t i = 0; i < samples; ++i) {
-    const size_t offset = (i * pieces / samples) * piece_bytes;
-    const int n =
-        LZ4_compress_default(reinterpret_cast<const char*>(in.data() + offset), scratch_.data(),
-                             kSampleBytes, static_cast<int>(scratch_.size()));
+    const std::byte* sample = starts[i * pieces / samples];
+    const int n = LZ4_compress_default(reinterpret_cast<const char*>(sample), scratch_.data(),
+                                       kSampleBytes, static_cast<int>(scratch_.size()));
     raw += kSampleBytes;
     packed += n > 0 ? std::min<size_t>(static_cast<size_t>(n), kSampleBytes) : kSampleBytes;
   }

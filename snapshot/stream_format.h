@@ -148,6 +148,10 @@ Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const S
 // so the sender's and the receiver's workers compute it in parallel.
 Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
                        std::span<const std::byte> payload);
+// The same, with the payload given as pieces in order (a stored payload
+// taken from several places of the source files).
+Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
+                       std::span<const std::span<const std::byte>> payload);
 // d = SHA-256(chain || body): the chunk's digest, which is also the chain
 // value for the next chunk.
 Digest ChainDigest(const Digest& chain, const Digest& body);
@@ -263,6 +267,9 @@ class Lz4Compressor {
   // must shrink by 5%. Random data (most of a disk that holds compressed
   // files) is then sent as it is without paying for a full attempt.
   bool WorthCompressing(std::span<const std::byte> in, size_t piece_bytes);
+  // The same, for pieces that are not adjacent in memory: `pieces` holds
+  // the first byte of each.
+  bool WorthCompressing(std::span<const std::byte* const> pieces, size_t piece_bytes);
 
  private:
   explicit Lz4Compressor(LZ4F_cctx_s* cctx) : cctx_(cctx) {}

@@ -26,6 +26,19 @@
 // and a resumed sender (which starts at the receiver's next index with the
 // chain value from the token) cuts the same chunks as an uninterrupted one.
 //
+// Where the data comes from: the flattened producer maps the chain's files
+// read-only (MappedSource) and hands the workers pointers into the page
+// cache: the zero check, XXH3, lz4 and SHA-256 read the files' pages
+// directly, and a chunk that goes out stored (not compressed: most of a
+// disk's data, which is already compressed or random) is written as a list
+// of spans of the mapping -- through vmsplice into a pipe, when the
+// StreamWriter can (WriteStable), so its bytes are not copied on this side
+// at all. The pipe then holds references to the pages; the files are
+// locked read-only until the writer is drained, so they cannot change
+// before the receiver read them. Files that do not map (the in-memory file
+// system, a fault-injecting one) are read with pread into the chunk's
+// payload buffer as before; both ways send the same bytes.
+//
 // Digests: a worker hashes each chunk's bytes as they will travel (header
 // fields, records, the payload after compression: fewer bytes than the
 // data when lz4 helped) with SHA-256; the calling thread only chains that
@@ -79,6 +92,11 @@ class CountingWriter {
     bytes_ += data.size();
     return Status::Ok();
   }
+  Status WriteStable(std::span<const std::byte> data) {
+    TRY_CTX(out_.WriteStable(data), "write the stream");
+    bytes_ += data.size();
+    return Status::Ok();
+  }
   uint64_t bytes() const { return bytes_; }
 
  private:
@@ -103,7 +121,13 @@ struct ChunkJob {
   std::vector<Record> records;
   uint32_t data_count = 0;
   uint64_t progress_bytes = 0;
-  AlignedBuffer payload;  // data clusters in payload order (layer, index)
+  // Where each data cluster's bytes are, in payload order (layer, index):
+  // in `payload` (read or copied there) or in a mapping of the source.
+  std::vector<const std::byte*> clusters;
+  AlignedBuffer payload;  // slot j holds data cluster j when it was read
+  // The source mappings `clusters` points into, kept until the chunk was
+  // written.
+  std::vector<std::shared_ptr<const FileMapping>> mappings;
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
@@ -111,6 +135,8 @@ struct ChunkJob {
   AlignedBuffer compressed;
   size_t compressed_bytes = 0;
   bool lz4 = false;
+  // A stored payload as it travels: `clusters` merged where adjacent.
+  std::vector<std::span<const std::byte>> stored;
   // The chunk header (its digest field zero until Emit) and the record
   // table, as they will go out; the SHA-256 of them with the payload.
   std::vector<std::byte> head;
@@ -156,8 +182,14 @@ class Sender {
   // of the chunk's bytes.
   Status Work(ChunkJob& job);
   Status Compress(ChunkJob& job);
-  // The payload as it travels: the lz4 frame or the stored clusters.
-  std::span<const std::byte> Payload(const ChunkJob& job) const;
+  // Fills job.stored from job.clusters.
+  void StoredSpans(ChunkJob& job) const;
+  // Whether `p` points into the job's payload buffer (a copy we reuse,
+  // unlike the mapped source pages).
+  bool InPayload(const ChunkJob& job, const std::byte* p) const {
+    return job.payload != nullptr && p >= job.payload.get() &&
+           p < job.payload.get() + payload_pool_.buffer_bytes();
+  }
   Status Emit(ChunkJob& job, Digest* chain);
   void Report(StreamProgress::Phase phase, uint64_t done, uint64_t total) {
     if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
@@ -321,6 +353,7 @@ Status Sender::CutChunk(OrderedPipeline<ChunkJob>& pipe) {
     job->payload = payload_pool_.Get();
     for (size_t j = 0; j < pending_.size(); ++j) {
       std::memcpy(job->payload.get() + j * cb_, pending_[j].src, cb_);
+      job->clusters.push_back(job->payload.get() + j * cb_);
       job->payload_slot[pending_[j].record] = static_cast<uint32_t>(j);
     }
   }
@@ -382,10 +415,12 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
   AlignedBuffer base = incremental ? NewAlignedBuffer(slots * cb_) : nullptr;
   Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
+  MappedSource mapped(source_, options_.map_source);
+  std::vector<MappedSource::Piece> pieces;  // the run's clusters, mapped
   next_seq_ = start.next_seq;
   progress_ = start.progress_bytes;
   std::unique_ptr<ChunkJob> job;
-  uint64_t used = 0;  // data slots of the chunk's payload in use
+  uint64_t used = 0;  // data clusters of the chunk so far (its payload slots)
   auto cut = [&]() -> Status {
     if (job == nullptr) return Status::Ok();
     std::unique_ptr<ChunkJob> done = std::move(job);
@@ -404,22 +439,34 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       ++i;
       continue;
     }
-    if (job == nullptr) {
-      job = std::make_unique<ChunkJob>();
-      job->payload = payload_pool_.Get();
-    }
+    if (job == nullptr) job = std::make_unique<ChunkJob>();
     prefetcher.Advance(i);
     // A run of candidates, no longer than the free slots and records.
     const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
     uint64_t j = i + 1;
     while (j < clusters && j - i < room && candidate(j)) ++j;
-    std::byte* const first = job->payload.get() + used * cb_;
-    TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
+    // The run's clusters in the mappings; a run with one that does not map
+    // is read into the payload buffer instead (one read per piece of the
+    // run that is contiguous in a file).
+    pieces.clear();
+    for (uint64_t k = i; k < j; ++k) {
+      MappedSource::Piece piece = mapped.Cluster(source_.Highest(k, plan_.m), k);
+      if (piece.data == nullptr) break;
+      pieces.push_back(std::move(piece));
+    }
+    const bool run_mapped = pieces.size() == j - i;
+    std::byte* first = nullptr;
+    if (!run_mapped) {
+      pieces.clear();
+      if (job->payload == nullptr) job->payload = payload_pool_.Get();
+      first = job->payload.get() + used * cb_;
+      TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
+    }
     if (incremental) {
       TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
     }
     for (uint64_t k = i; k < j; ++k) {
-      const std::byte* data = first + (k - i) * cb_;
+      const std::byte* data = run_mapped ? pieces[k - i].data : first + (k - i) * cb_;
       const bool zero = IsZero(std::span<const std::byte>(data, cb_));
       RecordKind kind = RecordKind::kData;
       bool send = !zero;
@@ -431,9 +478,18 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       progress_ += cb_;
       if (!send) continue;
       if (kind == RecordKind::kData) {
-        // Compact: the slot of this cluster may be past the first free one.
-        std::byte* slot = job->payload.get() + used * cb_;
-        if (slot != data) std::memmove(slot, data, cb_);
+        if (run_mapped) {
+          const auto& mapping = pieces[k - i].mapping;
+          if (job->mappings.empty() || job->mappings.back() != mapping) {
+            job->mappings.push_back(mapping);
+          }
+        } else {
+          // Compact: the slot of this cluster may be past the first free one.
+          std::byte* slot = job->payload.get() + used * cb_;
+          if (slot != data) std::memmove(slot, data, cb_);
+          data = slot;
+        }
+        job->clusters.push_back(data);
         job->payload_slot.push_back(static_cast<uint32_t>(used));
         ++used;
       } else {
@@ -454,11 +510,11 @@ Status Sender::Work(ChunkJob& job) {
     // A full stream's content digests come from the data it carries.
     job.digests.resize(job.data_count);
     for (uint32_t j = 0; j < job.data_count; ++j) {
-      job.digests[j] =
-          ClusterDigestOf(std::span<const std::byte>(job.payload.get() + j * cb_, cb_));
+      job.digests[j] = ClusterDigestOf(std::span<const std::byte>(job.clusters[j], cb_));
     }
   }
   TRY(Compress(job));
+  if (!job.lz4) StoredSpans(job);
   ChunkHeader ch;
   ch.flags = job.lz4 ? kChunkLz4 : 0;
   ch.seq = job.seq;
@@ -469,8 +525,14 @@ Status Sender::Work(ChunkJob& job) {
   EncodeRecords(job.records, job.head);
   job.head.insert(job.head.begin(), kChunkHeaderBytes, std::byte{0});
   EncodeChunkHeader(ch, std::span(job.head).first<kChunkHeaderBytes>());
-  job.body = ChunkBodyDigest(std::span(job.head).first(kChunkHeaderDigestedBytes),
-                             std::span(job.head).subspan(kChunkHeaderBytes), Payload(job));
+  const auto prefix = std::span(job.head).first(kChunkHeaderDigestedBytes);
+  const auto records = std::span(job.head).subspan(kChunkHeaderBytes);
+  if (job.lz4) {
+    job.body = ChunkBodyDigest(
+        prefix, records, std::span<const std::byte>(job.compressed.get(), job.compressed_bytes));
+  } else {
+    job.body = ChunkBodyDigest(prefix, records, job.stored);
+  }
   return Status::Ok();
 }
 
@@ -481,12 +543,27 @@ Status Sender::Compress(ChunkJob& job) {
     ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
   }
   const size_t raw = uint64_t{job.data_count} * cb_;
-  const std::span<const std::byte> data(job.payload.get(), raw);
-  if (!compressor->WorthCompressing(data, cb_)) return Status::Ok();
+  if (!compressor->WorthCompressing(job.clusters, cb_)) return Status::Ok();
+  // lz4 takes one buffer: the clusters where they lie when they follow
+  // each other (one run of a file, or the payload buffer), else gathered
+  // into the payload buffer (slot j for cluster j; a cluster read there
+  // already is in its slot).
+  const std::byte* data = job.clusters[0];
+  for (uint32_t j = 1; j < job.data_count && data != nullptr; ++j) {
+    if (job.clusters[j] != data + j * cb_) data = nullptr;
+  }
+  if (data == nullptr) {
+    if (job.payload == nullptr) job.payload = payload_pool_.Get();
+    for (uint32_t j = 0; j < job.data_count; ++j) {
+      std::byte* slot = job.payload.get() + j * cb_;
+      if (job.clusters[j] != slot) std::memcpy(slot, job.clusters[j], cb_);
+    }
+    data = job.payload.get();
+  }
   job.compressed = compressed_pool_.Get();
-  ASSIGN_OR_RETURN(
-      size_t n, compressor->Compress(
-                    data, std::span<std::byte>(job.compressed.get(), Lz4Compressor::Bound(raw))));
+  ASSIGN_OR_RETURN(size_t n, compressor->Compress(std::span<const std::byte>(data, raw),
+                                                  std::span<std::byte>(job.compressed.get(),
+                                                                       Lz4Compressor::Bound(raw))));
   if (n < raw) {
     job.lz4 = true;
     job.compressed_bytes = n;
@@ -496,10 +573,21 @@ Status Sender::Compress(ChunkJob& job) {
   return Status::Ok();
 }
 
-std::span<const std::byte> Sender::Payload(const ChunkJob& job) const {
-  if (job.lz4) return std::span<const std::byte>(job.compressed.get(), job.compressed_bytes);
-  if (job.data_count == 0) return {};
-  return std::span<const std::byte>(job.payload.get(), uint64_t{job.data_count} * cb_);
+void Sender::StoredSpans(ChunkJob& job) const {
+  job.stored.clear();
+  for (uint32_t j = 0; j < job.data_count; ++j) {
+    const std::byte* p = job.clusters[j];
+    if (!job.stored.empty()) {
+      std::span<const std::byte>& last = job.stored.back();
+      // Merge with the span before when adjacent and of the same kind
+      // (both copies in the payload buffer, or both mapped).
+      if (last.data() + last.size() == p && InPayload(job, last.data()) == InPayload(job, p)) {
+        last = std::span<const std::byte>(last.data(), last.size() + cb_);
+        continue;
+      }
+    }
+    job.stored.emplace_back(p, cb_);
+  }
 }
 
 Status Sender::Emit(ChunkJob& job, Digest* chain) {
@@ -509,8 +597,16 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   // Header and records in one write, the payload (up to 4 MiB) straight
   // from its buffer.
   TRY(out_.Write(job.head));
-  const std::span<const std::byte> payload = Payload(job);
-  if (!payload.empty()) TRY(out_.Write(payload));
+  if (job.lz4) {
+    TRY(out_.Write(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
+  } else {
+    // Mapped source pages may go into a pipe by reference; the payload
+    // buffer is reused after this chunk, so what is in it is copied.
+    for (std::span<const std::byte> span : job.stored) {
+      TRY(InPayload(job, span.data()) ? out_.Write(span) : out_.WriteStable(span));
+    }
+  }
+  job.mappings.clear();
   // Content digests of a full stream, index by index: layer k reads the
   // highest record at or below k (a hole reads zeros), or zeros.
   if (!plan_.header.incremental) {
@@ -694,6 +790,13 @@ Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, Strea
   }
   OpenOptions open;
   ASSIGN_OR_RETURN(auto chain, Chain::Open(fs, dd, guid, open));
+  // The writer may hold references to the chain's pages (WriteStable into
+  // a pipe): wait until the receiver took them before the chain (and its
+  // locks) goes, on every way out, so nobody can change them meanwhile.
+  struct DrainFirst {
+    StreamWriter& out;
+    ~DrainFirst() { out.Drain().IgnoreError(); }
+  } drain_first{out};
   ASSIGN_OR_RETURN(Plan plan, MakePlan(dd, images, *chain, options, base_guid));
   StreamHeader& h = plan.header;
   SourceChain counter(*chain);

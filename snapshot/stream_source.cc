@@ -18,14 +18,17 @@
 #include <algorithm>
 
 #include "ploop/delta.h"
+#include "ploop/raw_image.h"
 
 namespace ploop::stream {
 
 SourceChain::SourceChain(Chain& chain) : chain_(chain), cluster_bytes_(chain.cluster_bytes()) {
   for (size_t level = 0; level < chain.depth(); ++level) {
     Image& image = chain.layer(level);
-    levels_.push_back(
-        Level{dynamic_cast<const Delta*>(&image), image.size_bytes() / cluster_bytes_});
+    auto* delta = dynamic_cast<Delta*>(&image);
+    auto* raw = dynamic_cast<RawImage*>(&image);
+    BlockFile* file = delta != nullptr ? &delta->file() : raw != nullptr ? &raw->file() : nullptr;
+    levels_.push_back(Level{delta, file, image.size_bytes() / cluster_bytes_});
   }
 }
 
@@ -67,6 +70,46 @@ std::optional<uint64_t> SourceChain::FileOffset(int level, uint64_t index) const
   const Level& l = levels_[level];
   if (l.delta == nullptr) return index * cluster_bytes_;
   return l.delta->ClusterFileOffset(index);
+}
+
+MappedSource::MappedSource(SourceChain& source, bool enabled, uint64_t window_bytes)
+    : source_(source),
+      window_bytes_(std::max(window_bytes, source.cluster_bytes())),
+      levels_(static_cast<size_t>(source.levels())) {
+  for (int level = 0; level < source.levels(); ++level) {
+    LevelMap& l = levels_[level];
+    BlockFile* file = source.file(level);
+    if (!enabled || file == nullptr) {
+      l.disabled = true;
+      continue;
+    }
+    auto size = file->Size();
+    l.disabled = !size.ok();
+    if (size.ok()) l.file_bytes = *size;
+  }
+}
+
+MappedSource::Piece MappedSource::Cluster(int level, uint64_t index) {
+  LevelMap& l = levels_[level];
+  const uint64_t cb = source_.cluster_bytes();
+  const std::optional<uint64_t> offset = source_.FileOffset(level, index);
+  if (l.disabled || !offset || *offset > l.file_bytes || cb > l.file_bytes - *offset) return {};
+  if (l.window == nullptr || *offset < l.window_start ||
+      *offset + cb > l.window_start + l.window->data().size()) {
+    const uint64_t start = *offset / window_bytes_ * window_bytes_;
+    const uint64_t end = std::min(l.file_bytes, start + window_bytes_ + cb);
+    auto mapping = source_.file(level)->Map(start, end - start);
+    if (!mapping.ok()) {
+      // Not a file that maps (the in-memory one), or mmap failed: this
+      // level is read with pread from now on.
+      l.disabled = true;
+      l.window.reset();
+      return {};
+    }
+    l.window = std::move(*mapping);
+    l.window_start = start;
+  }
+  return Piece{l.window->data().data() + (*offset - l.window_start), l.window};
 }
 
 Prefetcher::Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index)

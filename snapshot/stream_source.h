@@ -44,12 +44,16 @@ class SourceChain {
   // consecutive clusters coming from one level, zeros where no level at or
   // below max_level holds a cluster (also for max_level -1).
   Status ReadView(int max_level, uint64_t first_index, uint64_t count, std::span<std::byte> out);
+  // The file of `level` (a delta's or a raw base's); nullptr for other
+  // kinds of image.
+  BlockFile* file(int level) { return levels_[level].file; }
 
  private:
   Chain& chain_;
   uint64_t cluster_bytes_;
   struct Level {
     const class Delta* delta;  // nullptr for a raw base
+    BlockFile* file;           // nullptr: neither a delta nor a raw image
     uint64_t clusters;
   };
   std::vector<Level> levels_;
@@ -74,6 +78,59 @@ class Prefetcher {
   const uint64_t end_index_;
   std::vector<std::unique_ptr<BlockFile>> files_;  // per level
   uint64_t queued_ = 0;                            // every index below is queued or passed
+};
+
+// Clusters of the chain's files seen through read-only mappings
+// (BlockFile::Map), so that the sender checks, hashes, compresses and
+// splices them straight from the page cache instead of reading them into
+// buffers first. Each level's file is mapped in windows of kWindowBytes
+// (plus one cluster, so a cluster starting in a window ends in it too);
+// the reader keeps one window per level, and every Piece it hands out
+// keeps its window mapped, so memory and page tables stay bounded by the
+// chunks in flight, not by the disk.
+//
+// SIGBUS: a mapping of a file that shrinks below it faults on access. The
+// chain's files are open with reader locks for the whole send, so only a
+// writer ignoring those locks can shrink one; a window is mapped only
+// inside the file's size at that moment, and a cluster the BAT places past
+// the end of its file is not mapped at all (the caller's pread then reports
+// the short read as corruption). What is left -- a lock-ignoring writer
+// truncating a file during the send -- breaks the transfer with pread too
+// (a short read, or data that changes under us); a library cannot catch
+// SIGBUS without a process-wide handler, so `ploop send` installs one that
+// turns it into a one-line error (exit 7) instead of a crash.
+//
+// Thread-safety: used by one thread; Pieces (and the mappings they hold)
+// may move to other threads.
+class MappedSource {
+ public:
+  static constexpr uint64_t kWindowBytes = 64ull << 20;
+
+  // `source` must outlive this. Mapping is disabled with `enabled` false
+  // (every Cluster() call then returns no data). `window_bytes` is for
+  // tests.
+  explicit MappedSource(SourceChain& source, bool enabled = true,
+                        uint64_t window_bytes = kWindowBytes);
+
+  struct Piece {
+    const std::byte* data = nullptr;             // cluster_bytes() long; nullptr: read it instead
+    std::shared_ptr<const FileMapping> mapping;  // keeps `data` valid
+  };
+  // Cluster `index` of `level` (which holds it), mapped; data nullptr when
+  // that level's file cannot be mapped (not a POSIX file, an mmap error)
+  // or the cluster lies past its file's end.
+  Piece Cluster(int level, uint64_t index);
+
+ private:
+  struct LevelMap {
+    bool disabled = false;
+    uint64_t file_bytes = 0;
+    std::shared_ptr<const FileMapping> window;
+    uint64_t window_start = 0;  // file offset of window->data()[0]
+  };
+  SourceChain& source_;
+  const uint64_t window_bytes_;
+  std::vector<LevelMap> levels_;
 };
 
 // One cluster of one level, read into a window's buffer.

@@ -36,6 +36,16 @@ struct LockRequest {
   std::vector<uint64_t> hold_bytes;
 };
 
+// A read-only view of part of a file in memory (BlockFile::Map): reads of
+// data() see the file's page cache without copying it. Unmapped when
+// destroyed; what was taken from data() (pointers, page references a pipe
+// holds after vmsplice) must not be used through it afterwards.
+class FileMapping {
+ public:
+  virtual ~FileMapping() = default;
+  virtual std::span<const std::byte> data() const = 0;
+};
+
 class BlockFile {
  public:
   virtual ~BlockFile() = default;
@@ -82,6 +92,21 @@ class BlockFile {
   // system cannot.
   virtual Result<uint64_t> EnableDirectIo() {
     return Status::NotSupported(path() + ": no direct I/O");
+  }
+  // Maps [offset_bytes, offset_bytes + length_bytes) of the file read-only
+  // (mmap MAP_SHARED, PROT_READ), for a reader that wants the page cache's
+  // bytes without reading them into a buffer. The range must lie inside the
+  // file as it is now (InvalidArgument otherwise). Touching the mapping
+  // after the file shrank below it kills the process with SIGBUS, so map
+  // only files nobody may shrink meanwhile (opened with reader locks) and
+  // check sizes first. NotSupported (the default) when the file system
+  // cannot: the in-memory and fault-injecting ones decline, so that their
+  // reads keep going through ReadAt(); an mmap failure is an IOError.
+  // Either way the caller can fall back to ReadAt().
+  virtual Result<std::unique_ptr<FileMapping>> Map(uint64_t offset_bytes, uint64_t length_bytes) {
+    (void)offset_bytes;
+    (void)length_bytes;
+    return Status::NotSupported(path() + ": cannot be mapped");
   }
   // Takes the byte-range locks of `request`; kBusy, naming the byte, when a
   // probed byte is locked through another open of the same file (in this

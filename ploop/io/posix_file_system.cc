@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/sysmacros.h>
@@ -23,6 +24,22 @@ namespace {
 std::string At(std::string_view what, const std::string& path, uint64_t offset) {
   return std::string(what) + " " + path + " at " + std::to_string(offset);
 }
+
+class PosixMapping final : public FileMapping {
+ public:
+  PosixMapping(void* base, size_t length, size_t skip, size_t size)
+      : base_(base), length_(length), skip_(skip), size_(size) {}
+  ~PosixMapping() override { ::munmap(base_, length_); }
+  std::span<const std::byte> data() const override {
+    return std::span<const std::byte>(static_cast<const std::byte*>(base_) + skip_, size_);
+  }
+
+ private:
+  void* base_;     // page-aligned start of the mapping
+  size_t length_;  // mapped bytes from base_
+  size_t skip_;    // from base_ to the first byte asked for
+  size_t size_;    // bytes asked for
+};
 
 class PosixFile final : public BlockFile {
  public:
@@ -152,6 +169,26 @@ class PosixFile final : public BlockFile {
     // for it. Advice only: an error changes nothing a reader sees.
     (void)::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
                           POSIX_FADV_WILLNEED);
+  }
+
+  Result<std::unique_ptr<FileMapping>> Map(uint64_t offset, uint64_t length) override {
+    ASSIGN_OR_RETURN(uint64_t size, Size());
+    if (length == 0 || offset > size || length > size - offset) {
+      return Status::InvalidArgument(
+          At("map " + std::to_string(length) + " bytes of", path_, offset) +
+          ": not inside the file (" + std::to_string(size) + " bytes)");
+    }
+    static const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    const uint64_t start = offset / page * page;
+    const size_t mapped = static_cast<size_t>(offset + length - start);
+    void* p = ::mmap(nullptr, mapped, PROT_READ, MAP_SHARED, fd_, static_cast<off_t>(start));
+    if (p == MAP_FAILED) {
+      if (errno == ENODEV) return Status::NotSupported(path_ + ": the file system cannot map it");
+      return Status::FromErrno(errno, At("map", path_, offset));
+    }
+    // Advice only: readahead in large steps when a fault misses the cache.
+    (void)::madvise(p, mapped, MADV_SEQUENTIAL);
+    return std::unique_ptr<FileMapping>(new PosixMapping(p, mapped, offset - start, length));
   }
 
   Status Lock(const LockRequest& request) override {

@@ -16,6 +16,10 @@
 #   - bad streams: garbage, a truncated header, a flipped bit, a stream cut
 #     short, a wrong or missing base, a disk already there -- each refused
 #     with its documented exit code and one line on stderr;
+#   - the zero-copy sender: the same stream bytes spliced into a pipe
+#     from the mapped deltas, written into a file, and read with pread; a
+#     delta cut short under the sender gives one line and exit 5 or 7 (a
+#     SIGBUS on the mapping is caught), not a crash;
 #   - progress: --progress=json lines on stderr; nothing on stderr by
 #     default when it is not a terminal.
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -117,6 +121,19 @@ for g in "$S1" "$S2" "$S3" top; do same_snapshot a c "$g"; done
 received_ok c
 assert_eq "$(chain_of c | tr '\n' ' ')" "$S1 $S2 $S3 $TOP_GUID " "chain of the layered copy"
 qemu_same c/root.hds a.ref/"$S1".raw
+
+note "the same stream bytes spliced into a pipe, written into a file, and read with pread"
+# The sender maps the delta files and vmsplices stored data into a pipe;
+# PLOOP_SEND_NO_MAP / PLOOP_SEND_NO_SPLICE make it read with pread and copy
+# with write(). A slow reader makes the splices partial.
+expect_ok bash -c "set -o pipefail; '$PLOOP' send a | cat > '$TMP/s.pipe'"
+expect_ok bash -c "'$PLOOP' send a > '$TMP/s.file'"
+expect_ok bash -c "set -o pipefail; PLOOP_SEND_NO_MAP=1 PLOOP_SEND_NO_SPLICE=1 '$PLOOP' send a | cat > '$TMP/s.pread'"
+expect_ok bash -c "set -o pipefail; '$PLOOP' send -u '$S2' --from '$S1' a | (sleep 0.3; cat) > '$TMP/i.pipe'"
+expect_ok bash -c "PLOOP_SEND_NO_MAP=1 '$PLOOP' send -u '$S2' --from '$S1' a > '$TMP/i.pread'"
+cmp "$TMP/s.pipe" "$TMP/s.file" || fail "the piped stream differs from the one written to a file"
+cmp "$TMP/s.pipe" "$TMP/s.pread" || fail "the stream of the mapped source differs from the pread one"
+cmp "$TMP/i.pipe" "$TMP/i.pread" || fail "the incremental streams differ"
 
 # --- two hosts ------------------------------------------------------------------------
 note "two hosts, two folders, one pipe: a full stream and three incremental ones"
@@ -287,6 +304,31 @@ pl receive --resume bad8 <cont.stream
 same_snapshot a bad8 "$S1"
 # send refuses a base that is not an ancestor.
 expect_error 2 "$PLOOP" send -u "$S1" --from "$S2" a
+
+note "a delta cut short under the sender: one line and an error code, not a crash"
+# Only a writer ignoring the reader locks can do this. The sender maps the
+# deltas; depending on how far it got it meets the short files as a short
+# pread or a BAT past the end (exit 5), or as SIGBUS or EFAULT on its
+# mapping (exit 7) -- never a "Bus error" core dump. The FIFO holds the
+# sender back: the first bytes read (the header: the chain is open, the
+# data mapped) then nothing until the files were cut.
+cp -r a trunc
+mkfifo trunc.fifo
+"$PLOOP" send trunc >trunc.fifo 2>trunc.err &
+sender=$!
+exec 3<trunc.fifo
+head -c 1 <&3 >/dev/null
+for f in trunc/root.hds*; do truncate -s $((64 * KiB)) "$f"; done
+cat <&3 >/dev/null
+exec 3<&-
+set +e
+wait "$sender"
+rc=$?
+set -e
+[[ $rc == 5 || $rc == 7 ]] || fail "send of a cut delta: exit code $rc, expected 5 or 7: $(<trunc.err)"
+[[ $(wc -l <trunc.err) == 1 && $(<trunc.err) == "ploop send: "* ]] ||
+  fail "send of a cut delta: not one line of error: $(<trunc.err)"
+echo "  the sender said: $(<trunc.err) (exit $rc)"
 
 note "progress: JSON lines on request, quiet otherwise"
 run bash -c "'$PLOOP' send --progress=json -u '$S1' a | '$PLOOP' receive --progress=json p"

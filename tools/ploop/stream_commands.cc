@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <csignal>
+#include <cstdlib>
 #include <iostream>
 
 #include "cli_common.h"
@@ -18,6 +19,7 @@
 #include "ploop/path.h"
 #include "progress.h"
 #include "snapshot/stream.h"
+#include "stream_fd.h"
 #include "units.h"
 
 namespace ploop::cli {
@@ -31,26 +33,6 @@ void WidenPipe(int fd) {
   struct stat st;
   if (::fstat(fd, &st) == 0 && S_ISFIFO(st.st_mode)) ::fcntl(fd, F_SETPIPE_SZ, 1 << 20);
 }
-
-class FdWriter final : public StreamWriter {
- public:
-  explicit FdWriter(int fd) : fd_(fd) {}
-  Status Write(std::span<const std::byte> data) override {
-    while (!data.empty()) {
-      ssize_t n = ::write(fd_, data.data(), data.size());
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return Status::FromErrno(
-            errno, errno == EPIPE ? "write to stdout (the receiver went away)" : "write to stdout");
-      }
-      data = data.subspan(static_cast<size_t>(n));
-    }
-    return Status::Ok();
-  }
-
- private:
-  int fd_;
-};
 
 // Reads stdin; Cancel() wakes a read blocked on a quiet pipe (through a
 // self-pipe), so the receiver can stop without waiting for the sender.
@@ -90,6 +72,19 @@ class FdReader final : public StreamReader {
   int fd_;
   int wake_[2];
 };
+
+// SIGBUS while sending: a mapped delta file (MappedSource in
+// snapshot/stream_source.h) shrank under the sender, which only a writer
+// ignoring our reader locks can do. The stream is lost either way; say so
+// in one line and exit with the I/O code instead of dying with "Bus error".
+// Only async-signal-safe calls.
+void OnSendSigbus(int) {
+  static const char kMessage[] =
+      "ploop send: read a delta file: it was truncated while being sent (SIGBUS); another "
+      "program is writing to the disk despite its locks\n";
+  (void)!::write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
+  ::_exit(kExitIo);
+}
 
 // One line, the documented exit code. Not Fail(): its "run 'ploop check'"
 // hint for corrupt images does not fit a corrupt stream.
@@ -162,6 +157,7 @@ int RunSend(const SendArgs& args) {
   }
   // A receiver that goes away is an EPIPE from write(), not a signal.
   std::signal(SIGPIPE, SIG_IGN);
+  std::signal(SIGBUS, OnSendSigbus);
   WidenPipe(STDOUT_FILENO);
   SendOptions options;
   options.guid = args.guid;
@@ -171,7 +167,11 @@ int RunSend(const SendArgs& args) {
   options.compress = !args.no_compress;
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
-  FdWriter out(STDOUT_FILENO);
+  // PLOOP_SEND_NO_SPLICE / PLOOP_SEND_NO_MAP: the copying paths (write(),
+  // pread), for comparisons (tests, tools/bench/README.md); the stream's
+  // bytes are the same.
+  FdStreamWriter out(STDOUT_FILENO, "stdout", std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);
+  options.map_source = std::getenv("PLOOP_SEND_NO_MAP") == nullptr;
   auto sent = SendStream(DefaultFileSystem(), dd_path, out, options, LoadOptions());
   bar.Finish();
   if (!sent.ok()) return StreamFail("send", sent.error());

@@ -1,0 +1,360 @@
+// The sender's zero-copy paths, on real files (label posix):
+//   - a source read through read-only mappings (MappedSource, the
+//     default for POSIX files) gives byte-identical streams to the pread
+//     path and to the same disk on the in-memory file system, for full,
+//     incremental and layered streams of a chain whose runs come from
+//     several layers; stored data reaches the writer as stable (mapped)
+//     spans only on the mapped path;
+//   - MappedSource itself: every cluster of every level reads as pread
+//     reads it, across many small windows; a cluster the BAT places past
+//     the end of its (truncated) file is not mapped;
+//   - FdStreamWriter: vmsplice into a tiny pipe drained by a slow reader
+//     (every vmsplice partial) and write() into a regular file give the
+//     same bytes as the plain writes; Drain() returns once the reader took
+//     everything; a pipe without reader is an error, not a hang.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "ploop/chain.h"
+#include "ploop/io/memory_file_system.h"
+#include "ploop/io/posix_file_system.h"
+#include "snapshot/snapshot.h"
+#include "snapshot/stream.h"
+#include "snapshot/stream_format.h"
+#include "snapshot/stream_source.h"
+#include "snapshot_support.h"
+#include "stream_fd.h"
+#include "test_support.h"
+
+namespace ploop {
+namespace {
+
+using namespace snaptest;
+using testing::TempDir;
+using testing::TestRng;
+
+constexpr uint64_t kCb = 32 * kKiB;
+constexpr uint64_t kClusters = 2000;  // 62.5 MiB, several 4 MiB chunks
+
+const std::string kS1 = "{11111111-1111-4111-8111-111111111111}";
+const std::string kS2 = "{22222222-2222-4222-8222-222222222222}";
+
+// Records what the sender writes, and how much of it came as stable
+// (mapped) spans.
+class RecordingWriter final : public StreamWriter {
+ public:
+  Status Write(std::span<const std::byte> data) override {
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return Status::Ok();
+  }
+  Status WriteStable(std::span<const std::byte> data) override {
+    stable_bytes += data.size();
+    return Write(data);
+  }
+  Bytes bytes;
+  uint64_t stable_bytes = 0;
+};
+
+// Random clusters (incompressible), compressible ones (1 KiB random, 3 KiB
+// zeros per 4 KiB), zero clusters written explicitly, over two snapshots
+// and a top, so that a flattened run takes clusters from every layer.
+// Deterministic for `seed`, whatever the file system.
+void MakeChain(FileSystem& fs, const std::string& dir, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  auto bytes = [&](size_t n, bool compressible) {
+    Bytes b(n);
+    for (size_t i = 0; i < n; ++i) {
+      b[i] = (compressible && i % 4096 >= 1024) ? std::byte{0} : std::byte(gen() & 0xff);
+    }
+    return b;
+  };
+  CreateOptions o;
+  o.size_bytes = kClusters * kCb;
+  o.cluster_bytes = kCb;
+  REQUIRE_OK(CreateDisk(fs, dir + "/root.hds", o));
+  const std::string dd = dir + "/DiskDescriptor.xml";
+  auto write = [&](uint64_t cluster, const Bytes& data) {
+    auto chain = OpenTop(fs, dd);
+    REQUIRE_OK(chain->Write(cluster * kCb, data));
+    REQUIRE_OK(chain->Close());
+  };
+  // Level 0: the first 256 clusters random (chunks that go out stored
+  // whatever the seed: nothing compressible is written there), then runs
+  // of data between holes, some compressible, some zeros.
+  write(0, bytes(256 * kCb, false));
+  for (uint64_t i = 256; i < kClusters;) {
+    const uint64_t run = 1 + gen() % 300;
+    const uint64_t n = std::min(run, kClusters - i);
+    switch (gen() % 4) {
+      case 0:
+        break;  // a hole
+      case 1:
+        write(i, Bytes(n * kCb));  // explicit zeros: allocated, not sent
+        break;
+      case 2:
+        write(i, bytes(n * kCb, true));
+        break;
+      default:
+        write(i, bytes(n * kCb, false));
+    }
+    i += n;
+  }
+  REQUIRE_OK(CreateSnapshot(fs, dd, kS1).status());
+  // Level 1 and the top: scattered clusters over the runs below.
+  for (int k = 0; k < 60; ++k) {
+    const uint64_t i = gen() % kClusters;
+    write(i, bytes(kCb, i >= 256 && gen() % 2 == 0));
+  }
+  REQUIRE_OK(CreateSnapshot(fs, dd, kS2).status());
+  for (int k = 0; k < 60; ++k) {
+    const uint64_t i = gen() % (kClusters - 4);
+    write(i, bytes(4 * kCb, i >= 256 && gen() % 2 == 0));
+  }
+}
+
+Bytes SendWith(FileSystem& fs, const std::string& dd, SendOptions options, bool map,
+               uint64_t* stable = nullptr) {
+  options.map_source = map;
+  RecordingWriter out;
+  REQUIRE_OK(SendStream(fs, dd, out, options).status());
+  if (stable != nullptr) *stable = out.stable_bytes;
+  return out.bytes;
+}
+
+TEST_SUITE_BEGIN("posix");
+
+TEST_CASE("stream: a mapped source sends the same bytes as pread and the in-memory disk") {
+  TestRng rng;
+  TempDir tmp;
+  PosixFileSystem posix;
+  MemoryFileSystem mem;
+  const std::string dir = tmp / "src";
+  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+  MakeChain(posix, dir, rng.seed());
+  MakeChain(mem, "src", rng.seed());
+  const std::string dd = dir + "/DiskDescriptor.xml";
+
+  // Whether stored data must come from the mappings (flattened layouts
+  // with chunks that do not compress), must not (the layered layout reads
+  // into buffers), or may (chunks that mix data compress).
+  enum Stable { kYes, kNo, kMaybe };
+  struct Case {
+    const char* name;
+    SendOptions options;
+    Stable stores_mapped;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"full top", SendOptions{}, kYes});
+  cases.push_back({"full top, no lz4", SendOptions{}, kYes});
+  cases.back().options.compress = false;
+  cases.push_back({"full S2", SendOptions{}, kYes});
+  cases.back().options.guid = kS2;
+  cases.push_back({"incremental S1 to top", SendOptions{}, kMaybe});
+  cases.back().options.from_guid = kS1;
+  cases.push_back({"incremental S1 to top, no lz4", SendOptions{}, kYes});
+  cases.back().options.from_guid = kS1;
+  cases.back().options.compress = false;
+  cases.push_back({"layered", SendOptions{}, kNo});
+  cases.back().options.layout = StreamLayout::kLayers;
+  for (const Case& c : cases) {
+    INFO(std::string(c.name));
+    uint64_t stable_mapped = 0;
+    uint64_t stable_read = 0;
+    const Bytes mapped = SendWith(posix, dd, c.options, true, &stable_mapped);
+    const Bytes read = SendWith(posix, dd, c.options, false, &stable_read);
+    const Bytes memory = SendWith(mem, "src/DiskDescriptor.xml", c.options, true);
+    CHECK(mapped.size() > 0);
+    CHECK(mapped == read);
+    CHECK(mapped == memory);
+    CHECK(stable_read == 0);
+    if (c.stores_mapped == kYes) CHECK(stable_mapped > 0);
+    if (c.stores_mapped == kNo) CHECK(stable_mapped == 0);
+  }
+}
+
+TEST_CASE("stream: MappedSource maps every cluster as pread reads it, window after window") {
+  TestRng rng;
+  TempDir tmp;
+  PosixFileSystem posix;
+  const std::string dir = tmp / "src";
+  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+  MakeChain(posix, dir, rng.seed());
+  const std::string dd = dir + "/DiskDescriptor.xml";
+  REQUIRE_ASSIGN(auto chain, OpenDisk(posix, dd, "", OpenOptions{}));
+  stream::SourceChain source(*chain);
+  // Windows of two clusters: most clusters need a new one.
+  stream::MappedSource mapped(source, true, 2 * kCb);
+  stream::MappedSource disabled(source, false);
+  Bytes expect(kCb);
+  uint64_t checked = 0;
+  std::vector<std::shared_ptr<const FileMapping>> kept;
+  for (int level = 0; level < source.levels(); ++level) {
+    for (uint64_t i = 0; i < source.level_clusters(level); ++i) {
+      if (!source.Holds(level, i)) continue;
+      auto piece = mapped.Cluster(level, i);
+      REQUIRE(piece.data != nullptr);
+      CHECK(disabled.Cluster(level, i).data == nullptr);
+      REQUIRE_OK(source.file(level)->ReadAt(*source.FileOffset(level, i), expect));
+      CHECK(std::memcmp(piece.data, expect.data(), kCb) == 0);
+      // A piece keeps its window mapped after the source moved on.
+      if (kept.size() < 8) kept.push_back(piece.mapping);
+      ++checked;
+    }
+  }
+  CHECK(checked >= 256);  // at least level 0's first run
+  for (const auto& m : kept) CHECK(m->data().size() >= kCb);
+
+  // A file cut below a cluster its BAT points to: that cluster is not
+  // mapped (touching it would raise SIGBUS); pread reports it.
+  const int top = source.levels() - 1;
+  uint64_t last = 0;
+  uint64_t last_offset = 0;
+  for (uint64_t i = 0; i < source.level_clusters(top); ++i) {
+    auto offset = source.FileOffset(top, i);
+    if (offset && *offset >= last_offset) {
+      last = i;
+      last_offset = *offset;
+    }
+  }
+  REQUIRE(last_offset > 0);
+  REQUIRE(::truncate(source.layer(top).path().c_str(), static_cast<off_t>(last_offset + kCb / 2)) ==
+          0);
+  stream::MappedSource after(source, true);
+  CHECK(after.Cluster(top, last).data == nullptr);
+  CHECK(!source.file(top)->ReadAt(last_offset, expect).ok());
+}
+
+// --- FdStreamWriter -------------------------------------------------------------
+
+// A mapped file of random bytes, and the writes a sender would make of it:
+// headers from a buffer, payload spans from the mapping.
+struct Fixture {
+  TempDir tmp;
+  PosixFileSystem posix;
+  Bytes content;
+  std::unique_ptr<BlockFile> file;
+  std::unique_ptr<FileMapping> mapping;
+
+  explicit Fixture(TestRng& rng) : content(rng.Bytes(3 * kMiB + 5000)) {
+    auto created = posix.Create(tmp / "data", true);
+    REQUIRE_OK(created);
+    file = std::move(*created);
+    REQUIRE_OK(file->WriteAt(0, content));
+    // Not from offset 0 and not page-aligned at the end.
+    auto m = file->Map(4096, content.size() - 4096 - 777);
+    REQUIRE_OK(m);
+    mapping = std::move(*m);
+  }
+  // Plays the sequence into `w`; returns the bytes it must produce.
+  Bytes Play(cli::FdStreamWriter& w) {
+    Bytes expect;
+    const auto data = mapping->data();
+    auto header = [&](size_t n, uint8_t v) {
+      Bytes h(n, std::byte{v});
+      REQUIRE_OK(w.Write(h));
+      expect.insert(expect.end(), h.begin(), h.end());
+    };
+    auto stable = [&](size_t offset, size_t n) {
+      REQUIRE_OK(w.WriteStable(data.subspan(offset, n)));
+      expect.insert(expect.end(), data.begin() + offset, data.begin() + offset + n);
+    };
+    header(100, 1);
+    stable(0, 1 * kMiB);
+    header(7, 2);
+    stable(1 * kMiB + 123, 1 * kMiB + 4000);  // unaligned start and length
+    stable(100, 10);
+    header(4096 * 3, 3);
+    stable(2 * kMiB + 5000, data.size() - 2 * kMiB - 5000);
+    return expect;
+  }
+};
+
+TEST_CASE("stream: vmsplice into a tiny pipe and write into a file give the same bytes") {
+  TestRng rng;
+  Fixture f(rng);
+  int p[2];
+  REQUIRE(::pipe(p) == 0);
+  // One page: every vmsplice moves at most a page and returns partial;
+  // the reader takes small bites and yields, so the writer keeps waiting.
+  REQUIRE(::fcntl(p[1], F_SETPIPE_SZ, 4096) >= 0);
+  Bytes got;
+  std::thread reader([&] {
+    std::byte buf[1000];
+    for (;;) {
+      ssize_t n = ::read(p[0], buf, sizeof(buf));
+      if (n <= 0) break;
+      got.insert(got.end(), buf, buf + n);
+      std::this_thread::yield();
+    }
+  });
+  cli::FdStreamWriter pipe_writer(p[1], "pipe");
+  const Bytes expect = f.Play(pipe_writer);
+  REQUIRE_OK(pipe_writer.Drain());
+  const uint64_t stable = expect.size() - 100 - 7 - 4096 * 3;
+  CHECK(pipe_writer.spliced_bytes() == stable);
+  CHECK(pipe_writer.written_bytes() == expect.size() - stable);
+  ::close(p[1]);
+  reader.join();
+  ::close(p[0]);
+  CHECK(got.size() == expect.size());
+  CHECK(got == expect);
+
+  // A regular file: vmsplice is never tried; the same bytes.
+  const std::string out_path = f.tmp / "out";
+  int fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  REQUIRE(fd >= 0);
+  cli::FdStreamWriter file_writer(fd, "file");
+  CHECK(f.Play(file_writer) == expect);
+  REQUIRE_OK(file_writer.Drain());
+  CHECK(file_writer.spliced_bytes() == 0);
+  ::close(fd);
+  auto out = f.posix.Open(out_path, OpenMode::kReadOnly);
+  REQUIRE_OK(out);
+  Bytes written(expect.size());
+  REQUIRE_OK((*out)->ReadAt(0, written));
+  CHECK(written == expect);
+
+  // Splicing turned off: a pipe gets plain writes.
+  REQUIRE(::pipe(p) == 0);
+  got.clear();
+  std::thread reader2([&] {
+    std::byte buf[65536];
+    for (ssize_t n; (n = ::read(p[0], buf, sizeof(buf))) > 0;) got.insert(got.end(), buf, buf + n);
+  });
+  cli::FdStreamWriter plain(p[1], "pipe", false);
+  CHECK(f.Play(plain) == expect);
+  CHECK(plain.spliced_bytes() == 0);
+  ::close(p[1]);
+  reader2.join();
+  ::close(p[0]);
+  CHECK(got == expect);
+}
+
+TEST_CASE("stream: a pipe whose reader went away fails WriteStable and Drain returns") {
+  TestRng rng;
+  Fixture f(rng);
+  int p[2];
+  REQUIRE(::pipe(p) == 0);
+  REQUIRE(::fcntl(p[1], F_SETPIPE_SZ, 4096) >= 0);
+  cli::FdStreamWriter w(p[1], "pipe");
+  // Fill the pipe with spliced pages, then lose the reader.
+  REQUIRE_OK(w.WriteStable(f.mapping->data().first(4096)));
+  ::close(p[0]);
+  std::signal(SIGPIPE, SIG_IGN);
+  Status s = w.WriteStable(f.mapping->data().subspan(4096, 8192));
+  CHECK(!s.ok());
+  CHECK(s.message().find("receiver went away") != std::string::npos);
+  CHECK(w.Drain().ok());  // unread pages, but nobody left to read them
+  ::close(p[1]);
+}
+
+TEST_SUITE_END();
+
+}  // namespace
+}  // namespace ploop

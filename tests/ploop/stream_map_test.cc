@@ -8,10 +8,8 @@
 //   - MappedSource itself: every cluster of every level reads as pread
 //     reads it, across many small windows; a cluster the BAT places past
 //     the end of its (truncated) file is not mapped;
-//   - FdStreamWriter: vmsplice into a tiny pipe drained by a slow reader
-//     (every vmsplice partial) and write() into a regular file give the
-//     same bytes as the plain writes; Drain() returns once the reader took
-//     everything; a pipe without reader is an error, not a hang.
+// (FdStreamWriter, which vmsplices into the pipe: tests/mount-helper/
+// stream_fd_test.cc.)
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -29,7 +27,6 @@
 #include "snapshot/stream_format.h"
 #include "snapshot/stream_source.h"
 #include "snapshot_support.h"
-#include "stream_fd.h"
 #include "test_support.h"
 
 namespace ploop {
@@ -228,130 +225,6 @@ TEST_CASE("stream: MappedSource maps every cluster as pread reads it, window aft
   stream::MappedSource after(source, true);
   CHECK(after.Cluster(top, last).data == nullptr);
   CHECK(!source.file(top)->ReadAt(last_offset, expect).ok());
-}
-
-// --- FdStreamWriter -------------------------------------------------------------
-
-// A mapped file of random bytes, and the writes a sender would make of it:
-// headers from a buffer, payload spans from the mapping.
-struct Fixture {
-  TempDir tmp;
-  PosixFileSystem posix;
-  Bytes content;
-  std::unique_ptr<BlockFile> file;
-  std::unique_ptr<FileMapping> mapping;
-
-  explicit Fixture(TestRng& rng) : content(rng.Bytes(3 * kMiB + 5000)) {
-    auto created = posix.Create(tmp / "data", true);
-    REQUIRE_OK(created);
-    file = std::move(*created);
-    REQUIRE_OK(file->WriteAt(0, content));
-    // Not from offset 0 and not page-aligned at the end.
-    auto m = file->Map(4096, content.size() - 4096 - 777);
-    REQUIRE_OK(m);
-    mapping = std::move(*m);
-  }
-  // Plays the sequence into `w`; returns the bytes it must produce.
-  Bytes Play(cli::FdStreamWriter& w) {
-    Bytes expect;
-    const auto data = mapping->data();
-    auto header = [&](size_t n, uint8_t v) {
-      Bytes h(n, std::byte{v});
-      REQUIRE_OK(w.Write(h));
-      expect.insert(expect.end(), h.begin(), h.end());
-    };
-    auto stable = [&](size_t offset, size_t n) {
-      REQUIRE_OK(w.WriteStable(data.subspan(offset, n)));
-      expect.insert(expect.end(), data.begin() + offset, data.begin() + offset + n);
-    };
-    header(100, 1);
-    stable(0, 1 * kMiB);
-    header(7, 2);
-    stable(1 * kMiB + 123, 1 * kMiB + 4000);  // unaligned start and length
-    stable(100, 10);
-    header(4096 * 3, 3);
-    stable(2 * kMiB + 5000, data.size() - 2 * kMiB - 5000);
-    return expect;
-  }
-};
-
-TEST_CASE("stream: vmsplice into a tiny pipe and write into a file give the same bytes") {
-  TestRng rng;
-  Fixture f(rng);
-  int p[2];
-  REQUIRE(::pipe(p) == 0);
-  // One page: every vmsplice moves at most a page and returns partial;
-  // the reader takes small bites and yields, so the writer keeps waiting.
-  REQUIRE(::fcntl(p[1], F_SETPIPE_SZ, 4096) >= 0);
-  Bytes got;
-  std::thread reader([&] {
-    std::byte buf[1000];
-    for (;;) {
-      ssize_t n = ::read(p[0], buf, sizeof(buf));
-      if (n <= 0) break;
-      got.insert(got.end(), buf, buf + n);
-      std::this_thread::yield();
-    }
-  });
-  cli::FdStreamWriter pipe_writer(p[1], "pipe");
-  const Bytes expect = f.Play(pipe_writer);
-  REQUIRE_OK(pipe_writer.Drain());
-  const uint64_t stable = expect.size() - 100 - 7 - 4096 * 3;
-  CHECK(pipe_writer.spliced_bytes() == stable);
-  CHECK(pipe_writer.written_bytes() == expect.size() - stable);
-  ::close(p[1]);
-  reader.join();
-  ::close(p[0]);
-  CHECK(got.size() == expect.size());
-  CHECK(got == expect);
-
-  // A regular file: vmsplice is never tried; the same bytes.
-  const std::string out_path = f.tmp / "out";
-  int fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  REQUIRE(fd >= 0);
-  cli::FdStreamWriter file_writer(fd, "file");
-  CHECK(f.Play(file_writer) == expect);
-  REQUIRE_OK(file_writer.Drain());
-  CHECK(file_writer.spliced_bytes() == 0);
-  ::close(fd);
-  auto out = f.posix.Open(out_path, OpenMode::kReadOnly);
-  REQUIRE_OK(out);
-  Bytes written(expect.size());
-  REQUIRE_OK((*out)->ReadAt(0, written));
-  CHECK(written == expect);
-
-  // Splicing turned off: a pipe gets plain writes.
-  REQUIRE(::pipe(p) == 0);
-  got.clear();
-  std::thread reader2([&] {
-    std::byte buf[65536];
-    for (ssize_t n; (n = ::read(p[0], buf, sizeof(buf))) > 0;) got.insert(got.end(), buf, buf + n);
-  });
-  cli::FdStreamWriter plain(p[1], "pipe", false);
-  CHECK(f.Play(plain) == expect);
-  CHECK(plain.spliced_bytes() == 0);
-  ::close(p[1]);
-  reader2.join();
-  ::close(p[0]);
-  CHECK(got == expect);
-}
-
-TEST_CASE("stream: a pipe whose reader went away fails WriteStable and Drain returns") {
-  TestRng rng;
-  Fixture f(rng);
-  int p[2];
-  REQUIRE(::pipe(p) == 0);
-  REQUIRE(::fcntl(p[1], F_SETPIPE_SZ, 4096) >= 0);
-  cli::FdStreamWriter w(p[1], "pipe");
-  // Fill the pipe with spliced pages, then lose the reader.
-  REQUIRE_OK(w.WriteStable(f.mapping->data().first(4096)));
-  ::close(p[0]);
-  std::signal(SIGPIPE, SIG_IGN);
-  Status s = w.WriteStable(f.mapping->data().subspan(4096, 8192));
-  CHECK(!s.ok());
-  CHECK(s.message().find("receiver went away") != std::string::npos);
-  CHECK(w.Drain().ok());  // unread pages, but nobody left to read them
-  ::close(p[1]);
 }
 
 TEST_SUITE_END();

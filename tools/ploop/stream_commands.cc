@@ -15,11 +15,11 @@
 
 #include "cli_common.h"
 #include "commands.h"
+#include "mount-helper/stream_fd.h"
 #include "ploop/disk.h"
 #include "ploop/path.h"
 #include "progress.h"
 #include "snapshot/stream.h"
-#include "stream_fd.h"
 #include "units.h"
 
 namespace ploop::cli {
@@ -170,7 +170,8 @@ int RunSend(const SendArgs& args) {
   // PLOOP_SEND_NO_SPLICE / PLOOP_SEND_NO_MAP: the copying paths (write(),
   // pread), for comparisons (tests, tools/bench/README.md); the stream's
   // bytes are the same.
-  FdStreamWriter out(STDOUT_FILENO, "stdout", std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);
+  mount::FdStreamWriter out(STDOUT_FILENO, "stdout",
+                            std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);
   options.map_source = std::getenv("PLOOP_SEND_NO_MAP") == nullptr;
   auto sent = SendStream(DefaultFileSystem(), dd_path, out, options, LoadOptions());
   bar.Finish();

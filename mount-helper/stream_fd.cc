@@ -7,7 +7,7 @@
 // The pages are referenced, not copied: the caller's mapping may go once
 // vmsplice() returned, but the file's content must not change until the
 // reader took them (Drain()).
-#include "stream_fd.h"
+#include "mount-helper/stream_fd.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -18,7 +18,7 @@
 
 #include <cerrno>
 
-namespace ploop::cli {
+namespace ploop::mount {
 
 FdStreamWriter::FdStreamWriter(int fd, std::string what, bool splice)
     : fd_(fd), what_(std::move(what)), splice_(splice) {
@@ -81,4 +81,4 @@ Status FdStreamWriter::Drain() {
   }
 }
 
-}  // namespace ploop::cli
+}  // namespace ploop::mount

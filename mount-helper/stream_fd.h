@@ -6,8 +6,8 @@
 // read() copies them out once. When vmsplice is refused (not a pipe, a
 // kernel or sandbox without it) the writer falls back to write() for good.
 //
-// Lives in tools/ because the CLI owns the descriptors and the pipe tuning;
-// compiled into ploop_tests too (stream_fd_test.cc).
+// In mount-helper/ with the other code that talks to the kernel beyond
+// plain file I/O (Drain() asks the pipe how much is unread, an ioctl).
 //
 // Thread-safety: one thread at a time. The descriptor stays the caller's.
 #pragma once
@@ -18,7 +18,7 @@
 
 #include "snapshot/stream.h"
 
-namespace ploop::cli {
+namespace ploop::mount {
 
 class FdStreamWriter final : public StreamWriter {
  public:
@@ -49,4 +49,4 @@ class FdStreamWriter final : public StreamWriter {
   uint64_t written_bytes_ = 0;
 };
 
-}  // namespace ploop::cli
+}  // namespace ploop::mount

@@ -25,17 +25,6 @@ dd if="$TMP/base.bin" of="$dev" bs=1M oflag=direct status=none
 pl umount "$dev"
 pl snapshot "$dd"
 
-fio_verify() { # fio_verify NAME ARGS...: fails the test on any fio error
-  local name=$1
-  shift
-  run fio --name="$name" --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --output-format=terse "$@"
-  [[ $RC == 0 ]] || fail "fio $name failed ($RC): $(tail -c 2000 "$TMP/.err") $(tail -c 500 "$TMP/.out")"
-  # Terse lines ("3;fio-...;"): field 5 is the job's error code.
-  [[ $(grep '^3;' <<<"$OUT" | cut -d';' -f5 | sort -u) == 0 ]] ||
-    fail "fio $name reported an error: $(grep -v '^3;' <<<"$OUT")"
-}
-
 pl mount "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")

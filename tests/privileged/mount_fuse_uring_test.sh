@@ -23,17 +23,6 @@ if $have_uring; then
   trap 'rc=$?; echo "$param_before" >"$param" 2>/dev/null || true; _mount_cleanup; (exit $rc); _cleanup' EXIT
 fi
 
-fio_verify() { # fio_verify NAME ARGS...: fails the test on any fio error
-  local name=$1
-  shift
-  run fio --name="$name" --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
-    --do_verify=1 --output-format=terse "$@"
-  [[ $RC == 0 ]] || fail "fio $name failed ($RC): $(tail -c 2000 "$TMP/.err") $(tail -c 500 "$TMP/.out")"
-  # Terse lines ("3;fio-...;"): field 5 is the job's error code.
-  [[ $(grep '^3;' <<<"$OUT" | cut -d';' -f5 | sort -u) == 0 ]] ||
-    fail "fio $name reported an error: $(grep -v '^3;' <<<"$OUT")"
-}
-
 # status DEVICE KEY: a field of the daemon's status (its control socket).
 status() {
   python3 - "$(field_of "$1" socket)" "$2" <<'PY'

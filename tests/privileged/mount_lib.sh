@@ -129,3 +129,16 @@ with open(sys.argv[1], "wb") as f:
     for _ in range(int(sys.argv[2])):
         f.write(r.randbytes(1 << 20))' "$1" "$2" "$3"
 }
+
+# fio_verify NAME ARGS...: fio with a crc32c checksum in every block, read
+# back and verified; fails the test on any fio error.
+fio_verify() {
+  local name=$1
+  shift
+  run fio --name="$name" --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
+    --do_verify=1 --output-format=terse "$@"
+  [[ $RC == 0 ]] || fail "fio $name failed ($RC): $(tail -c 2000 "$TMP/.err") $(tail -c 500 "$TMP/.out")"
+  # Terse lines ("3;fio-...;"): field 5 is the job's error code.
+  [[ $(grep '^3;' <<<"$OUT" | cut -d';' -f5 | sort -u) == 0 ]] ||
+    fail "fio $name reported an error: $(grep -v '^3;' <<<"$OUT")"
+}

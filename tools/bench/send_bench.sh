@@ -33,9 +33,10 @@
 # The ratio is qemu-img's time over ours, i.e. our throughput relative to
 # qemu-img's (target >= 1.0x).
 #
-# Before every timed command: `sync`, the page cache dropped (CACHE=cold,
-# the default when /proc/sys/vm/drop_caches is writable; CACHE=warm reads
-# the source into the cache instead), both programs loaded once. Every
+# Before every timed command: `sync`, the page cache dropped (when
+# /proc/sys/vm/drop_caches is writable), the source read into it for
+# CACHE=warm (CACHE=cold, the default when the cache can be dropped, leaves
+# it out), both programs loaded once. Every
 # command writes a new output (dst.N, dst.N.hds), and the outputs are
 # removed after the last round: removing an output just before a timed
 # command (on a file system mounted with discard) slowed that command, and
@@ -180,11 +181,12 @@ if [[ -z "$cache" ]]; then
 fi
 prepare() {
   sync
-  if [[ "$cache" == cold ]]; then
-    echo 3 >/proc/sys/vm/drop_caches
-  else
-    cat "$src/root.hds" >/dev/null
-  fi
+  # Both modes start from the same memory state every round: the page cache
+  # emptied (the earlier rounds' outputs would fill it otherwise, and every
+  # later command would reclaim pages as it writes), then, warm, the source
+  # read into it.
+  if [[ -w /proc/sys/vm/drop_caches ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
+  if [[ "$cache" == warm ]]; then cat "$src/root.hds" >/dev/null; fi
   "$ploop" --version >/dev/null
   qemu-img --version >/dev/null
 }

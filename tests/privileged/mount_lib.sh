@@ -142,3 +142,57 @@ fio_verify() {
   [[ $(grep '^3;' <<<"$OUT" | cut -d';' -f5 | sort -u) == 0 ]] ||
     fail "fio $name reported an error: $(grep -v '^3;' <<<"$OUT")"
 }
+
+# An fsync writer for the online tests. start_writer LOG starts it in the
+# background ($writer is its pid): record i is "record NNNNNNNN " padded to
+# 64 bytes; after its fsync returns, i is written to $TMP/acked (atomically,
+# by rename). stop_writer stops it (and whatever else watches $TMP/stop) and
+# sets $final to the last acknowledged record.
+start_writer() {
+  cat >"$TMP/writer.py" <<'PY'
+import os, sys
+log, acked, stop = sys.argv[1:4]
+fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+i = 0
+while not os.path.exists(stop):
+    i += 1
+    os.write(fd, ("record %08d " % i).ljust(63, "x").encode() + b"\n")
+    os.fsync(fd)
+    with open(acked + ".tmp", "w") as f:
+        f.write(str(i))
+    os.rename(acked + ".tmp", acked)
+PY
+  rm -f "$TMP/stop"
+  python3 "$TMP/writer.py" "$1" "$TMP/acked" "$TMP/stop" &
+  writer=$!
+}
+acked() { cat "$TMP/acked" 2>/dev/null || echo 0; }
+wait_acked() { # wait_acked N: until at least N records are acknowledged
+  local i
+  for ((i = 0; i < 6000; i++)); do
+    (($(acked) >= $1)) && return 0
+    alive "$writer" || fail "the writer died"
+    sleep 0.01
+  done
+  fail "the writer made no progress (acked $(acked), want $1)"
+}
+stop_writer() {
+  touch "$TMP/stop"
+  wait "$writer" || fail "the writer failed"
+  final=$(acked)
+}
+# check_records FILE: records 1..N in order, well-formed; prints N.
+check_records() {
+  python3 - "$1" <<'PY'
+import sys
+data = open(sys.argv[1], "rb").read()
+lines = data.split(b"\n")
+if lines and lines[-1] == b"":
+    lines.pop()
+for n, line in enumerate(lines, 1):
+    want = ("record %08d " % n).ljust(63, "x").encode()
+    if line != want:
+        sys.exit("line %d is %r" % (n, line[:80]))
+print(len(lines))
+PY
+}

@@ -27,49 +27,8 @@ pl mount -m "$m" "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
 
-# writer LOG ACKED STOP: record i is "record NNNNNNNN " padded to 64 bytes;
-# after its fsync returns, i is written to ACKED (atomically, by rename).
-cat >"$TMP/writer.py" <<'PY'
-import os, sys
-log, acked, stop = sys.argv[1:4]
-fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-i = 0
-while not os.path.exists(stop):
-    i += 1
-    os.write(fd, ("record %08d " % i).ljust(63, "x").encode() + b"\n")
-    os.fsync(fd)
-    with open(acked + ".tmp", "w") as f:
-        f.write(str(i))
-    os.rename(acked + ".tmp", acked)
-PY
-acked() { cat "$TMP/acked" 2>/dev/null || echo 0; }
-wait_acked() {  # wait_acked N: until at least N records are acknowledged
-  local i
-  for ((i = 0; i < 6000; i++)); do
-    (($(acked) >= $1)) && return 0
-    alive "$writer" || fail "the writer died"
-    sleep 0.01
-  done
-  fail "the writer made no progress (acked $(acked), want $1)"
-}
-# check_records FILE: records 1..N in order, well-formed; prints N.
-check_records() {
-  python3 - "$1" <<'PY'
-import sys
-data = open(sys.argv[1], "rb").read()
-lines = data.split(b"\n")
-if lines and lines[-1] == b"":
-    lines.pop()
-for n, line in enumerate(lines, 1):
-    want = ("record %08d " % n).ljust(63, "x").encode()
-    if line != want:
-        sys.exit("line %d is %r" % (n, line[:80]))
-print(len(lines))
-PY
-}
 
-python3 "$TMP/writer.py" "$m/log" "$TMP/acked" "$TMP/stop" &
-writer=$!
+start_writer "$m/log"
 wait_acked 100
 
 snaps=() before=() after=()
@@ -81,9 +40,7 @@ for round in 1 2 3; do
   note "online snapshot $round: $OUT"
   wait_acked $((${after[-1]} + 100))
 done
-touch "$TMP/stop"
-wait "$writer" || fail "the writer failed"
-final=$(acked)
+stop_writer
 sync
 
 note "nothing acknowledged is lost on the running top"

@@ -97,17 +97,7 @@ assert_eq "$(status "$dev" fuse_transport)" io_uring "transport with PLOOP_FUSE_
 assert_eq "$(cat "/sys/block/${dev#/dev/}/loop/dio")" 1 "direct I/O of $dev"
 before=$(status "$dev" fuse_ring_requests)
 
-note "on the device: QD32, four jobs, 4 KiB random writes over the snapshot's data"
-fio_verify qd32 --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 \
-  --size=32M --offset_increment=32M
-note "on the device: QD1, mixed sizes 4K-1M"
-fio_verify qd1 --filename="$dev" --rw=randwrite --bsrange=4k-1m --bs_unaligned=0 --iodepth=1 \
-  --size=64M --offset=256M
-note "on the device: QD32 mixed reads and writes, 64K"
-fio_verify rw32 --filename="$dev" --rw=randrw --bs=64k --iodepth=32 --numjobs=2 --size=48M \
-  --offset=384M --offset_increment=48M
-dd if="$dev" bs=1M skip=128 count=32 status=none | cmp - <(dd if="$TMP/base.bin" bs=1M skip=128 count=32 status=none) ||
-  fail "data outside fio's regions changed"
+fio_device_workload "$dev" "$TMP/base.bin"
 after=$(status "$dev" fuse_ring_requests)
 ((after - before >= 32768)) ||
   fail "only $((after - before)) requests came through the ring during fio"
@@ -120,10 +110,7 @@ note "remounted: what fio wrote at QD32 still verifies"
 pl mount --fuse-uring "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
-run fio --name=qd32 --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
-  --verify_only --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=32M \
-  --offset_increment=32M --output-format=terse
-[[ $RC == 0 ]] || fail "verify after remount failed: $(tail -c 2000 "$TMP/.err")"
+fio_reverify "$dev"
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 
@@ -135,9 +122,7 @@ pl mount --fuse-uring -m "$m" "$d2/DiskDescriptor.xml"
 pid=$(daemon_of "$d2/DiskDescriptor.xml")
 dev=$(loops_of "$d2" | head -1)
 assert_eq "$(status "$dev" fuse_transport)" io_uring "transport of the ext4 mount"
-fio_verify ext4-qd32 --directory="$m" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=24M
-fio_verify ext4-qd1 --directory="$m" --rw=randwrite --bsrange=4k-256k --iodepth=1 --size=48M
-fio_verify ext4-seq --directory="$m" --rw=write --bs=1M --iodepth=8 --size=64M
+fio_ext4_workload "$m"
 sha_before=$(find "$m" -type f -print0 | sort -z | xargs -0 cat | sha256sum)
 pl umount -m "$m"
 wait_gone "$d2/DiskDescriptor.xml" "$pid"

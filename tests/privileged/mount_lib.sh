@@ -196,3 +196,37 @@ for n, line in enumerate(lines, 1):
 print(len(lines))
 PY
 }
+
+# The fio workloads of the data-path tests (mount_fio_test.sh, and the same
+# through FUSE over io_uring). fio_device_workload DEV BASE: on the device,
+# whose first 160 MiB hold BASE (a snapshot's data): QD32 4 KiB random
+# writes, QD1 mixed sizes, QD32 mixed reads and writes, each verified; the
+# data outside fio's regions must be untouched.
+fio_device_workload() {
+  local dev=$1 base=$2
+  note "on the device: QD32, four jobs, 4 KiB random writes over the snapshot's data"
+  fio_verify qd32 --filename="$dev" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 \
+    --size=32M --offset_increment=32M
+  note "on the device: QD1, mixed sizes 4K-1M"
+  fio_verify qd1 --filename="$dev" --rw=randwrite --bsrange=4k-1m --bs_unaligned=0 --iodepth=1 \
+    --size=64M --offset=256M
+  note "on the device: QD32 mixed reads and writes, 64K"
+  fio_verify rw32 --filename="$dev" --rw=randrw --bs=64k --iodepth=32 --numjobs=2 --size=48M \
+    --offset=384M --offset_increment=48M
+  dd if="$dev" bs=1M skip=128 count=32 status=none |
+    cmp - <(dd if="$base" bs=1M skip=128 count=32 status=none) ||
+    fail "data outside fio's regions changed"
+}
+# fio_reverify DEV: what fio_device_workload wrote at QD32 still verifies.
+fio_reverify() {
+  run fio --name=qd32 --direct=1 --ioengine=libaio --verify=crc32c --verify_fatal=1 \
+    --verify_only --filename="$1" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=32M \
+    --offset_increment=32M --output-format=terse
+  [[ $RC == 0 ]] || fail "verify after remount failed: $(tail -c 2000 "$TMP/.err")"
+}
+# fio_ext4_workload DIR: through the mounted ext4: QD32, QD1, sequential.
+fio_ext4_workload() {
+  fio_verify ext4-qd32 --directory="$1" --rw=randwrite --bs=4k --iodepth=32 --numjobs=4 --size=24M
+  fio_verify ext4-qd1 --directory="$1" --rw=randwrite --bsrange=4k-256k --iodepth=1 --size=48M
+  fio_verify ext4-seq --directory="$1" --rw=write --bs=1M --iodepth=8 --size=64M
+}

@@ -331,23 +331,22 @@ TEST_CASE("snapshot crash: create") {
   RunCrashCase(c, rng);
 }
 
-TEST_CASE("snapshot crash: merge of a child into a parent that grows") {
-  TestRng rng;
-  // s1: 12 clusters with data; s2: resized to 20 clusters, data over s1's
-  // and past its end; the top: a little more.
+// A chain whose s2 grew past its parent s1: s1 has 12 clusters with data;
+// s2 is resized to 20 clusters, with data over s1's and past its end and
+// zeros (a discard) over s1's data; the top adds a little more.
+struct GrowingParent {
   const uint64_t big = kSize + 8 * kCb;
   const Bytes s1 = With(With(Bytes(kSize), 0, 6 * kCb, 0xa1), 11 * kCb + 100, 300, 0xa2);
-  Bytes s2_content = s1;
-  s2_content.resize(big);
-  s2_content = With(s2_content, 4 * kCb, 3 * kCb, 0xb2);       // over s1's clusters 4-5, and 6
-  s2_content = With(s2_content, 15 * kCb + 7, 2 * kCb, 0xb3);  // past s1's end
-  s2_content = With(s2_content, 1 * kCb, kCb, 0x00);           // zeros over s1's data
+  const Bytes s2_content = [&] {
+    Bytes b = s1;
+    b.resize(big);
+    b = With(b, 4 * kCb, 3 * kCb, 0xb2);       // over s1's clusters 4-5, and 6
+    b = With(b, 15 * kCb + 7, 2 * kCb, 0xb3);  // past s1's end
+    return With(b, 1 * kCb, kCb, 0x00);        // zeros over s1's data
+  }();
   const Bytes top = With(s2_content, 8 * kCb, kCb, 0xc4);
-  bool merge_top = false;
-  SUBCASE("s2 into s1 (merge -u)") {}
-  SUBCASE("the top into s2 (merge)") { merge_top = true; }
-  CrashCase c;
-  c.setup = [&](MemoryFileSystem& mem) {
+
+  void Setup(MemoryFileSystem& mem) const {
     MakeDisk(mem, kSize, kCb);
     WriteBase(mem);
     REQUIRE_OK(CreateSnapshot(mem, kDd, kS1).status());
@@ -359,8 +358,24 @@ TEST_CASE("snapshot crash: merge of a child into a parent that grows") {
     REQUIRE_OK(chain->Close());
     REQUIRE_OK(CreateSnapshot(mem, kDd, kS2).status());
     WriteTop(mem, 8 * kCb, Pattern(kCb, 0xc4));
-  };
-  c.before = StateOf({{kS1, kNull, s1}, {kS2, kS1, s2_content}, {kTop, kS2, top}});
+  }
+  DiskState Before() const {
+    return StateOf({{kS1, kNull, s1}, {kS2, kS1, s2_content}, {kTop, kS2, top}});
+  }
+};
+
+TEST_CASE("snapshot crash: merge of a child into a parent that grows") {
+  TestRng rng;
+  const GrowingParent g;
+  const Bytes& s1 = g.s1;
+  const Bytes& s2_content = g.s2_content;
+  const Bytes& top = g.top;
+  bool merge_top = false;
+  SUBCASE("s2 into s1 (merge -u)") {}
+  SUBCASE("the top into s2 (merge)") { merge_top = true; }
+  CrashCase c;
+  c.setup = [&](MemoryFileSystem& mem) { g.Setup(mem); };
+  c.before = g.Before();
   if (merge_top) {
     c.op = [&](FileSystem& fs) { return MergeSnapshot(fs, kDd, ""); };
     c.after = StateOf({{kS1, kNull, s1}, {kTop, kS1, top}});
@@ -554,29 +569,12 @@ TEST_CASE("snapshot crash: online create on a served disk") {
 
 TEST_CASE("snapshot crash: online merge below the top of a served disk, the parent growing") {
   TestRng rng;
-  const uint64_t big = kSize + 8 * kCb;
-  const Bytes s1 = With(With(Bytes(kSize), 0, 6 * kCb, 0xa1), 11 * kCb + 100, 300, 0xa2);
-  Bytes s2_content = s1;
-  s2_content.resize(big);
-  s2_content = With(s2_content, 4 * kCb, 3 * kCb, 0xb2);
-  s2_content = With(s2_content, 15 * kCb + 7, 2 * kCb, 0xb3);
-  s2_content = With(s2_content, 1 * kCb, kCb, 0x00);
-  const Bytes top = With(s2_content, 8 * kCb, kCb, 0xc4);
+  const GrowingParent g;
+  const Bytes& s2_content = g.s2_content;
+  const Bytes& top = g.top;
   CrashCase c;
-  c.setup = [&](MemoryFileSystem& mem) {
-    MakeDisk(mem, kSize, kCb);
-    WriteBase(mem);
-    REQUIRE_OK(CreateSnapshot(mem, kDd, kS1).status());
-    REQUIRE_OK(ResizeDisk(mem, kDd, big));
-    WriteTop(mem, 4 * kCb, Pattern(3 * kCb, 0xb2));
-    WriteTop(mem, 15 * kCb + 7, Pattern(2 * kCb, 0xb3));
-    auto chain = OpenTop(mem);
-    REQUIRE_OK(chain->Discard(1 * kCb, kCb));
-    REQUIRE_OK(chain->Close());
-    REQUIRE_OK(CreateSnapshot(mem, kDd, kS2).status());
-    WriteTop(mem, 8 * kCb, Pattern(kCb, 0xc4));
-  };
-  c.before = StateOf({{kS1, kNull, s1}, {kS2, kS1, s2_content}, {kTop, kS2, top}});
+  c.setup = [&](MemoryFileSystem& mem) { g.Setup(mem); };
+  c.before = g.Before();
   c.after = StateOf({{kS2, kNull, s2_content}, {kTop, kS2, top}});
   c.op = [&](FileSystem& fs) {
     return Served(fs, [&](ServedDisk& disk) -> Status {

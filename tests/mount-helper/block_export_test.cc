@@ -9,6 +9,7 @@
 #include <latch>
 #include <thread>
 
+#include "layer_support.h"
 #include "ploop/chain.h"
 #include "ploop/delta.h"
 #include "ploop/disk.h"
@@ -20,39 +21,12 @@
 namespace ploop::mount {
 namespace {
 
+using testing::MakeLayer;
+using testing::OpenChain;
 using testing::Pattern;
 using testing::TestRng;
 
 constexpr uint64_t kCb = 32 * 1024;
-
-void MakeLayer(MemoryFileSystem& fs, const std::string& path, uint64_t size,
-               const std::vector<std::pair<uint64_t, std::vector<std::byte>>>& writes,
-               ImageKind kind = ImageKind::kExpanded) {
-  CreateOptions o;
-  o.size_bytes = size;
-  o.cluster_bytes = kCb;
-  o.kind = kind;
-  auto d = Delta::Create(fs, path, o);
-  REQUIRE_OK(d);
-  for (const auto& [off, data] : writes) REQUIRE_OK((*d)->Write(off, data));
-  REQUIRE_OK((*d)->Close());
-}
-
-std::unique_ptr<Image> OpenChain(MemoryFileSystem& fs, const std::vector<std::string>& paths,
-                                 bool writable) {
-  std::vector<std::unique_ptr<Image>> layers;
-  for (size_t i = 0; i < paths.size(); ++i) {
-    OpenOptions o;
-    o.writable = writable && i + 1 == paths.size();
-    o.raw = paths[i].ends_with(".raw");
-    auto img = OpenImage(fs, paths[i], o);
-    REQUIRE_OK(img);
-    layers.push_back(std::move(img).value());
-  }
-  auto chain = Chain::FromLayers(std::move(layers));
-  REQUIRE_OK(chain);
-  return std::move(chain).value();
-}
 
 std::vector<std::byte> ReadAll(BlockExport& e, uint64_t off, uint64_t len) {
   std::vector<std::byte> out(len);
@@ -139,7 +113,7 @@ TEST_CASE("fast zero: nothing to do - or whole top clusters to unmap - never dat
   CHECK_FALSE(fast(2 * kCb, kCb + 1, true));   // part of cluster 3 is written
   CHECK_FALSE(fast(2 * kCb + 1, kCb, true));
 
-  MakeLayer(fs, "pre", 4 * kCb, {}, ImageKind::kPreallocated);
+  MakeLayer(fs, "pre", 4 * kCb, {}, kCb, ImageKind::kPreallocated);
   auto pre = OpenChain(fs, {"pre"}, true);
   REQUIRE_ASSIGN(bool pre_fast, ZeroIsFast(*pre, 0, 4 * kCb, true));
   CHECK_FALSE(pre_fast);  // a preallocated image writes zeros in place

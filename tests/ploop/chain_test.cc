@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "layer_support.h"
 #include "ploop/delta.h"
 #include "ploop/io/memory_file_system.h"
 #include "test_support.h"
@@ -11,37 +12,12 @@
 namespace ploop {
 namespace {
 
+using testing::MakeLayer;
+using testing::OpenChain;
 using testing::Pattern;
 using testing::TestRng;
 
 constexpr uint64_t kCb = 32 * 1024;
-
-void MakeLayer(MemoryFileSystem& fs, const std::string& path, uint64_t size,
-               const std::vector<std::pair<uint64_t, std::vector<std::byte>>>& writes,
-               uint64_t cluster = kCb) {
-  CreateOptions o;
-  o.size_bytes = size;
-  o.cluster_bytes = cluster;
-  auto d = Delta::Create(fs, path, o);
-  REQUIRE_OK(d);
-  for (const auto& [off, data] : writes) REQUIRE_OK((*d)->Write(off, data));
-  REQUIRE_OK((*d)->Close());
-}
-
-std::unique_ptr<Chain> OpenChain(MemoryFileSystem& fs, const std::vector<std::string>& paths,
-                                 bool writable) {
-  std::vector<std::unique_ptr<Image>> layers;
-  for (size_t i = 0; i < paths.size(); ++i) {
-    OpenOptions o;
-    o.writable = writable && i + 1 == paths.size();
-    auto img = OpenImage(fs, paths[i], o);
-    REQUIRE_OK(img);
-    layers.push_back(std::move(img).value());
-  }
-  auto chain = Chain::FromLayers(std::move(layers));
-  REQUIRE_OK(chain);
-  return std::move(chain).value();
-}
 
 std::vector<std::byte> ReadAll(Image& image, uint64_t off, uint64_t len) {
   std::vector<std::byte> out(len);

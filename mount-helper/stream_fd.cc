@@ -16,6 +16,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 
 namespace ploop::mount {
@@ -67,15 +68,18 @@ Status FdStreamWriter::WriteStable(std::span<const std::byte> data) {
 
 Status FdStreamWriter::Drain() {
   if (spliced_bytes_ == 0) return Status::Ok();
-  for (;;) {
+  // A pipe has no "emptied" event: look, then sleep a little longer each
+  // time (1 ms up to 50 ms). The poll asks for no event, so it sleeps its
+  // full timeout unless the reader went away (POLLERR: nobody will look at
+  // the pages any more).
+  for (int wait_ms = 1;; wait_ms = std::min(wait_ms * 2, 50)) {
     int unread = 0;
     if (::ioctl(fd_, FIONREAD, &unread) != 0) {
       return Status::FromErrno(errno, "ask how much of " + what_ + " is unread");
     }
     if (unread == 0) return Status::Ok();
-    // POLLERR: no reader any more; nobody will look at the pages.
-    pollfd p{fd_, POLLOUT, 0};
-    int ready = ::poll(&p, 1, 1);
+    pollfd p{fd_, 0, 0};
+    int ready = ::poll(&p, 1, wait_ms);
     if (ready < 0 && errno != EINTR) return Status::FromErrno(errno, "wait for " + what_);
     if (ready > 0 && (p.revents & (POLLERR | POLLNVAL)) != 0) return Status::Ok();
   }

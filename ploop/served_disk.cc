@@ -410,7 +410,14 @@ Status ServedDisk::ReplaceLayers(
   }
   chain_ = std::move(*chain);
   RebuildLayers();
-  if (writable_ && top_delta_ != nullptr) TRY(top_delta_->BeginWrites());
+  if (writable_ && top_delta_ != nullptr) {
+    // Writes to a top not marked in use would leave a crash undetected:
+    // refuse them all, as when the layers did not form a chain.
+    if (Status s = top_delta_->BeginWrites(); !s.ok()) {
+      closed_.store(true, std::memory_order_release);
+      return s.WithContext("mark the new top in use");
+    }
+  }
   return changed;
 }
 

@@ -116,8 +116,11 @@ struct SendOptions {
   // Read the snapshot through read-only mappings of its files where they
   // allow it (BlockFile::Map), so stored data can reach the writer without
   // a copy (StreamWriter::WriteStable); false reads everything with pread.
-  // The stream's bytes are the same either way.
-  bool map_source = true;
+  // The stream's bytes are the same either way. A mapped page that cannot
+  // be read (the file shrank under us, or the device failed) raises SIGBUS
+  // instead of returning an error: only a caller that handles SIGBUS (as
+  // `ploop send` does) should set it.
+  bool map_source = false;
   StreamProgressFn progress;
 };
 

@@ -65,7 +65,12 @@ class PosixFile final : public BlockFile {
         ::close(fd);
         return Status::NotSupported(path_ + ": the file system has no direct I/O");
       }
-      align = std::max<uint64_t>({512, stx.stx_dio_offset_align, stx.stx_dio_mem_align});
+      // At least a page: a direct write of some sectors of a page while a
+      // buffered write dirties other sectors of it would leave the cached
+      // page (with the old bytes of the direct write's sectors) to be
+      // written back over them. Sub-page I/O stays buffered.
+      align = std::max<uint64_t>({static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)), 512,
+                                  stx.stx_dio_offset_align, stx.stx_dio_mem_align});
     }
     direct_align_ = align;
     direct_fd_ = fd;

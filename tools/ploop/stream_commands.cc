@@ -73,15 +73,17 @@ class FdReader final : public StreamReader {
   int wake_[2];
 };
 
-// SIGBUS while sending: a mapped delta file (MappedSource in
-// snapshot/stream_source.h) shrank under the sender, which only a writer
-// ignoring our reader locks can do. The stream is lost either way; say so
-// in one line and exit with the I/O code instead of dying with "Bus error".
-// Only async-signal-safe calls.
+// SIGBUS while sending: a page of a mapped delta file (MappedSource in
+// snapshot/stream_source.h) could not be read -- the file shrank under the
+// sender (a writer ignoring our reader locks) or the device returned an
+// I/O error. The stream is lost either way; say so in one line and exit
+// with the I/O code instead of dying with "Bus error". Only
+// async-signal-safe calls.
 void OnSendSigbus(int) {
   static const char kMessage[] =
-      "ploop send: read a delta file: it was truncated while being sent (SIGBUS); another "
-      "program is writing to the disk despite its locks\n";
+      "ploop send: read a delta file through its mapping: SIGBUS (the file shrank while being "
+      "sent, or the device returned an I/O error); PLOOP_SEND_NO_MAP=1 reads with pread and "
+      "names the error\n";
   (void)!::write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
   ::_exit(kExitIo);
 }

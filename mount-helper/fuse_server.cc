@@ -99,28 +99,6 @@ int Errno(const Status& s) {
   return e > 0 ? e : EIO;
 }
 
-std::byte* AllocateAligned(size_t bytes) {
-  return static_cast<std::byte*>(std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096));
-}
-
-// A page-aligned buffer of its own for one request, where the worker's
-// receive buffer cannot serve (a read larger than its data area, a write
-// whose data is not aligned): not on the usual path.
-class RequestBuffer {
- public:
-  explicit RequestBuffer(size_t bytes) : data_(AllocateAligned(bytes)), bytes_(bytes) {}
-  ~RequestBuffer() { std::free(data_); }
-  RequestBuffer(const RequestBuffer&) = delete;
-  RequestBuffer& operator=(const RequestBuffer&) = delete;
-
-  std::byte* data() const { return data_; }
-  std::span<std::byte> span() const { return {data_, bytes_}; }
-
- private:
-  std::byte* data_;
-  size_t bytes_;
-};
-
 void NoOpSignal(int) {}
 
 }  // namespace
@@ -276,18 +254,15 @@ void OnRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
     return;
   }
   const size_t n = static_cast<size_t>(std::min<uint64_t>(size, disk_size - offset));
-  std::optional<RequestBuffer> own;
-  std::span<std::byte> out;
-  if (n <= t_read_area.size()) {
-    out = t_read_area.first(n);
-  } else {
-    own.emplace(n);
-    if (own->data() == nullptr) {
-      fuse_reply_err(req, ENOMEM);
-      return;
-    }
-    out = own->span();
+  // Every worker (classic or ring) sets its data area, and the kernel never
+  // asks for more than max_write, which the area holds.
+  if (n > t_read_area.size()) {
+    ctx.Failed("read", offset,
+               Status::FromErrno(EIO, "no buffer for a read of " + std::to_string(n)));
+    fuse_reply_err(req, EIO);
+    return;
   }
+  std::span<std::byte> out = t_read_area.first(n);
   Status s = ctx.disk->Read(offset, out);
   if (!s.ok()) {
     ctx.Failed("read", offset, s);
@@ -309,39 +284,21 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
   }
   auto data = std::span<const std::byte>(reinterpret_cast<const std::byte*>(buf), size);
   // Large writes, and any write while few are in flight, go to the image
-  // with direct I/O: a later fsync then has nothing to write back, only the
-  // device cache to flush. Our workers receive a write's data page-aligned
-  // (ReceiveBuffer), so it goes as it is; data that is not aligned gets an
-  // aligned copy (a memcpy, far cheaper than a trip through the page
-  // cache). Small writes at a high queue depth stay buffered: the host's
-  // page cache batches them into few device requests, where direct I/O
+  // with direct I/O (our workers receive a write's data page-aligned): a
+  // later fsync then has nothing to write back, only the device cache to
+  // flush. Small writes at a high queue depth go through the host's page
+  // cache, which batches them into few device requests, where direct I/O
   // would cost one device round trip (and, virtualised, one exit) each
   // (random 4 KiB writes at queue depth 32 ran at half the rate direct).
-  // The files take unaligned buffers to the page cache, so those get an
-  // unaligned copy.
-  const uint64_t align = ctx.disk->io_alignment();
-  const bool aligned = align <= 1 || reinterpret_cast<uintptr_t>(buf) % align == 0;
-  std::optional<RequestBuffer> copy;
   const uint32_t in_flight = ctx.writes_in_flight.fetch_add(1) + 1;
   struct Done {
     std::atomic<uint32_t>& n;
     ~Done() { n.fetch_sub(1); }
   } done{ctx.writes_in_flight};
   const bool direct = size >= kMinDirectWriteBytes || in_flight <= kDirectWriteQueueDepth;
-  if (direct && !aligned && offset % align == 0 && size % align == 0) {
-    copy.emplace(size);
-    if (copy->data() != nullptr) {
-      std::memcpy(copy->data(), buf, size);
-      data = copy->span();
-    }
-  } else if (!direct && aligned && align > 1) {
-    constexpr size_t kSkew = 64;  // from a page boundary: aligned to nothing above 64
-    static thread_local std::unique_ptr<std::byte, decltype(&std::free)> skewed(
-        AllocateAligned(kMinDirectWriteBytes + kSkew), &std::free);
-    std::memcpy(skewed.get() + kSkew, buf, size);  // size < kMinDirectWriteBytes
-    data = std::span<const std::byte>(skewed.get() + kSkew, size);
-  }
-  Status s = ctx.disk->Write(offset, data);
+  Status s = ctx.disk->Write(
+      offset, data,
+      direct ? ServedDisk::Caching::kDirectWhenAligned : ServedDisk::Caching::kBuffered);
   if (!s.ok()) {
     ctx.Failed("write", offset, s);
     ReplyStatus(req, s);

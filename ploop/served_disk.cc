@@ -35,6 +35,12 @@ namespace ploop {
 
 namespace {
 
+Status Put(BlockFile& file, uint64_t offset, std::span<const std::byte> data,
+           ServedDisk::Caching caching) {
+  return caching == ServedDisk::Caching::kBuffered ? file.WriteAtBuffered(offset, data)
+                                                   : file.WriteAt(offset, data);
+}
+
 // Scratch buffers kept for reuse; more in use at once are freed after use.
 constexpr size_t kKeptBuffers = 4;
 
@@ -186,9 +192,9 @@ Status ServedDisk::ReadImpl(uint64_t offset, std::span<std::byte> out) {
   return Status::Ok();
 }
 
-Status ServedDisk::Write(uint64_t offset, std::span<const std::byte> data) {
+Status ServedDisk::Write(uint64_t offset, std::span<const std::byte> data, Caching caching) {
   IoGate::Pass pass = gate_.Enter();
-  Status s = WriteImpl(offset, data);
+  Status s = WriteImpl(offset, data, caching);
   counters_.writes.fetch_add(1, std::memory_order_relaxed);
   if (s.ok()) {
     counters_.bytes_written.fetch_add(data.size(), std::memory_order_relaxed);
@@ -198,11 +204,11 @@ Status ServedDisk::Write(uint64_t offset, std::span<const std::byte> data) {
   return s;
 }
 
-Status ServedDisk::WriteImpl(uint64_t offset, std::span<const std::byte> data) {
+Status ServedDisk::WriteImpl(uint64_t offset, std::span<const std::byte> data, Caching caching) {
   if (closed_.load(std::memory_order_acquire)) return Closed();
   if (!writable_) return Status::FailedPrecondition("the disk is read-only");
   TRY(CheckDiskRange(offset, data.size(), size_bytes()));
-  if (top_delta_ == nullptr) return layers_.back().file->WriteAt(offset, data);  // raw
+  if (top_delta_ == nullptr) return Put(*layers_.back().file, offset, data, caching);  // raw
   Delta& top = *top_delta_;
   const uint64_t cb = cluster_bytes_;
   uint64_t pos = 0;
@@ -213,7 +219,7 @@ Status ServedDisk::WriteImpl(uint64_t offset, std::span<const std::byte> data) {
     const uint64_t n = std::min<uint64_t>(cb - in, data.size() - pos);
     const uint64_t off = top.ClusterFileOffset(idx);
     if (off == 0) {
-      TRY(WriteSlow(idx, in, data.subspan(pos, n)));
+      TRY(WriteSlow(idx, in, data.subspan(pos, n), caching));
       pos += n;
       continue;
     }
@@ -223,17 +229,18 @@ Status ServedDisk::WriteImpl(uint64_t offset, std::span<const std::byte> data) {
          ++k) {
       run += std::min<uint64_t>(cb, data.size() - pos - run);
     }
-    TRY(top.file().WriteAt(off + in, data.subspan(pos, run)));
+    TRY(Put(top.file(), off + in, data.subspan(pos, run), caching));
     top.NoteDataWritten();
     pos += run;
   }
   return Status::Ok();
 }
 
-Status ServedDisk::AllocateInTop(uint64_t cluster_index, std::span<const std::byte> data) {
+Status ServedDisk::AllocateInTop(uint64_t cluster_index, std::span<const std::byte> data,
+                                 Caching caching) {
   Delta& top = *top_delta_;
   ASSIGN_OR_RETURN(uint64_t fc, top.ReserveCluster());
-  if (Status s = top.file().WriteAt(fc * cluster_bytes_, data); !s.ok()) {
+  if (Status s = Put(top.file(), fc * cluster_bytes_, data, caching); !s.ok()) {
     top.UnreserveCluster(fc);
     return s;
   }
@@ -243,13 +250,13 @@ Status ServedDisk::AllocateInTop(uint64_t cluster_index, std::span<const std::by
 }
 
 Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
-                             std::span<const std::byte> piece) {
+                             std::span<const std::byte> piece, Caching caching) {
   std::lock_guard lock(ClusterLock(cluster_index));
   Delta& top = *top_delta_;
   const uint64_t cb = cluster_bytes_;
   // Another request may have mapped the cluster while this one waited.
   if (uint64_t off = top.ClusterFileOffset(cluster_index); off != 0) {
-    TRY(top.file().WriteAt(off + in_cluster, piece));
+    TRY(Put(top.file(), off + in_cluster, piece, caching));
     top.NoteDataWritten();
     return Status::Ok();
   }
@@ -257,7 +264,7 @@ Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
   const bool lower = below >= 0 && Find(cluster_index, below).level >= 0;
   // Zeros over a cluster nobody holds change nothing a reader sees.
   if (!lower && IsZero(piece)) return Status::Ok();
-  if (in_cluster == 0 && piece.size() == cb) return AllocateInTop(cluster_index, piece);
+  if (in_cluster == 0 && piece.size() == cb) return AllocateInTop(cluster_index, piece, caching);
   // A partial write: the rest of the new cluster is zeros, or the data of
   // the layer below (copy-up).
   Buffer buffer = TakeBuffer();

@@ -67,7 +67,8 @@ struct ServedDiskOptions {
   // BlockFile::EnableDirectIo()) where the files allow it: the disk's user
   // caches the data already, and the host file system then lets writes to
   // one file run in parallel. Requests whose offset, length and buffer are
-  // aligned to io_alignment() go direct; others stay buffered.
+  // aligned to io_alignment() go direct (unless written with
+  // Caching::kBuffered); others stay buffered.
   bool direct_io = false;
 };
 
@@ -94,7 +95,12 @@ class ServedDisk {
   // Writes `data` at `offset_bytes`; durable after the next Flush(). NoSpace
   // when the host file system is full (nothing changes then: a failed
   // allocation maps nothing). FailedPrecondition when read-only.
-  Status Write(uint64_t offset_bytes, std::span<const std::byte> data);
+  // kBuffered: the data goes through the host's page cache even where it
+  // could go direct (small writes at a high queue depth, which the host
+  // batches); what is written and when it is durable do not change.
+  enum class Caching { kDirectWhenAligned, kBuffered };
+  Status Write(uint64_t offset_bytes, std::span<const std::byte> data,
+               Caching caching = Caching::kDirectWhenAligned);
   // The range reads as zeros afterwards (see the top of this file).
   Status Discard(uint64_t offset_bytes, uint64_t length_bytes);
   // Makes every Write and Discard that completed before the call durable.
@@ -157,7 +163,8 @@ class ServedDisk {
   Status ReadBelow(int max_level, uint64_t offset, std::span<std::byte> out);
   // Writes one cluster's piece when the top does not hold the cluster (or
   // may not: rechecked under the cluster lock).
-  Status WriteSlow(uint64_t cluster_index, uint64_t in_cluster, std::span<const std::byte> piece);
+  Status WriteSlow(uint64_t cluster_index, uint64_t in_cluster, std::span<const std::byte> piece,
+                   Caching caching);
   Status DiscardPiece(uint64_t cluster_index, uint64_t in_cluster, uint64_t length);
   // Makes [file_offset, +length) of the top read as zeros in place.
   Status ZeroInTop(uint64_t file_offset, uint64_t length);
@@ -165,7 +172,8 @@ class ServedDisk {
   Status MapZeroCluster(uint64_t cluster_index);
   // Reserves a cluster in the top, writes `data` (a whole cluster) there and
   // publishes it; gives the cluster back if the write fails.
-  Status AllocateInTop(uint64_t cluster_index, std::span<const std::byte> data);
+  Status AllocateInTop(uint64_t cluster_index, std::span<const std::byte> data,
+                       Caching caching = Caching::kDirectWhenAligned);
   // Quiesces: gate closed, layers locked; the destructor reopens.
   class Quiesced;
 
@@ -182,7 +190,7 @@ class ServedDisk {
   void ReturnBuffer(Buffer buffer);
   // The public calls minus error counting.
   Status ReadImpl(uint64_t offset_bytes, std::span<std::byte> out);
-  Status WriteImpl(uint64_t offset_bytes, std::span<const std::byte> data);
+  Status WriteImpl(uint64_t offset_bytes, std::span<const std::byte> data, Caching caching);
   Status DiscardImpl(uint64_t offset_bytes, uint64_t length_bytes);
 
   std::unique_ptr<Chain> chain_;

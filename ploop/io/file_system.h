@@ -56,6 +56,12 @@ class BlockFile {
   // Writes all of `data` at `offset_bytes`, extending the file if needed.
   // kNoSpace when the host file system is full.
   virtual Status WriteAt(uint64_t offset_bytes, std::span<const std::byte> data) = 0;
+  // WriteAt through the page cache even where direct I/O is enabled and the
+  // request is aligned (see EnableDirectIo): for small writes that the host
+  // may batch. What is written and what Sync() makes durable are the same.
+  virtual Status WriteAtBuffered(uint64_t offset_bytes, std::span<const std::byte> data) {
+    return WriteAt(offset_bytes, data);
+  }
   // Makes every completed write and size change durable (fdatasync).
   virtual Status Sync() = 0;
   virtual Result<uint64_t> Size() = 0;

@@ -97,7 +97,14 @@ class PosixFile final : public BlockFile {
   }
 
   Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
-    int fd = Direct(offset, data.data(), data.size()) ? direct_fd_ : fd_;
+    return WriteVia(Direct(offset, data.data(), data.size()) ? direct_fd_ : fd_, offset, data);
+  }
+
+  Status WriteAtBuffered(uint64_t offset, std::span<const std::byte> data) override {
+    return WriteVia(fd_, offset, data);
+  }
+
+  Status WriteVia(int fd, uint64_t offset, std::span<const std::byte> data) {
     size_t done = 0;
     while (done < data.size()) {
       ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done, offset + done);

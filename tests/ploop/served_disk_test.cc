@@ -1083,8 +1083,9 @@ TEST_SUITE_END();
 TEST_SUITE_BEGIN("posix");
 
 TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requests mix") {
-  // Aligned requests take the O_DIRECT descriptor, the rest the buffered
-  // one; both must see each other's data, from many threads at once.
+  // Aligned requests take the O_DIRECT descriptor, those asked to go
+  // buffered (and unaligned ones) the buffered one; both must see each
+  // other's data, from many threads at once.
   TempDir dir;
   PosixFileSystem fs;
   DiskFiles d = MakeDisk(fs, dir.path(), Setup::kSnapshot, 32);
@@ -1105,14 +1106,18 @@ TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requ
     threads.emplace_back([&, t] {
       for (uint64_t round = 1; round <= 6; ++round) {
         for (uint64_t c = t; c < 32; c += kThreads) {
-          // A whole cluster aligned, then a 4 KiB piece unaligned (buffered),
-          // then a 4 KiB piece aligned: each must read back either way.
+          // A whole cluster aligned, then a 4 KiB piece aligned but asked
+          // to go buffered, then a 4 KiB piece aligned (direct): each must
+          // read back either way.
           const uint64_t s0 = c * kSectorsPerCluster;
           auto whole = Tagged(s0, kSectorsPerCluster, 100 * round + t);
           auto a = aligned_copy(whole);
           if (!disk->Write(c * kCb, std::span<const std::byte>(a.get(), kCb)).ok()) ++bad;
-          auto piece = Tagged(s0 + 8, 8, 100 * round + t + 50);
-          if (!disk->Write((s0 + 8) * kSector, piece).ok()) ++bad;
+          auto piece = aligned_copy(Tagged(s0 + 8, 8, 100 * round + t + 50));
+          if (!disk->Write((s0 + 8) * kSector, std::span<const std::byte>(piece.get(), 4096),
+                           ServedDisk::Caching::kBuffered)
+                   .ok())
+            ++bad;
           auto b = aligned_copy(Tagged(s0 + 16, 8, 100 * round + t + 60));
           if (!disk->Write((s0 + 16) * kSector, std::span<const std::byte>(b.get(), 4096)).ok())
             ++bad;

@@ -615,12 +615,7 @@ Status Delta::Close() {
     result = [&]() -> Status {
       TRY(Flush());
       // Unreferenced clusters at the end of the file are given back.
-      uint64_t end_cluster = (header_.first_block_bytes() + cluster_bytes_ - 1) / cluster_bytes_;
-      for (uint64_t i = 0; i < bat_.size(); ++i) {
-        if (uint32_t e = Entry(i); e != 0) {
-          end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
-        }
-      }
+      const uint64_t end_cluster = EndCluster();
       ASSIGN_OR_RETURN(uint64_t file_bytes, file_->Size());
       if (file_bytes != end_cluster * cluster_bytes_ && kind_ == ImageKind::kExpanded) {
         TRY_CTX(file_->Truncate(end_cluster * cluster_bytes_), "trim image");
@@ -731,6 +726,15 @@ Status Delta::Grow(uint64_t new_size_bytes) {
 // durable (pending_free_). A crash mid-batch therefore leaves the old BAT
 // pointing at the old, intact copies and the new copies as leaks. The file
 // is cut only after the last BAT update is durable.
+uint64_t Delta::EndCluster() const {
+  uint64_t end_cluster = (header_.first_block_bytes() + cluster_bytes_ - 1) / cluster_bytes_;
+  for (uint64_t i = 0; i < bat_.size(); ++i) {
+    if (uint32_t e = Entry(i); e != 0)
+      end_cluster = std::max(end_cluster, EntryToFileCluster(e) + 1);
+  }
+  return end_cluster;
+}
+
 Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batch_clusters) {
   if (!writable_) return Status::FailedPrecondition(path() + " is open read-only");
   if (closed_) return Status::FailedPrecondition(path() + " is closed");
@@ -780,8 +784,13 @@ Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batc
         free_clusters_.pop_back();
       }
       const auto [from, index] = used[next_used++];
-      TRY_CTX(file_->ReadAt(from * cb, buf), "compact: read cluster");
-      TRY_CTX(file_->WriteAt(to * cb, buf), "compact: write cluster");
+      Status copied = file_->ReadAt(from * cb, buf);
+      if (copied.ok()) copied = file_->WriteAt(to * cb, buf);
+      if (!copied.ok()) {
+        std::lock_guard lock(meta_mu_);
+        free_clusters_.push_back(to);  // still the lowest free one
+        return copied.WithContext("compact: copy cluster");
+      }
       // Points the entry at the copy; the old cluster is freed once that
       // is durable.
       PublishCluster(index, to);
@@ -796,10 +805,7 @@ Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batc
     TRY(Flush());
   }
 
-  uint64_t end_cluster = (header_.first_block_bytes() + cb - 1) / cb;
-  for (uint64_t i = 0; i < bat_.size(); ++i) {
-    if (Entry(i) != 0) end_cluster = std::max(end_cluster, EntryToFileCluster(Entry(i)) + 1);
-  }
+  const uint64_t end_cluster = EndCluster();
   TRY_CTX(file_->Truncate(end_cluster * cb), "compact: cut the file");
   TRY_CTX(file_->Sync(), "compact: cut the file");
   std::lock_guard lock(meta_mu_);

@@ -138,6 +138,9 @@ class Delta final : public Image {
   Status MarkDirty();
   // BAT entry `i` (an atomic load: publishers run concurrently).
   uint32_t Entry(uint64_t i) const;
+  // The first file cluster past the data and every referenced cluster:
+  // where the file can end.
+  uint64_t EndCluster() const;
   // Sets BAT entry `i` and marks its page dirty; meta_mu_ held.
   void StoreEntryLocked(uint64_t i, uint32_t value);
   // ReserveCluster() with meta_mu_ held.

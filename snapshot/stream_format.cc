@@ -458,11 +458,7 @@ Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const S
 
 Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
                        std::span<const std::byte> payload) {
-  thread_local Sha256 sha;
-  sha.Update(header_prefix);
-  sha.Update(records);
-  sha.Update(payload);
-  return sha.Final();
+  return ChunkBodyDigest(header_prefix, records, std::span(&payload, 1));
 }
 
 Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
@@ -719,13 +715,6 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
                                    LZ4F_getErrorName(pos));
   }
   return pos;
-}
-
-bool Lz4Compressor::WorthCompressing(std::span<const std::byte> in, size_t piece_bytes) {
-  const size_t pieces = piece_bytes == 0 ? 0 : in.size() / piece_bytes;
-  std::vector<const std::byte*> starts(pieces);
-  for (size_t i = 0; i < pieces; ++i) starts[i] = in.data() + i * piece_bytes;
-  return WorthCompressing(starts, piece_bytes);
 }
 
 bool Lz4Compressor::WorthCompressing(std::span<const std::byte* const> starts, size_t piece_bytes) {

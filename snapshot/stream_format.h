@@ -266,9 +266,7 @@ class Lz4Compressor {
   // (a few percent of the work of compressing it all) and together they
   // must shrink by 5%. Random data (most of a disk that holds compressed
   // files) is then sent as it is without paying for a full attempt.
-  bool WorthCompressing(std::span<const std::byte> in, size_t piece_bytes);
-  // The same, for pieces that are not adjacent in memory: `pieces` holds
-  // the first byte of each.
+  // `pieces` holds the first byte of each piece (they need not be adjacent).
   bool WorthCompressing(std::span<const std::byte* const> pieces, size_t piece_bytes);
 
  private:

@@ -55,18 +55,6 @@ class Stopper {
   std::string reason_;
 };
 
-// "VmRSS:     1234 kB" lines of /proc/self/status, in bytes.
-uint64_t StatusBytes(const std::string& key) {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.compare(0, key.size() + 1, key + ":") == 0) {
-      return std::strtoull(line.c_str() + key.size() + 1, nullptr, 10) * 1024;
-    }
-  }
-  return 0;
-}
-
 int ThreadCount() {
   int n = 0;
   if (DIR* d = ::opendir("/proc/self/task")) {
@@ -348,8 +336,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"direct_io", direct_io},
           {"fuse_transport", server.UsesIoUring() ? "io_uring" : "dev_fuse"},
           {"fuse_ring_requests", server.RingRequests()},
-          {"rss_bytes", StatusBytes("VmRSS")},
-          {"peak_rss_bytes", StatusBytes("VmHWM")},
+          {"rss_bytes", ProcStatusBytes(0, "VmRSS")},
+          {"peak_rss_bytes", ProcStatusBytes(0, "VmHWM")},
           {"cpu_seconds", cpu},
           {"threads", ThreadCount()},
           {"uptime_seconds",

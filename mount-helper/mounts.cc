@@ -52,19 +52,11 @@ bool WaitFor(std::chrono::steady_clock::duration limit, Pred done) {
 bool Unlocked(const std::string& image) {
   int fd = ::open(image.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return true;
-  for (uint64_t byte : WriterLockRequest().probe_bytes) {
-    struct flock fl = {};
-    fl.l_type = F_WRLCK;
-    fl.l_whence = SEEK_SET;
-    fl.l_start = static_cast<off_t>(byte);
-    fl.l_len = 1;
-    if (::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK) {
-      ::close(fd);
-      return false;
-    }
-  }
+  LockRequest probe;
+  probe.probe_bytes = WriterLockRequest().probe_bytes;
+  const bool unlocked = LockFileDescriptor(fd, image, probe).ok();
   ::close(fd);
-  return true;
+  return unlocked;
 }
 
 // A loop device straight on the image: the disk is bytes [offset,
@@ -161,16 +153,6 @@ std::vector<MountRecord> Matching(const std::function<bool(const MountRecord&)>&
     if (pred(r)) out.push_back(std::move(r));
   }
   return out;
-}
-
-uint64_t ProcRss(int pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.compare(0, 6, "VmRSS:") == 0)
-      return std::strtoull(line.c_str() + 6, nullptr, 10) * 1024;
-  }
-  return 0;
 }
 
 double ProcCpu(int pid) {
@@ -381,7 +363,7 @@ std::vector<MountListing> ListMounts() {
     l.mountpoints = MountpointsOf(r.device);
     if (auto st = QueryLoop(r.device); st.ok()) l.direct_io = st->direct_io;
     if (r.kind == "fuse" && l.health == MountHealth::kActive) {
-      l.rss_bytes = ProcRss(r.pid);
+      l.rss_bytes = ProcStatusBytes(r.pid, "VmRSS");
       l.cpu_seconds = ProcCpu(r.pid);
     }
     l.record = std::move(r);

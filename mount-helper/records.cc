@@ -217,6 +217,18 @@ uint64_t ProcessStartTime(int pid) {
   return std::strtoull(fields[19].c_str(), nullptr, 10);
 }
 
+uint64_t ProcStatusBytes(int pid, const std::string& key) {
+  std::ifstream in(pid == 0 ? std::string("/proc/self/status")
+                            : "/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.compare(0, key.size() + 1, key + ":") == 0) {
+      return std::strtoull(line.c_str() + key.size() + 1, nullptr, 10) * 1024;
+    }
+  }
+  return 0;
+}
+
 bool ProcessAlive(int pid, uint64_t start_time) {
   uint64_t now = ProcessStartTime(pid);
   return now != 0 && (start_time == 0 || now == start_time);

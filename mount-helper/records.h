@@ -76,6 +76,9 @@ const char* HealthName(MountHealth health);
 // The start time of process `pid` (clock ticks after boot, /proc/PID/stat
 // field 22), 0 when there is no such (live, non-zombie) process.
 uint64_t ProcessStartTime(int pid);
+// A "KEY:  N kB" line of /proc/PID/status (pid 0: this process) in bytes,
+// 0 when there is none: ProcStatusBytes(pid, "VmRSS").
+uint64_t ProcStatusBytes(int pid, const std::string& key);
 bool ProcessAlive(int pid, uint64_t start_time);
 
 // One line of /proc/self/mountinfo.

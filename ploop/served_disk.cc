@@ -268,6 +268,7 @@ Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
   // A partial write: the rest of the new cluster is zeros, or the data of
   // the layer below (copy-up).
   Buffer buffer = TakeBuffer();
+  if (buffer == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
   std::span<std::byte> cluster(buffer.get(), cb);
   Status s;
   if (lower) {
@@ -328,6 +329,7 @@ Status ServedDisk::DiscardPiece(uint64_t cluster_index, uint64_t in_cluster, uin
   // Part of a cluster only a lower layer holds: copy it up with the range
   // zeroed.
   Buffer buffer = TakeBuffer();
+  if (buffer == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
   std::span<std::byte> cluster(buffer.get(), cb);
   Status s = ReadBelow(below, cluster_index * cb, cluster);
   if (s.ok()) {
@@ -462,9 +464,8 @@ ServedDisk::Buffer ServedDisk::TakeBuffer() {
       return b;
     }
   }
-  auto* p = static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_));
-  if (p == nullptr) std::abort();  // out of memory
-  return Buffer(p);
+  // Null when memory is short: the request fails with ENOMEM.
+  return Buffer(static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_)));
 }
 
 void ServedDisk::ReturnBuffer(Buffer buffer) {

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -121,6 +122,11 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   auto served = ServedDisk::Create(std::move(chain), disk_options);
   if (!served.ok()) return fail(served.error());
   ServedDisk& disk = **served;
+  // The folder is named after our pid, so whatever is in it was left by a
+  // dead process that had the same pid (a daemon killed with SIGKILL leaves
+  // its FUSE mount, which then fails every access with ENOTCONN).
+  ::umount2(fuse_file.c_str(), MNT_DETACH);
+  RemoveTree(work_dir, fuse_file);
   if (::mkdir(work_dir.c_str(), 0700) != 0 && errno != EEXIST) {
     return fail(Status::FromErrno(errno, "create " + work_dir));
   }

@@ -35,6 +35,7 @@
 #include <cstring>
 
 #include "ploop/lock.h"
+#include "snapshot/write_behind.h"
 
 namespace ploop::stream {
 
@@ -153,7 +154,11 @@ Status DeltaBuilder::Append(std::span<const uint64_t> indices, std::span<const s
   if (fc + indices.size() > 0xffffffffull) {
     return Status::NoSpace(path() + ": the delta reached the format's size limit");
   }
-  TRY(file_->WriteAt(fc * cluster_bytes_, data));
+  if (writer_ != nullptr) {
+    TRY(writer_->Write(*file_, fc * cluster_bytes_, data));
+  } else {
+    TRY(file_->WriteAt(fc * cluster_bytes_, data));
+  }
   for (size_t j = 0; j < indices.size(); ++j) {
     bat_[indices[j]] = static_cast<uint32_t>(fc + j);
     dirty_from_ = std::min(dirty_from_, kHeaderBytes + 4 * indices[j]);
@@ -164,6 +169,14 @@ Status DeltaBuilder::Append(std::span<const uint64_t> indices, std::span<const s
   return Status::Ok();
 }
 
+void DeltaBuilder::UseWriteBehind(WriteBehind* writer, bool direct_io) {
+  writer_ = writer;
+  // Aligned writes (whole clusters from aligned buffers) then skip the
+  // page cache; the header and BAT stay buffered. Where the file system
+  // has no direct I/O the writes are still queued, through the page cache.
+  if (writer != nullptr && direct_io && !direct_) direct_ = file_->EnableDirectIo().ok();
+}
+
 Status DeltaBuilder::AppendZero(uint64_t index) {
   static const std::vector<std::byte> zeros(kMaxClusterBytes);
   return Append(std::span(&index, 1), std::span(zeros.data(), cluster_bytes_));
@@ -171,6 +184,7 @@ Status DeltaBuilder::AppendZero(uint64_t index) {
 
 Status DeltaBuilder::Checkpoint() {
   if (finished_) return Status::FailedPrecondition(path() + " is finished");
+  if (writer_ != nullptr) TRY(writer_->Drain());
   if (unsynced_) {
     TRY_CTX(file_->Sync(), "sync " + path());  // data before the BAT that points at it
     unsynced_ = false;

@@ -22,6 +22,8 @@
 
 namespace ploop::stream {
 
+class WriteBehind;
+
 class DeltaBuilder {
  public:
   // Creates `path` (which must not exist) as an empty delta of `size_bytes`
@@ -42,6 +44,19 @@ class DeltaBuilder {
   const std::string& path() const { return path_; }
   // Whether cluster `index` was appended.
   bool Holds(uint64_t index) const { return index < bat_.size() && bat_[index] != 0; }
+
+  // From now on, Append() queues its data writes on `writer` (which must
+  // outlive its use here, until UseWriteBehind(nullptr)) instead of
+  // writing them itself; with `direct_io`, aligned data goes to the file
+  // with direct I/O where the file system allows it. The caller keeps each appended span
+  // valid until the writer has written it (an After() function queued
+  // behind the Append, or Drain()). Checkpoint() and Finish() wait for the
+  // writer first. A failed queued write fails a later Append() or
+  // Checkpoint().
+  void UseWriteBehind(WriteBehind* writer, bool direct_io = false);
+  // Whether appended data bypasses the page cache (see UseWriteBehind): a
+  // background SyncData() then has nothing to write back.
+  bool direct() const { return direct_; }
 
   // Appends one cluster of `data` per index (indices.size() * cluster bytes,
   // in one write). Each index must be new and within the delta.
@@ -73,6 +88,8 @@ class DeltaBuilder {
   uint64_t dirty_to_ = 0;
   bool unsynced_ = false;
   bool finished_ = false;
+  WriteBehind* writer_ = nullptr;
+  bool direct_ = false;
 };
 
 }  // namespace ploop::stream

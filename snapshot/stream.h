@@ -158,6 +158,11 @@ struct ReceiveOptions {
   // resume state made durable): what a crash of the receiver may make it
   // receive again. Tests make it small.
   uint64_t checkpoint_bytes = 1ull << 30;
+  // Write the received clusters with direct I/O where the file system
+  // allows it (the header and BAT stay buffered), queued on a writer
+  // thread so that the device works while the next chunks are checked.
+  // Off: through the page cache, whose write-back then does the work.
+  bool direct_io = true;
 };
 
 struct ReceiveSummary {

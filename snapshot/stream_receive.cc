@@ -75,6 +75,7 @@
 #include "snapshot/stream_format.h"
 #include "snapshot/stream_pipeline.h"
 #include "snapshot/stream_source.h"
+#include "snapshot/write_behind.h"
 
 namespace ploop {
 
@@ -314,7 +315,8 @@ class StreamIn {
   std::atomic<uint64_t> bytes_{0};
 };
 
-// Writes received data back to the disk while the stream goes on: a
+// Writes received data back to the disk while the stream goes on, for
+// deltas written through the page cache: a
 // thread that syncs the new deltas whenever the applier has written
 // another kWritebackBytes. Durability still comes only from checkpoints;
 // this only spreads the disk writes over the transfer instead of leaving
@@ -364,6 +366,9 @@ class BackgroundWriteback {
 };
 
 constexpr uint64_t kWritebackBytes = 64ull << 20;
+// Received data queued for the disk at most (a few chunks): enough to keep
+// the device busy while the next chunks are checked.
+constexpr uint64_t kWriteBehindBytes = 32ull << 20;
 
 struct ChunkJob {
   std::array<std::byte, kChunkHeaderBytes> header_bytes;
@@ -784,9 +789,14 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     read_status = ReadChunks(in, first_tag, chain, pipe, end_raw);
     pipe.Finish();
   });
-  std::vector<DeltaBuilder*> raw_builders;
-  for (auto& b : builders_) raw_builders.push_back(b.get());
-  auto writeback = std::make_unique<BackgroundWriteback>(raw_builders);
+  // Destroyed before the pools: its After() functions give buffers back.
+  WriteBehind writer(kWriteBehindBytes);
+  std::vector<DeltaBuilder*> buffered;
+  for (auto& b : builders_) {
+    b->UseWriteBehind(&writer, options_.direct_io);
+    if (!b->direct()) buffered.push_back(b.get());
+  }
+  auto writeback = std::make_unique<BackgroundWriteback>(buffered);
   uint64_t written_since_kick = 0;
   Status failed;
   bool at_boundary = true;  // everything applied is whole chunks
@@ -810,7 +820,10 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     }
     at_boundary = false;
     failed = Apply(*job);
-    if (!failed.ok()) break;
+    if (!failed.ok()) {
+      writer.Drain().IgnoreError();  // writes queued from job->raw
+      break;
+    }
     at_boundary = true;
     state_.chain = h.digest;
     state_.next_seq = h.seq + 1;
@@ -824,7 +837,11 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
       writeback->Kick();
       written_since_kick = 0;
     }
-    if (job->raw_home != nullptr) job->raw_home->Put(std::move(job->raw));
+    // The buffer goes home once the writes queued from it are done.
+    writer.After(
+        [buf = std::make_shared<AlignedBuffer>(std::move(job->raw)), home = job->raw_home] {
+          if (home != nullptr) home->Put(std::move(*buf));
+        });
     if (bytes_since_checkpoint_ >= options_.checkpoint_bytes) {
       at_boundary = false;  // a failed checkpoint leaves the older one in force
       failed = Checkpoint();
@@ -838,6 +855,14 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   producer.join();
   pipe_owner.reset();
   writeback.reset();
+  Status written = writer.Drain();
+  for (auto& b : builders_) b->UseWriteBehind(nullptr);
+  if (!written.ok()) {
+    // Chunks applied since the last checkpoint may lack their data: that
+    // checkpoint stays in force.
+    at_boundary = false;
+    if (failed.ok()) failed = written;
+  }
   payload_pool_ = nullptr;
   raw_pool_ = nullptr;
   if (failed.ok()) failed = read_status;

@@ -29,7 +29,8 @@
 #   qemu-img  `qemu-img convert -f parallels -O parallels -t writeback
 #             src/root.hds dst.hds`: the same image copied to a new one,
 #             flushed when qemu-img closes it (writeback), so both are
-#             durable at the end.
+#             durable at the end. QEMU_CACHE=none makes it write with
+#             O_DIRECT instead (`-t none`), as our receiver does by default.
 # The ratio is qemu-img's time over ours, i.e. our throughput relative to
 # qemu-img's (target >= 1.0x).
 #
@@ -58,6 +59,8 @@
 #   CACHE      cold or warm
 #   SEED       data seed (default 1)
 #   KEEP       1 keeps BENCH_DIR (and the source, reused next time)
+#   QEMU_CACHE qemu-img's cache mode for its output: writeback (default,
+#              the page cache and a flush at the end) or none (O_DIRECT)
 #
 # Exit status: 0; 1 on a wrong result; 2 on a bad setting; 77 when
 # qemu-img, openssl or the ploop binary is missing.
@@ -68,6 +71,14 @@ repo="$(cd "$here/../.." && pwd)"
 ploop="${PLOOP:-$repo/build/tools/ploop}"
 rounds="${ROUNDS:-5}"
 seed="${SEED:-1}"
+qemu_cache="${QEMU_CACHE:-writeback}"
+case "$qemu_cache" in
+  writeback | none) ;;
+  *)
+    echo "send_bench: QEMU_CACHE must be writeback or none" >&2
+    exit 2
+    ;;
+esac
 scale="${SCALE:-full}"
 case "$scale" in
   full) div=1 ;;
@@ -193,7 +204,7 @@ prepare() {
 
 run_ploop() { "$ploop" send "$src" | "$ploop" receive "$dir/dst.$1" >/dev/null; }
 run_qemu() {
-  qemu-img convert -f parallels -O parallels -t writeback "$src/root.hds" "$dir/dst.$1.hds"
+  qemu-img convert -f parallels -O parallels -t "$qemu_cache" "$src/root.hds" "$dir/dst.$1.hds"
 }
 
 timed() {
@@ -218,7 +229,7 @@ best() { sort -g | head -1; }
 
 echo "ploop: $ploop"
 echo "qemu-img: $(qemu-img --version | head -1)"
-echo "file system: $fs_type at $dir; cache: $cache; $(nproc) CPUs; rounds: $rounds"
+echo "file system: $fs_type at $dir; cache: $cache; $(nproc) CPUs; rounds: $rounds; qemu-img -t $qemu_cache"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 

@@ -214,6 +214,9 @@ int RunReceive(const ReceiveArgs& args) {
   WidenPipe(STDIN_FILENO);
   ReceiveOptions options;
   options.resume = args.resume;
+  // PLOOP_RECEIVE_BUFFERED=1: write through the page cache, for
+  // comparisons (tools/bench/README.md); the received files are the same.
+  options.direct_io = std::getenv("PLOOP_RECEIVE_BUFFERED") == nullptr;
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
   FdReader in(STDIN_FILENO);

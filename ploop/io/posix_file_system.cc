@@ -207,6 +207,12 @@ class PosixFile final : public BlockFile {
     return LockFileDescriptor(fd_, path_, request);
   }
 
+  Result<int> DuplicateDescriptor() override {
+    int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return Status::FromErrno(errno, "duplicate the descriptor of " + path_);
+    return fd;
+  }
+
   bool CanPunchHole() const override { return punch_supported_.load(std::memory_order_relaxed); }
   const std::string& path() const override { return path_; }
 

@@ -119,6 +119,8 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
 
   ServedDiskOptions disk_options;
   disk_options.direct_io = options.direct_io;
+  // Every FUSE worker may be copying a cluster up at once.
+  disk_options.max_concurrent_requests = options.threads;
   auto served = ServedDisk::Create(std::move(chain), disk_options);
   if (!served.ok()) return fail(served.error());
   ServedDisk& disk = **served;
@@ -342,6 +344,7 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"direct_io", direct_io},
           {"fuse_transport", server.UsesIoUring() ? "io_uring" : "dev_fuse"},
           {"fuse_ring_requests", server.RingRequests()},
+          {"fuse_classic_workers", server.ClassicWorkers()},
           {"rss_bytes", ProcStatusBytes(0, "VmRSS")},
           {"peak_rss_bytes", ProcStatusBytes(0, "VmHWM")},
           {"cpu_seconds", cpu},
@@ -356,6 +359,7 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
             {"bytes_read", c.bytes_read},
             {"bytes_written", c.bytes_written},
             {"allocations", c.allocations},
+            {"copy_buffers_allocated", c.copy_buffers_allocated},
             {"errors", c.errors},
             {"in_flight", c.in_flight}}}};
     }

@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "mount-helper/child_process.h"
+#include "ploop/raw_image.h"
 
 namespace ploop::mount {
 
@@ -69,6 +70,14 @@ Status FrozenFilesystems::Thaw() {
   }
   frozen_.clear();
   return first;
+}
+
+Result<std::unique_ptr<Image>> OpenDeviceForReading(const std::string& device) {
+  OpenOptions o;
+  o.raw = true;
+  o.lock = false;
+  ASSIGN_OR_RETURN(auto image, RawImage::Open(DefaultFileSystem(), device, o));
+  return std::unique_ptr<Image>(std::move(image));
 }
 
 Result<uint64_t> GrowExt4Online(const std::string& dir, uint64_t device_bytes) {

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "ploop/image.h"
 #include "ploop/status.h"
 
 namespace ploop::mount {
@@ -39,6 +40,12 @@ class FrozenFilesystems {
 // mounted ext4). Returns the file system's new size in bytes. NotSupported
 // for another file system type.
 Result<uint64_t> GrowExt4Online(const std::string& dir, uint64_t device_bytes);
+
+// The disk as the block device `device` shows it, read-only, without image
+// locks (it is not an image file): what the device's users wrote is there,
+// cached or not, and a daemon serving the disk keeps serving it. Errors of
+// open(2).
+Result<std::unique_ptr<Image>> OpenDeviceForReading(const std::string& device);
 
 // Grows the ext2/3/4 file system on `device`, not mounted, to fill it:
 // `e2fsck -f -p` (resize2fs insists on a checked file system), then

@@ -49,6 +49,8 @@ constexpr uint32_t kFopenParallelDirectWrites = 1u << 6;
 // when the disk grows, and whoever grows it invalidates the inode first.
 constexpr double kAttrTimeoutSeconds = 3600;
 constexpr uint64_t kMaxRequestBytes = 1 << 20;
+// Classic /dev/fuse workers beside a ring in use (see Run()).
+constexpr unsigned kClassicBesideRing = 2;
 // Writes from this size on bypass the image's page cache, and smaller ones
 // while at most this many writes are in flight (see OnWrite).
 constexpr uint64_t kMinDirectWriteBytes = 64 << 10;
@@ -114,9 +116,10 @@ struct FuseServer::Context {
   // Run() and its workers.
   std::mutex run_mu;
   std::condition_variable run_cv;
-  bool exit_requested = false;     // by Exit()
-  unsigned workers_running = 0;    // workers still in their loop
-  std::vector<pthread_t> workers;  // while Run() runs (ring workers too)
+  bool exit_requested = false;               // by Exit()
+  unsigned workers_running = 0;              // workers still in their loop
+  std::atomic<unsigned> classic_workers{0};  // classic workers started
+  std::vector<pthread_t> workers;            // while Run() runs (ring workers too)
 
   // FUSE over io_uring (FuseOptions::io_uring; see RingWorker). `uring`:
   // the kernel has it enabled and our custom I/O functions are installed.
@@ -863,6 +866,16 @@ Status FuseServer::Run() {
   // every direct write).
   const unsigned n = std::max(1u, ctx_->options.max_threads);
   std::vector<std::thread> threads;
+  unsigned classic = 0;                       // classic workers started
+  auto start_classic = [&](unsigned count) {  // under run_mu
+    ctx_->workers_running += count;
+    for (unsigned i = 0; i < count; ++i) {
+      threads.emplace_back(ServeRequests, std::ref(*ctx_), session_);
+      ctx_->workers.push_back(threads.back().native_handle());
+    }
+    classic += count;
+    ctx_->classic_workers.store(classic);
+  };
   {
     std::lock_guard lock(ctx_->run_mu);
     if (ctx_->exit_requested) return Status::Ok();
@@ -882,15 +895,26 @@ Status FuseServer::Run() {
         }
       }
     }
-    ctx_->workers_running = n;
-    for (unsigned i = 0; i < n; ++i) {
-      threads.emplace_back(ServeRequests, std::ref(*ctx_), session_);
-      ctx_->workers.push_back(threads.back().native_handle());
-    }
+    // Beside the ring, the classic workers only serve what does not go
+    // over it (INIT, requests before the rings are registered, forgets and
+    // interrupts): a couple do. The full set starts if INIT ends without
+    // the ring.
+    start_classic(ctx_->uring ? std::min(n, kClassicBesideRing) : n);
   }
   {
     std::unique_lock lock(ctx_->run_mu);
-    ctx_->run_cv.wait(lock, [&] { return ctx_->exit_requested || ctx_->workers_running < n; });
+    if (ctx_->uring) {
+      ctx_->run_cv.wait(lock, [&] {
+        return ctx_->exit_requested || ctx_->workers_running < classic ||
+               ctx_->ring_state != Context::RingState::kPreparing;
+      });
+      if (ctx_->ring_state == Context::RingState::kStop && !ctx_->exit_requested &&
+          ctx_->workers_running == classic) {
+        start_classic(n - classic);
+      }
+    }
+    ctx_->run_cv.wait(lock,
+                      [&] { return ctx_->exit_requested || ctx_->workers_running < classic; });
     fuse_session_exit(session_);
     if (ctx_->ring_state == Context::RingState::kPreparing) {
       ctx_->ring_state = Context::RingState::kStop;
@@ -917,6 +941,8 @@ void FuseServer::Exit() {
 }
 
 bool FuseServer::UsesIoUring() const { return ctx_->ring_in_use.load(); }
+
+unsigned FuseServer::ClassicWorkers() const { return ctx_->classic_workers.load(); }
 
 uint64_t FuseServer::RingRequests() const { return ctx_->ring_requests.load(); }
 

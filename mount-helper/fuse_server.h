@@ -24,7 +24,8 @@
 //     the entry's buffers (a write's data page-aligned) and its reply goes
 //     back with the command that fetches the next one, one system call per
 //     request instead of a read and a writev. libfuse still parses requests
-//     and handles INIT; the classic workers serve everything when the
+//     and handles INIT; beside a ring in use two classic workers serve what
+//     does not go over it, and the full set of `threads` starts when the
 //     kernel does not offer or refuses the ring;
 //   - fsync -> ServedDisk::Flush(); fallocate(PUNCH_HOLE|KEEP_SIZE) and
 //     fallocate(ZERO_RANGE) -> ServedDisk::Discard() (fstrim and -o discard
@@ -77,6 +78,10 @@ class FuseServer {
   // many requests came through it.
   bool UsesIoUring() const;
   uint64_t RingRequests() const;
+  // The classic /dev/fuse workers running: all `max_threads` without the
+  // ring; beside a ring in use, only the couple that serve what does not go
+  // over it.
+  unsigned ClassicWorkers() const;
   // After the disk grew: drops the attributes the kernel keeps of the file
   // (fuse_lowlevel_notify_inval_inode), so the next stat sees the new size.
   Status InvalidateSize();

@@ -60,16 +60,19 @@ bool Unlocked(const std::string& image) {
 }
 
 // A loop device straight on the image: the disk is bytes [offset,
-// offset+size) of the file.
-Result<std::string> AttachDirect(const std::string& image, uint64_t offset, uint64_t size,
+// offset+size) of the file. `fd` (taken over, closed here) is a descriptor
+// of the open file description the chain locked: the loop device keeps that
+// description, so the locks never lapse between the chain's open and the
+// device's.
+Result<std::string> AttachDirect(int fd, const std::string& image, uint64_t offset, uint64_t size,
                                  bool read_only) {
-  int fd = ::open(image.c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(errno, "open " + image);
   struct Closer {
     int fd;
     ~Closer() { ::close(fd); }
   } closer{fd};
-  // On the description the loop device keeps: held while it is attached.
+  // Held already when the caller opened the chain with locks (then this
+  // changes nothing: a description never conflicts with its own locks);
+  // taken here otherwise, so the device never runs unlocked.
   Status locked =
       LockFileDescriptor(fd, image, read_only ? ReaderLockRequest() : WriterLockRequest());
   if (!locked.ok()) return locked;
@@ -87,6 +90,7 @@ struct Direct {
   bool ok = false;
   uint64_t offset = 0;
   uint64_t size = 0;
+  BlockFile* file = nullptr;  // the image file (the chain's)
 };
 
 // Whether the chain can go straight onto a loop device.
@@ -95,9 +99,10 @@ Direct DirectLayout(Chain& chain) {
   if (chain.depth() != 1) return d;
   if (const char* force = std::getenv("PLOOP_MOUNT_FORCE_DAEMON"); force && *force == '1') return d;
   Image& image = chain.layer(0);
-  if (image.kind() == ImageKind::kRaw) {
+  if (auto* raw = dynamic_cast<RawImage*>(&image); raw != nullptr) {
     d.ok = true;
     d.size = image.size_bytes();
+    d.file = &raw->file();
     return d;
   }
   auto* delta = dynamic_cast<Delta*>(&image);
@@ -108,6 +113,7 @@ Direct DirectLayout(Chain& chain) {
   d.ok = true;
   d.offset = delta->header().first_block_bytes();
   d.size = image.size_bytes();
+  d.file = &delta->file();
   return d;
 }
 
@@ -211,12 +217,18 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
   if (direct.ok) {
     const std::string image = RealPath(chain->layer(0).path());
     const bool read_only = !chain->writable();
-    // Closing writes nothing (no write happened); the locks go with it and
-    // are taken again on the descriptor the loop device keeps.
+    // The loop device gets the chain's own open file description, whose
+    // image locks then outlive the chain's descriptor: closing the chain
+    // writes nothing (no write happened), and at no moment is the image
+    // unlocked (another process could otherwise take it in between, e.g.
+    // `ploop snapshot` turning it into a read-only snapshot under a new
+    // top, and we would attach the old image read-write).
+    ASSIGN_OR_RETURN(int fd, direct.file->DuplicateDescriptor());
     chain.reset();
+    if (request.after_release) request.after_release();
     // (Discards of a preallocated image punch holes through the loop
     // device: the range reads as zeros, its reservation is given up.)
-    ASSIGN_OR_RETURN(out.device, AttachDirect(image, direct.offset, direct.size, read_only));
+    ASSIGN_OR_RETURN(out.device, AttachDirect(fd, image, direct.offset, direct.size, read_only));
     record.device = out.device;
     record.descriptor = request.descriptor;
     record.guid = request.guid;

@@ -5,9 +5,9 @@
 // How a disk becomes /dev/loopN:
 //   - a single raw image, or a single preallocated image whose clusters are
 //     in identity order: a loop device straight on the image file (with the
-//     data area's offset), direct I/O, no daemon. The image locks are taken
-//     on the file description the loop device keeps, so they last exactly
-//     as long as the device;
+//     data area's offset), direct I/O, no daemon. The loop device keeps the
+//     open file description the chain locked, so the image locks last from
+//     the chain's open exactly as long as the device;
 //   - anything else (expanded images, snapshot chains): the mount daemon
 //     (daemon.h) serves the chain through FUSE and a loop device sits on
 //     that (direct I/O).
@@ -18,6 +18,7 @@
 // Thread-safety: functions; MountChain() forks (single-threaded callers).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +39,10 @@ struct MountRequest {
   unsigned threads = 32;    // the daemon's FUSE threads at most
   bool fuse_uring = false;  // the daemon serves through FUSE over io_uring if it can
   OnlineOperations online;  // what the daemon's control socket may do
+  // Tests only: on a loop device straight on the image, called after the
+  // chain is closed and before the device is attached -- the moment the
+  // image must still be locked.
+  std::function<void()> after_release;
 };
 
 struct Mounted {

@@ -41,9 +41,6 @@ Status Put(BlockFile& file, uint64_t offset, std::span<const std::byte> data,
                                                    : file.WriteAt(offset, data);
 }
 
-// Scratch buffers kept for reuse; more in use at once are freed after use.
-constexpr size_t kKeptBuffers = 4;
-
 Status Closed() { return Status::FailedPrecondition("the disk is closed"); }
 
 }  // namespace
@@ -450,6 +447,7 @@ ServedDisk::Counters ServedDisk::counters() const {
   c.bytes_written = counters_.bytes_written.load(std::memory_order_relaxed);
   c.allocations = counters_.allocations.load(std::memory_order_relaxed);
   c.errors = counters_.errors.load(std::memory_order_relaxed);
+  c.copy_buffers_allocated = counters_.copy_buffers_allocated.load(std::memory_order_relaxed);
   c.in_flight = gate_.in_flight();
   c.depth = depth_.load(std::memory_order_relaxed);
   return c;
@@ -464,13 +462,18 @@ ServedDisk::Buffer ServedDisk::TakeBuffer() {
       return b;
     }
   }
+  counters_.copy_buffers_allocated.fetch_add(1, std::memory_order_relaxed);
   // Null when memory is short: the request fails with ENOMEM.
   return Buffer(static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_)));
 }
 
 void ServedDisk::ReturnBuffer(Buffer buffer) {
   std::lock_guard lock(buffers_mu_);
-  if (buffers_.size() < kKeptBuffers) buffers_.push_back(std::move(buffer));
+  // As many as the callers can use at once: a steady load of concurrent
+  // copy-ups then allocates nothing.
+  if (buffers_.size() < std::max(1u, options_.max_concurrent_requests)) {
+    buffers_.push_back(std::move(buffer));
+  }
 }
 
 }  // namespace ploop

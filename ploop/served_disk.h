@@ -70,6 +70,12 @@ struct ServedDiskOptions {
   // aligned to io_alignment() go direct (unless written with
   // Caching::kBuffered); others stay buffered.
   bool direct_io = false;
+  // How many threads call Write() and Discard() at once at most (the
+  // daemon's workers). Each copy-up in flight needs a cluster-sized buffer;
+  // that many are kept for reuse once allocated, so copy-ups allocate only
+  // until the pool has filled. More callers still work: the buffers beyond
+  // the pool are freed after use.
+  unsigned max_concurrent_requests = 4;
 };
 
 class ServedDisk {
@@ -131,7 +137,8 @@ class ServedDisk {
     uint64_t flushes = 0;
     uint64_t bytes_read = 0;
     uint64_t bytes_written = 0;
-    uint64_t allocations = 0;  // clusters newly mapped in the top
+    uint64_t allocations = 0;             // clusters newly mapped in the top
+    uint64_t copy_buffers_allocated = 0;  // cluster buffers the pool lacked
     uint64_t errors = 0;
     uint32_t in_flight = 0;
     uint64_t depth = 0;  // layers
@@ -181,7 +188,8 @@ class ServedDisk {
     return cluster_locks_[cluster_index % cluster_locks_.size()];
   }
   // Cluster-sized, page-aligned scratch buffers for copy-up and partial
-  // allocation; a few are kept for reuse, the rest freed (bounded memory).
+  // allocation; options_.max_concurrent_requests are kept for reuse, the
+  // rest freed (bounded memory).
   struct FreeBuffer {
     void operator()(std::byte* p) const;
   };
@@ -215,6 +223,7 @@ class ServedDisk {
   struct AtomicCounters {
     std::atomic<uint64_t> reads{0}, writes{0}, discards{0}, flushes{0};
     std::atomic<uint64_t> bytes_read{0}, bytes_written{0}, allocations{0}, errors{0};
+    std::atomic<uint64_t> copy_buffers_allocated{0};
   };
   mutable AtomicCounters counters_;
 };

@@ -160,6 +160,8 @@ class FaultFile final : public BlockFile {
   // Changes only how the base does its I/O; every call still comes here.
   Result<uint64_t> EnableDirectIo() override { return base_->EnableDirectIo(); }
   Status Lock(const LockRequest& request) override { return base_->Lock(request); }
+  // The kernel's file itself: what goes through it bypasses the faults.
+  Result<int> DuplicateDescriptor() override { return base_->DuplicateDescriptor(); }
   bool CanPunchHole() const override { return base_->CanPunchHole(); }
   const std::string& path() const override { return base_->path(); }
 

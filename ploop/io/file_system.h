@@ -118,6 +118,15 @@ class BlockFile {
   // probed byte is locked through another open of the same file (in this
   // process or another).
   virtual Status Lock(const LockRequest& request) = 0;
+  // A new descriptor (close-on-exec, owned by the caller) for this file's
+  // open file description: it shares the description's access mode and the
+  // locks Lock() took, which last until the last descriptor of the
+  // description is closed. For handing the open, locked file to the kernel
+  // (a loop device) with no moment in which the locks are released.
+  // NotSupported (the default) for files that are not kernel files.
+  virtual Result<int> DuplicateDescriptor() {
+    return Status::NotSupported(path() + ": no kernel file descriptor");
+  }
 
   virtual bool CanPunchHole() const = 0;
   virtual const std::string& path() const = 0;

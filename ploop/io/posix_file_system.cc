@@ -126,6 +126,13 @@ class PosixFile final : public BlockFile {
   Result<uint64_t> Size() override {
     struct stat st;
     if (::fstat(fd_, &st) != 0) return Status::FromErrno(errno, "stat " + path_);
+    if (S_ISBLK(st.st_mode)) {
+      // A block device's st_size is 0; its end is its capacity. (The file
+      // offset this moves is used by nothing: all I/O here is positional.)
+      off_t end = ::lseek(fd_, 0, SEEK_END);
+      if (end < 0) return Status::FromErrno(errno, "seek to the end of " + path_);
+      return static_cast<uint64_t>(end);
+    }
     return static_cast<uint64_t>(st.st_size);
   }
 
@@ -205,6 +212,12 @@ class PosixFile final : public BlockFile {
 
   Status Lock(const LockRequest& request) override {
     return LockFileDescriptor(fd_, path_, request);
+  }
+
+  Result<int> DuplicateDescriptor() override {
+    int fd = ::fcntl(fd_, F_DUPFD_CLOEXEC, 0);
+    if (fd < 0) return Status::FromErrno(errno, "duplicate the descriptor of " + path_);
+    return fd;
   }
 
   bool CanPunchHole() const override { return punch_supported_.load(std::memory_order_relaxed); }

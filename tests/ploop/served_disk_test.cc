@@ -724,8 +724,23 @@ class PausingFileSystem final : public FileSystem {
     pause_at_ = UINT64_MAX;
     cv_.notify_all();
   }
-  void WaitIfPaused(uint64_t offset) {
+  // The next `n` ReadAt()s of `path` each wait until all `n` have arrived:
+  // `n` requests are then at that step at the same time.
+  void GatherReadsOf(const std::string& path, int n) {
+    std::lock_guard lock(mu_);
+    gather_path_ = path;
+    gather_left_ = n;
+  }
+  void WaitIfPaused(const std::string& path, uint64_t offset) {
     std::unique_lock lock(mu_);
+    if (gather_left_ > 0 && path == gather_path_) {
+      if (--gather_left_ == 0) {
+        cv_.notify_all();
+      } else {
+        cv_.wait(lock, [&] { return gather_left_ == 0; });
+      }
+      return;
+    }
     if (offset != pause_at_) return;
     paused_ = true;
     cv_.wait(lock, [&] { return pause_at_ != offset; });
@@ -758,7 +773,7 @@ class PausingFileSystem final : public FileSystem {
         : fs_(fs), base_(std::move(base)) {}
     Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
       // The request has looked the cluster up; its pread has not run yet.
-      fs_.WaitIfPaused(offset);
+      fs_.WaitIfPaused(base_->path(), offset);
       return base_->ReadAt(offset, out);
     }
     Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
@@ -791,7 +806,52 @@ class PausingFileSystem final : public FileSystem {
   std::condition_variable cv_;
   uint64_t pause_at_ = UINT64_MAX;
   bool paused_ = false;
+  std::string gather_path_;
+  int gather_left_ = 0;
 };
+
+TEST_CASE("served disk: concurrent copy-ups reuse their cluster buffers once the pool has filled") {
+  // As many copy-ups as the disk's callers can run at once, twice: the
+  // first round allocates a buffer each, the second finds them all kept.
+  constexpr int kCallers = 8;
+  MemoryFileSystem mem;
+  DiskFiles d = MakeDisk(mem, "", Setup::kSnapshot, 4 * kCallers);
+  PausingFileSystem fs(mem);
+  REQUIRE_ASSIGN(auto chain, OpenChain(fs, d, /*writable=*/true));
+  ServedDiskOptions options;
+  options.max_concurrent_requests = kCallers;
+  REQUIRE_ASSIGN(auto disk, ServedDisk::Create(std::move(chain), options));
+  auto round = [&](int first) {
+    // Every copy-up holds its buffer while it reads the base: all of them
+    // hold one at once.
+    fs.GatherReadsOf(d.paths.front(), kCallers);
+    std::vector<std::thread> writers;
+    for (int i = 0; i < kCallers; ++i) {
+      // An even cluster: the base holds it; one sector written.
+      const uint64_t sector = (2 * static_cast<uint64_t>(first + i)) * kSectorsPerCluster + 3;
+      writers.emplace_back(
+          [&, sector] { CHECK_OK(disk->Write(sector * kSector, Tagged(sector, 1, 7))); });
+    }
+    for (auto& w : writers) w.join();
+  };
+  round(0);
+  CHECK(disk->counters().copy_buffers_allocated == kCallers);
+  round(kCallers);
+  CHECK(disk->counters().copy_buffers_allocated == kCallers);
+  // The copy-ups kept the base's data around the written sector.
+  for (int i = 0; i < 2 * kCallers; ++i) {
+    const uint64_t cluster = 2 * static_cast<uint64_t>(i);
+    auto got = ReadRange(*disk, cluster * kCb, kCb);
+    for (uint64_t s = 0; s < kSectorsPerCluster; ++s) {
+      CAPTURE(cluster);
+      CAPTURE(s);
+      CHECK(SectorVersion(got.data() + s * kSector, cluster * kSectorsPerCluster + s) ==
+            (s == 3 ? 7 : static_cast<int64_t>(kBaseVersion)));
+    }
+  }
+  REQUIRE_OK(disk->Close());
+  CHECK(TopProblems(mem, d) == "");
+}
 
 TEST_CASE("served disk: a discarded cluster is not reused while a request that looked it up runs") {
   // A write in place to cluster A is in flight (its pwrite has not landed;

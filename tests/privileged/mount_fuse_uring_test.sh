@@ -9,6 +9,7 @@
 # mount must fall back to the classic /dev/fuse workers, say so in the
 # daemon's log and serve correctly (then the io_uring part is skipped:
 # exit 77, or a pass under CI=true, which has exercised the fallback).
+# Beside the ring only two classic workers run; without it, all 32.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
@@ -53,6 +54,7 @@ if ! $have_uring; then
   dev=$OUT
   pid=$(daemon_of "$dd")
   assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without kernel support"
+  assert_eq "$(status "$dev" fuse_classic_workers)" 32 "classic workers without the ring"
   daemon_log "$pid" | grep -q "FUSE over io_uring: this kernel has none" ||
     fail "the daemon did not log the fallback: $(daemon_log "$pid")"
   fill "$TMP/data.bin" 32 3
@@ -73,6 +75,7 @@ pl mount "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
 assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without --fuse-uring"
+assert_eq "$(status "$dev" fuse_classic_workers)" 32 "classic workers without --fuse-uring"
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 
@@ -81,6 +84,9 @@ pl mount --fuse-uring "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
 assert_eq "$(status "$dev" fuse_transport)" io_uring "transport with --fuse-uring"
+# Beside the ring only a couple of classic workers (INIT, forgets), not the
+# full set of 32 with a 1 MiB buffer each.
+assert_eq "$(status "$dev" fuse_classic_workers)" 2 "classic workers beside the ring"
 assert_eq "$(<"$param")" Y "the kernel's switch after --fuse-uring"
 fill "$TMP/base.bin" 160 1
 dd if="$TMP/base.bin" of="$dev" bs=1M oflag=direct status=none

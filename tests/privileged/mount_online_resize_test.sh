@@ -8,7 +8,9 @@
 #     with a clear error, and the device has grown all the same;
 #   - offline: ResizeDisk, then resize2fs on a device our daemon serves;
 #     then run again after the refused online case;
-#   - only the device mounted: the unmounted ext4 on it grows (resize2fs);
+#   - only the device mounted: the unmounted ext4 on it grows (resize2fs),
+#     also when the ext4 is still only in the device's cache (read through
+#     the device, not the image files);
 #   - offline without root: the image grows, a note says the ext4 did not;
 #     the same command as root then grows it;
 #   - shrinking is refused (exit 2), online and offline, nothing changes;
@@ -16,7 +18,7 @@
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
-need blockdev dumpe2fs resize2fs fallocate setpriv
+need blockdev dumpe2fs resize2fs fallocate setpriv mkfs.ext4 truncate
 
 d="$TMP/ct"
 m="$TMP/mnt"
@@ -111,6 +113,25 @@ dev=$OUT
 pl resize -s 2G "$dd"
 assert_eq "$(blockdev --getsize64 "$dev")" $((2048 * MiB)) "device size"
 assert_eq "$(fs_bytes "$dev")" $((2048 * MiB)) "ext4 size"
+expect_rc 0 e2fsck -fn "$dev"
+pl umount "$dev"
+
+note "only the device mounted, its ext4 still in the device's cache: it grows all the same"
+# The ext4 is written to the device and not synced: it is in the device's
+# page cache, not yet in the image. The resize must look at the disk as the
+# device shows it (as resize2fs then does), not at the image files.
+d3="$TMP/cached"
+mkdir -p "$d3"
+pl init -s 256M -t none "$d3/root.hds"
+truncate -s 64M "$TMP/small.ext4"
+mkfs.ext4 -q -F "$TMP/small.ext4"
+pl mount "$d3/DiskDescriptor.xml"
+dev=$OUT
+exec 9<"$dev"  # the last close of a device writes its cache back: not dd's
+dd if="$TMP/small.ext4" of="$dev" bs=1M conv=sparse,notrunc status=none
+pl resize -s 512M "$d3/DiskDescriptor.xml"
+exec 9<&-
+assert_eq "$(fs_bytes "$dev")" $((512 * MiB)) "ext4 size after resizing a disk with a cached ext4"
 expect_rc 0 e2fsck -fn "$dev"
 pl umount "$dev"
 

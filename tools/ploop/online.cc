@@ -103,13 +103,22 @@ Result<Json> OnlineCall(const mount::MountRecord& record, const Json& request, i
 
 namespace {
 
-// The size of the ext4 at the start of the disk (nullopt: none), read
-// without taking locks (a daemon may serve the disk).
-Result<std::optional<uint64_t>> Ext4Size(const std::string& dd_path, bool lock) {
+// The size of the ext4 at the start of the (unmounted) disk, nullopt when
+// it holds none.
+Result<std::optional<uint64_t>> Ext4Size(const std::string& dd_path) {
   OpenOptions o;
-  o.lock = lock;
+  o.lock = true;
   ASSIGN_OR_RETURN(auto chain, OpenDisk(DefaultFileSystem(), dd_path, "", o, LoadOptions()));
   return fsimage::ProbeExt4SizeBytes(*chain);
+}
+
+// The same for a disk a daemon serves on `device`: read through the device,
+// which shows what its users wrote (the image files may not have it yet,
+// and a read of them beside the daemon's writes could see them half done;
+// their reader lock is refused while the daemon holds the writer lock).
+Result<std::optional<uint64_t>> Ext4SizeOnDevice(const std::string& device) {
+  ASSIGN_OR_RETURN(auto disk, mount::OpenDeviceForReading(device));
+  return fsimage::ProbeExt4SizeBytes(*disk);
 }
 
 // Serves the (unmounted) disk on a device and grows its ext4 there.
@@ -185,7 +194,7 @@ int ResizeDescriptorDisk(const std::string& dd_path, uint64_t size_bytes) {
       return kExitOk;  // not ext4: growing it is the user's business
     }
     // Only the device: an ext4 on it is not mounted and grows with resize2fs.
-    auto ext4 = Ext4Size(dd_path, /*lock=*/false);
+    auto ext4 = Ext4SizeOnDevice(mounted->device);
     if (ext4.ok() && ext4->has_value() && **ext4 < disk_bytes) {
       if (Status s = mount::GrowExt4OnDevice(mounted->device); !s.ok()) {
         return Fail("resize", s.WithContext(grew));
@@ -197,7 +206,7 @@ int ResizeDescriptorDisk(const std::string& dd_path, uint64_t size_bytes) {
   if (Status s = ResizeDisk(fs, dd_path, size_bytes, LoadOptions()); !s.ok()) {
     return Fail("resize", s);
   }
-  auto ext4 = Ext4Size(dd_path, /*lock=*/true);
+  auto ext4 = Ext4Size(dd_path);
   if (!ext4.ok()) return Fail("resize", ext4.error().WithContext("look for a file system"));
   auto dd = ploop::Descriptor::Load(fs, dd_path, LoadOptions());
   if (!dd.ok()) return Fail("resize", dd.error());

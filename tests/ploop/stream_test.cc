@@ -1221,6 +1221,19 @@ TEST_CASE("stream: an lz4 frame other than ours is refused") {
 
 // --- Crashes of the receiver ----------------------------------------------------------
 
+// Finishes an interrupted receive in `mem` with the continuation that
+// `send --resume` makes of `options` from its token; false (nothing done)
+// when no receive was begun there.
+bool ResumeInterrupted(MemoryFileSystem& mem, MemoryFileSystem& src, const SendOptions& options) {
+  REQUIRE_ASSIGN(bool partial, HasInterruptedReceive(mem, kDst));
+  if (!partial) return false;
+  REQUIRE_ASSIGN(std::string token, ReceiveResumeToken(mem, kDst));
+  SendOptions resumed = options;
+  resumed.resume_token = token;
+  REQUIRE_OK(Receive(mem, Send(src, resumed), true).status());
+  return true;
+}
+
 // A receive on a FaultFileSystem cut after its k-th mutating operation, for
 // every k, with the unsynced writes dropped (all of them, or a seeded
 // random subset). After the crash: a new disk exists only if it is
@@ -1273,13 +1286,8 @@ void CrashTest(bool incremental) {
         if (dd.FindImage(kS2) != nullptr) RequireSameSnapshot(src, kSrc, mem, kDstDd, kS2);
       }
       // Finish it.
-      REQUIRE_ASSIGN(bool partial, HasInterruptedReceive(mem, kDst));
-      if (partial) {
-        REQUIRE_ASSIGN(std::string token, ReceiveResumeToken(mem, kDst));
-        SendOptions o = options;
-        o.resume_token = token;
-        REQUIRE_OK(Receive(mem, Send(src, o), true).status());
-      } else if (incremental ? LoadDd(mem, kDstDd).FindImage(kS2) == nullptr : !has_dd) {
+      if (!ResumeInterrupted(mem, src, options) &&
+          (incremental ? LoadDd(mem, kDstDd).FindImage(kS2) == nullptr : !has_dd)) {
         // Not begun: delta files a crash left unnamed are orphans.
         if (incremental) {
           REQUIRE_OK(CheckDisk(mem, kDstDd, /*repair=*/true).status());
@@ -1328,13 +1336,7 @@ TEST_CASE("stream: a failed data write on the receiver is never checkpointed") {
         CHECK(!Exists(mem, kDstDd));
       }
       REQUIRE_OK(fault.Crash(CrashMode::kDropAll));
-      REQUIRE_ASSIGN(bool partial, HasInterruptedReceive(mem, kDst));
-      if (partial) {
-        REQUIRE_ASSIGN(std::string token, ReceiveResumeToken(mem, kDst));
-        SendOptions resumed = options;
-        resumed.resume_token = token;
-        REQUIRE_OK(Receive(mem, Send(src, resumed), true).status());
-      } else if (!Exists(mem, kDstDd)) {
+      if (!ResumeInterrupted(mem, src, options) && !Exists(mem, kDstDd)) {
         for (const auto& [name, bytes] : Files(mem, kDst)) {
           REQUIRE_OK(mem.Remove(JoinPath(kDst, name)));
         }

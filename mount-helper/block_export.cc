@@ -1,5 +1,11 @@
-// BlockExport over an Image, and the allocation/zeroing rules an NBD
+// BlockExport over a ServedDisk, and the allocation/zeroing rules an NBD
 // server needs.
+//
+// Concurrency is the ServedDisk's (served_disk.h): this layer adds no lock
+// of its own on the data path. A fast-zero decision and the zeroing that
+// follows are two steps: a write landing between them may make the zeroing
+// slower than promised, never wrong (Discard and zero writes keep their
+// semantics whatever the allocation is by then).
 //
 // Block status. NBD's "base:allocation" context says, per byte range,
 // whether it is a hole (reads as zeros, no storage) or data. Clients use it
@@ -23,6 +29,7 @@
 #include "mount-helper/block_export.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <mutex>
 
@@ -33,24 +40,6 @@ namespace ploop::mount {
 
 namespace {
 
-// The layers of `image`, base first: a Chain's, or the image alone.
-std::vector<Image*> LayersOf(Image& image) {
-  std::vector<Image*> layers;
-  if (auto* chain = dynamic_cast<Chain*>(&image)) {
-    for (size_t i = 0; i < chain->depth(); ++i) layers.push_back(&chain->layer(i));
-  } else {
-    layers.push_back(&image);
-  }
-  return layers;
-}
-
-// Whether `layer` holds cluster `index`; a layer smaller than the disk
-// holds nothing past its end.
-Result<bool> LayerHolds(Image& layer, uint64_t index) {
-  if (index * layer.cluster_bytes() >= layer.size_bytes()) return false;
-  return layer.IsAllocated(index);
-}
-
 constexpr size_t kZeroChunkBytes = 1 << 20;
 
 const std::byte* Zeros() {
@@ -58,50 +47,38 @@ const std::byte* Zeros() {
   return zeros.data();
 }
 
-class SerializedExport final : public BlockExport {
+class ServedExport final : public BlockExport {
  public:
-  explicit SerializedExport(std::unique_ptr<Image> image)
-      : image_(std::move(image)),
-        size_bytes_(image_->size_bytes()),
-        cluster_bytes_(image_->cluster_bytes()),
-        writable_(image_->writable()) {}
+  explicit ServedExport(std::unique_ptr<ServedDisk> disk) : disk_(std::move(disk)) {}
 
-  ~SerializedExport() override {
-    std::lock_guard lock(mu_);
-    if (!closed_) image_->Close().IgnoreError();
-  }
-
-  uint64_t size_bytes() const override { return size_bytes_; }
-  uint64_t cluster_bytes() const override { return cluster_bytes_; }
-  bool writable() const override { return writable_; }
+  uint64_t size_bytes() const override { return disk_->size_bytes(); }
+  uint64_t cluster_bytes() const override { return disk_->cluster_bytes(); }
+  bool writable() const override { return disk_->writable(); }
 
   Status Read(uint64_t offset, std::span<std::byte> out) override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    return image_->Read(offset, out);
+    return disk_->Read(offset, out);
   }
 
   Status Write(uint64_t offset, std::span<const std::byte> data) override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    return image_->Write(offset, data);
+    return disk_->Write(offset, data);
   }
 
   Status Zero(uint64_t offset, uint64_t length, bool may_unmap, bool fast_only) override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    if (!writable_) return Status::FailedPrecondition(image_->path() + " is open read-only");
-    TRY(CheckDiskRange(offset, length, size_bytes_));
+    if (!disk_->writable()) return Status::FailedPrecondition("the disk is open read-only");
+    TRY(CheckDiskRange(offset, length, disk_->size_bytes()));
     if (fast_only) {
-      ASSIGN_OR_RETURN(bool fast, ZeroIsFast(*image_, offset, length, may_unmap));
+      ASSIGN_OR_RETURN(bool fast, ZeroIsFast(*disk_, offset, length, may_unmap));
       if (!fast) return Status::NotSupported("zeroing this range means writing data");
     }
-    if (may_unmap) return image_->Discard(offset, length);
-    // Zeros written as data: the image's own rules still keep them from
+    if (may_unmap) return disk_->Discard(offset, length);
+    // Zeros written as data: the disk's own rules still keep them from
     // allocating clusters nothing holds (they read as zeros already).
     while (length > 0) {
       uint64_t n = std::min<uint64_t>(length, kZeroChunkBytes);
-      TRY(image_->Write(offset, std::span<const std::byte>(Zeros(), n)));
+      TRY(disk_->Write(offset, std::span<const std::byte>(Zeros(), n)));
       offset += n;
       length -= n;
     }
@@ -109,41 +86,42 @@ class SerializedExport final : public BlockExport {
   }
 
   Status Trim(uint64_t offset, uint64_t length) override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    return image_->Discard(offset, length);
+    return disk_->Discard(offset, length);
   }
 
   Status Flush() override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    return image_->Flush();
+    return disk_->Flush();
   }
 
   Result<std::vector<Extent>> Extents(uint64_t offset, uint64_t length, bool first_only) override {
-    std::lock_guard lock(mu_);
     TRY(CheckOpen());
-    return AllocationExtents(*image_, offset, length, first_only);
+    return AllocationExtents(*disk_, offset, length, first_only);
   }
 
   Status Close() override {
-    std::lock_guard lock(mu_);
+    std::lock_guard lock(close_mu_);
     TRY(CheckOpen());
-    closed_ = true;
-    return image_->Close();
+    closed_.store(true, std::memory_order_release);
+    // The plugin closes on a stop request while requests may still run:
+    // ServedDisk::Close() sets its closed flag before it quiesces, so a
+    // request already past its check is waited for (the gate) and any later
+    // one fails with FailedPrecondition; the disk object lives on until
+    // the export is destroyed, after every connection is gone.
+    return disk_->Close();
   }
 
  private:
   Status CheckOpen() const {
-    return closed_ ? Status::FailedPrecondition("the export is closed") : Status::Ok();
+    return closed_.load(std::memory_order_acquire)
+               ? Status::FailedPrecondition("the export is closed")
+               : Status::Ok();
   }
 
-  std::mutex mu_;
-  std::unique_ptr<Image> image_;  // guarded by mu_
-  bool closed_ = false;           // guarded by mu_
-  const uint64_t size_bytes_;
-  const uint64_t cluster_bytes_;
-  const bool writable_;
+  std::unique_ptr<ServedDisk> disk_;
+  std::mutex close_mu_;  // one Close() at a time
+  std::atomic<bool> closed_{false};
 };
 
 }  // namespace
@@ -164,23 +142,38 @@ Result<std::unique_ptr<Image>> OpenTarget(FileSystem& fs, const ExportTarget& ta
 
 Result<std::unique_ptr<BlockExport>> OpenExport(FileSystem& fs, const ExportTarget& target) {
   ASSIGN_OR_RETURN(auto image, OpenTarget(fs, target));
-  return SerializeImage(std::move(image));
+  std::unique_ptr<Chain> chain;
+  if (auto* as_chain = dynamic_cast<Chain*>(image.get())) {
+    image.release();
+    chain.reset(as_chain);
+  } else {
+    std::vector<std::unique_ptr<Image>> layers;
+    layers.push_back(std::move(image));
+    ASSIGN_OR_RETURN(chain, Chain::FromLayers(std::move(layers)));
+  }
+  ServedDiskOptions options;
+  // nbdkit runs up to 16 requests at once per connection; each copy-up in
+  // flight needs a cluster buffer.
+  options.max_concurrent_requests = 16;
+  ASSIGN_OR_RETURN(auto disk, ServedDisk::Create(std::move(chain), options));
+  return ExportServedDisk(std::move(disk));
 }
 
-std::unique_ptr<BlockExport> SerializeImage(std::unique_ptr<Image> image) {
-  return std::make_unique<SerializedExport>(std::move(image));
+std::unique_ptr<BlockExport> ExportServedDisk(std::unique_ptr<ServedDisk> disk) {
+  return std::make_unique<ServedExport>(std::move(disk));
 }
 
-Result<std::vector<Extent>> AllocationExtents(Image& image, uint64_t offset, uint64_t length,
+Result<std::vector<Extent>> AllocationExtents(ServedDisk& disk, uint64_t offset, uint64_t length,
                                               bool first_only) {
   if (length == 0) return Status::InvalidArgument("block status of an empty range");
-  TRY(CheckDiskRange(offset, length, image.size_bytes()));
-  const uint64_t cb = image.cluster_bytes();
+  ASSIGN_OR_RETURN(ServedDisk::AllocationMap map, disk.Allocation(offset, length));
+  const uint64_t cb = disk.cluster_bytes();
   const uint64_t end = offset + length;
   std::vector<Extent> out;
   for (uint64_t pos = offset; pos < end;) {
     const uint64_t index = pos / cb;
-    ASSIGN_OR_RETURN(bool allocated, image.IsAllocated(index));
+    const ServedDisk::ClusterHolders& h = map.clusters[index - map.first_cluster_index];
+    const bool allocated = h.top || h.below;
     const uint64_t run_end = std::min((index + 1) * cb, end);
     if (!out.empty() && out.back().allocated == allocated) {
       out.back().length_bytes += run_end - pos;
@@ -193,23 +186,18 @@ Result<std::vector<Extent>> AllocationExtents(Image& image, uint64_t offset, uin
   return out;
 }
 
-Result<bool> ZeroIsFast(Image& image, uint64_t offset, uint64_t length, bool may_unmap) {
-  TRY(CheckDiskRange(offset, length, image.size_bytes()));
-  if (length == 0) return true;
-  const std::vector<Image*> layers = LayersOf(image);
-  Image& top = *layers.back();
-  const uint64_t cb = image.cluster_bytes();
-  const uint64_t size = image.size_bytes();
+Result<bool> ZeroIsFast(ServedDisk& disk, uint64_t offset, uint64_t length, bool may_unmap) {
+  ASSIGN_OR_RETURN(ServedDisk::AllocationMap map, disk.Allocation(offset, length));
+  const uint64_t cb = disk.cluster_bytes();
+  const uint64_t size = disk.size_bytes();
   const uint64_t end = offset + length;
-  for (uint64_t index = offset / cb; index * cb < end; ++index) {
-    for (size_t level = 0; level + 1 < layers.size(); ++level) {
-      ASSIGN_OR_RETURN(bool below, LayerHolds(*layers[level], index));
-      if (below) return false;  // a zero cluster must be written over it
-    }
-    ASSIGN_OR_RETURN(bool in_top, LayerHolds(top, index));
-    if (!in_top) continue;  // reads as zeros already
+  for (size_t i = 0; i < map.clusters.size(); ++i) {
+    const ServedDisk::ClusterHolders& h = map.clusters[i];
+    if (h.below) return false;  // a zero cluster must be written over it
+    if (!h.top) continue;       // reads as zeros already
+    const uint64_t index = map.first_cluster_index + i;
     const bool whole = offset <= index * cb && std::min((index + 1) * cb, size) <= end;
-    if (!(may_unmap && whole && top.kind() == ImageKind::kExpanded)) return false;
+    if (!(may_unmap && whole && map.top_unmaps)) return false;
   }
   return true;
 }

@@ -385,6 +385,29 @@ Status ServedDisk::MapZeroCluster(uint64_t cluster_index) {
   return Status::Ok();
 }
 
+Result<ServedDisk::AllocationMap> ServedDisk::Allocation(uint64_t offset, uint64_t length) {
+  IoGate::Pass pass = gate_.Enter();
+  if (closed_.load(std::memory_order_acquire)) return Closed();
+  TRY(CheckDiskRange(offset, length, size_bytes()));
+  AllocationMap map;
+  map.first_cluster_index = offset / cluster_bytes_;
+  map.top_unmaps = top_delta_ != nullptr && top_delta_->kind() == ImageKind::kExpanded;
+  if (length == 0) return map;
+  const int top = static_cast<int>(layers_.size()) - 1;
+  const uint64_t last = (offset + length - 1) / cluster_bytes_;
+  map.clusters.reserve(last - map.first_cluster_index + 1);
+  for (uint64_t index = map.first_cluster_index; index <= last; ++index) {
+    const Location loc = Find(index, top);
+    ClusterHolders holders;
+    holders.top = loc.level == top;
+    // The top hides what is below; look there only when it holds the
+    // cluster (otherwise `loc` already is the highest holder below it).
+    holders.below = loc.level >= 0 && (loc.level < top || Find(index, top - 1).level >= 0);
+    map.clusters.push_back(holders);
+  }
+  return map;
+}
+
 Status ServedDisk::Flush() {
   std::shared_lock lock(layers_mu_);
   if (closed_.load(std::memory_order_acquire)) return Closed();

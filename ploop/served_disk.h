@@ -39,8 +39,8 @@
 //   - Grow(): grows the top delta (and so the disk); requests see the new
 //     size() at once.
 //
-// Thread-safety: Read, Write, Discard, Flush, size() and the hooks are
-// thread-safe. Close() must not race with the other calls' entry (the owner
+// Thread-safety: Read, Write, Discard, Flush, Allocation, size() and the
+// hooks are thread-safe. Close() must not race with the other calls' entry (the owner
 // stops its request sources first). Ownership: owns the Chain; the
 // FileSystem must outlive it.
 #pragma once
@@ -116,6 +116,30 @@ class ServedDisk {
   // closes the chain (the top is marked clean). Later calls fail with
   // FailedPrecondition.
   Status Close();
+
+  // --- Allocation, for block status and zeroing decisions ---------------
+
+  // Which layers hold one cluster.
+  struct ClusterHolders {
+    bool top = false;    // the top layer (a raw top holds all it covers)
+    bool below = false;  // some layer under the top
+
+    bool operator==(const ClusterHolders&) const = default;
+  };
+  struct AllocationMap {
+    uint64_t first_cluster_index = 0;
+    // Discard() unmaps a whole cluster only the top holds (an expanded
+    // top), instead of writing zeros over it in place.
+    bool top_unmaps = false;
+    std::vector<ClusterHolders> clusters;  // from first_cluster_index on
+  };
+  // The holders of every cluster [offset, offset+length) touches (none for
+  // an empty range), from the same lock-free BAT lookups reads use; runs
+  // beside every other call. Each entry is what the BATs said at one moment
+  // of the call: a write or discard running at the same time may change it
+  // right after, as it may change any answer about a disk in use.
+  // InvalidArgument past the end; FailedPrecondition when closed.
+  Result<AllocationMap> Allocation(uint64_t offset_bytes, uint64_t length_bytes);
 
   // --- Hooks for online operations --------------------------------------
 

@@ -23,10 +23,13 @@
 // (server_report.h).
 //
 // Threads: NBDKIT_THREAD_MODEL_PARALLEL -- nbdkit receives and sends
-// requests of all connections in parallel, and the BlockExport (one mutex
-// around the Image) serialises access to the disk. Because all connections
-// share one image in one process, a flush on any connection covers writes
-// made on all of them, so multi-conn is safe to advertise.
+// requests of all connections in parallel and calls us from its worker
+// threads; the BlockExport serves them through a ServedDisk, so requests run
+// on the disk in parallel too (no lock around reads and writes of allocated
+// clusters, one cluster locked per allocation or trim, flushes beside other
+// requests). Because all connections share one disk in one process, a
+// flush on any connection covers writes completed on all of them, so
+// multi-conn is safe to advertise.
 //
 // Capabilities: writes, trim and zero only for a writable disk (never for a
 // snapshot); flush; FUA emulated by nbdkit with a flush; fast zero answered

@@ -40,9 +40,11 @@
 //     size() at once.
 //
 // Thread-safety: Read, Write, Discard, Flush, Allocation, size() and the
-// hooks are thread-safe. Close() must not race with the other calls' entry (the owner
-// stops its request sources first). Ownership: owns the Chain; the
-// FileSystem must outlive it.
+// hooks are thread-safe. Close() may run beside them: it marks the disk
+// closed, waits for the requests in flight, then closes the chain; calls
+// after that fail with FailedPrecondition (the NBD export closes this way
+// on a stop request). The object must outlive every call. Ownership: owns
+// the Chain; the FileSystem must outlive it.
 #pragma once
 
 #include <array>
@@ -112,9 +114,9 @@ class ServedDisk {
   // Makes every Write and Discard that completed before the call durable.
   // After a failed sync it keeps failing (Delta::Flush()).
   Status Flush();
-  // Waits for nothing: the caller has stopped issuing requests. Flushes and
-  // closes the chain (the top is marked clean). Later calls fail with
-  // FailedPrecondition.
+  // Marks the disk closed, waits for the requests in flight (new ones fail
+  // with FailedPrecondition from then on), then flushes and closes the
+  // chain (the top is marked clean). A second call does nothing.
   Status Close();
 
   // --- Allocation, for block status and zeroing decisions ---------------

@@ -5,7 +5,9 @@
 //   1. the new empty top file is created, synced, folder synced -- not yet
 //      named by the descriptor (a crash: an orphan file, nothing else);
 //   2. quiesced (ServedDisk::ReplaceLayers: no request in flight, the top
-//      flushed): the old top is closed, which marks it clean;
+//      flushed): the old top is closed, which marks it clean (a second
+//      open holds a reader's lock bytes on it from before the close until
+//      step 4, so no other program can open it for writing in between);
 //   3. the descriptor is saved atomically naming the new file as the top and
 //      the old top as the snapshot -- before any write can reach the new
 //      top;
@@ -16,6 +18,7 @@
 #include "snapshot/online.h"
 
 #include "ploop/image.h"
+#include "ploop/lock.h"
 
 namespace ploop {
 
@@ -42,6 +45,21 @@ bool SameFile(FileSystem& fs, const std::string& a, const std::string& b) {
   return ra.ok() && rb.ok() ? *ra == *rb : a == b;
 }
 
+// A second open of `path` holding a reader's lock bytes, taken without
+// probing: taken while this process still holds the file's writer lock
+// (which a probe would find), it keeps other programs from opening the file
+// for writing -- a writer probes the bytes a reader holds -- once that lock
+// is gone with the writable open, until this open is closed. Readers may
+// still open it. So a layer that turns from written to read-only is never
+// unlocked in between.
+Result<std::unique_ptr<BlockFile>> HoldAgainstWriters(FileSystem& fs, const std::string& path) {
+  ASSIGN_OR_RETURN(auto file, fs.Open(path, OpenMode::kReadOnly));
+  LockRequest hold = ReaderLockRequest();
+  hold.probe_bytes.clear();
+  TRY_CTX(file->Lock(hold), "lock " + path);
+  return file;
+}
+
 // The index of the layer whose file is `path`, or -1.
 int LayerIndex(FileSystem& fs, const std::vector<std::unique_ptr<Image>>& layers,
                const std::string& path) {
@@ -64,12 +82,16 @@ Result<std::vector<std::string>> SwitchToSnapshot(FileSystem& fs, ServedDisk& di
     }
     const OpenOptions read_only = LayerOpen(*layers.back(), false);
     const OpenOptions writable = LayerOpen(*layers.back(), true);
+    // From the close of the writable open until the read-only one, nobody
+    // else may write to the old top (it becomes a snapshot under us).
+    ASSIGN_OR_RETURN(auto keeper, HoldAgainstWriters(fs, prepared.old_top_path));
     // A layer that cannot be served again leaves no layers at all: the
     // disk is then closed (ReplaceLayers), never served as a shorter chain
     // that would show older data.
     Status closed = layers.back()->Close();
     layers.pop_back();
     if (!closed.ok()) {
+      keeper.reset();  // the writable reopen probes what it holds
       OpenOptions repair = writable;
       repair.repair_dirty = true;
       auto again = OpenImage(fs, prepared.old_top_path, repair);
@@ -89,6 +111,7 @@ Result<std::vector<std::string>> SwitchToSnapshot(FileSystem& fs, ServedDisk& di
     }
     if (!saved.ok()) {
       // The descriptor still names the old top: serve it again as it was.
+      keeper.reset();
       auto again = OpenImage(fs, prepared.old_top_path, writable);
       if (!again.ok()) {
         layers.clear();
@@ -103,6 +126,7 @@ Result<std::vector<std::string>> SwitchToSnapshot(FileSystem& fs, ServedDisk& di
     // snapshot, served read-only. If the new top cannot be opened the
     // disk stays read-only (writes fail) until it is mounted again.
     auto old_top = OpenImage(fs, prepared.old_top_path, read_only);
+    keeper.reset();
     if (!old_top.ok()) {
       layers.clear();
       return std::move(old_top).error().WithContext("reopen the snapshot read-only");
@@ -146,7 +170,8 @@ Status GrowServedDisk(FileSystem& fs, const std::string& dd_path, ServedDisk& di
 //   D. not quiesced: CopyOnlineMerge. Requests keep running: every cluster
 //      copied is one the child holds, so no request reads it from the
 //      parent;
-//   E. quiesced: the parent is closed (flushed, clean), the descriptor
+//   E. quiesced: the parent is closed (flushed, clean; held against other
+//      writers as in the snapshot's step 2), the descriptor
 //      committed, the parent reopened read-only with its lock (a fresh BAT
 //      that has the copied clusters) and the child's layer dropped; its
 //      file is then removed. If anything failed, the chain is served as
@@ -235,10 +260,16 @@ Result<std::vector<std::string>> MergeServedSnapshot(FileSystem& fs, const std::
   Status switched = disk.ReplaceLayers([&](std::vector<std::unique_ptr<Image>>& layers) -> Status {
     int pi = 0, ci = 0;
     TRY(find(layers, &pi, &ci));
+    // Nobody else may write to the parent between the close of the
+    // writable open and the locked read-only one. (Without the extra open
+    // the merge still ends as before: the parent_rw must be closed here.)
+    std::unique_ptr<BlockFile> keeper;
+    if (auto held = HoldAgainstWriters(fs, merge.parent_path); held.ok()) keeper = std::move(*held);
     Status closed = parent_rw->Close();
     parent_rw.reset();
     Status saved = !copied.ok() ? copied : !closed.ok() ? closed : CommitOnlineMerge(fs, merge);
     auto fresh = OpenImage(fs, merge.parent_path, locked_ro);
+    keeper.reset();
     if (!fresh.ok()) {
       // The unlocked open stays, and so does the child over it (the copied
       // clusters are all the child's): the disk reads the same.

@@ -29,6 +29,7 @@
 #include "ploop/disk.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
+#include "ploop/lock.h"
 #include "ploop/served_disk.h"
 #include "snapshot/online.h"
 #include "snapshot/snapshot.h"
@@ -610,6 +611,76 @@ TEST_CASE("online merge refuses the top - a base - an unknown snapshot - and the
     return disk.Write(0, Pattern(100, 0x77));
   }));
   CHECK(ReadSnapshot(mem, "") == With(top, 0, 100, 0x77));
+  RequireCleanDisk(mem);
+}
+
+// Passes everything to `base`; when a file is renamed over the descriptor
+// (its atomic save), first runs `on_save` -- a moment in the middle of an
+// online snapshot or merge.
+class SaveHookFileSystem final : public FileSystem {
+ public:
+  SaveHookFileSystem(FileSystem& base, std::function<void()> on_save)
+      : base_(base), on_save_(std::move(on_save)) {}
+  Result<std::unique_ptr<BlockFile>> Open(const std::string& path, OpenMode mode) override {
+    return base_.Open(path, mode);
+  }
+  Result<std::unique_ptr<BlockFile>> Create(const std::string& path, bool exclusive) override {
+    return base_.Create(path, exclusive);
+  }
+  Status Rename(const std::string& from, const std::string& to) override {
+    if (to == kDd) on_save_();
+    return base_.Rename(from, to);
+  }
+  Status Remove(const std::string& path) override { return base_.Remove(path); }
+  Status SyncDir(const std::string& dir) override { return base_.SyncDir(dir); }
+  Result<bool> Exists(const std::string& path) override { return base_.Exists(path); }
+  Result<uint64_t> FreeSpace(const std::string& path) override { return base_.FreeSpace(path); }
+  Result<std::vector<std::string>> ListDir(const std::string& dir) override {
+    return base_.ListDir(dir);
+  }
+  Result<std::string> RealPath(const std::string& path) override { return base_.RealPath(path); }
+
+ private:
+  FileSystem& base_;
+  std::function<void()> on_save_;
+};
+
+// What another program gets when it tries to open `path` for writing now.
+StatusCode WriterLockOn(FileSystem& fs, const std::string& path) {
+  auto file = fs.Open(path, OpenMode::kReadWrite);
+  REQUIRE_OK(file.status());
+  return LockImage(**file, /*writable=*/true).code();
+}
+
+// The layer that turns read-only (the old top of an online snapshot, the
+// parent of an online merge) stays locked against writers while the
+// descriptor is saved: its writable open is closed by then, its read-only
+// one not yet made.
+TEST_CASE("online snapshot and merge: the layer turning read-only is never open to writers") {
+  MemoryFileSystem mem;
+  const GrowingParent g;
+  g.Setup(mem);
+  {
+    const std::string old_top = LoadDd(mem, kDd).top().path;
+    std::vector<StatusCode> seen;
+    SaveHookFileSystem fs(mem, [&] { seen.push_back(WriterLockOn(mem, old_top)); });
+    REQUIRE_OK(Served(fs, [&](ServedDisk& disk) -> Status {
+      ASSIGN_OR_RETURN(PreparedSnapshot p, PrepareSnapshot(fs, kDd, kS3, disk.size_bytes()));
+      return SwitchToSnapshot(fs, disk, p).status();
+    }));
+    REQUIRE(!seen.empty());
+    for (StatusCode code : seen) CHECK(code == StatusCode::kBusy);
+  }
+  {
+    const std::string parent = LoadDd(mem, kDd).FindImage(kS1)->path;
+    std::vector<StatusCode> seen;
+    SaveHookFileSystem fs(mem, [&] { seen.push_back(WriterLockOn(mem, parent)); });
+    REQUIRE_OK(Served(fs, [&](ServedDisk& disk) -> Status {
+      return MergeServedSnapshot(fs, kDd, disk, kS2).status();
+    }));
+    REQUIRE(!seen.empty());
+    for (StatusCode code : seen) CHECK(code == StatusCode::kBusy);
+  }
   RequireCleanDisk(mem);
 }
 

@@ -30,6 +30,7 @@
 #include <optional>
 #include <thread>
 
+#include "forwarding_file_system.h"
 #include "ploop/check.h"
 #include "ploop/delta.h"
 #include "ploop/io/fault_file_system.h"
@@ -759,9 +760,9 @@ TEST_CASE("served disk: concurrent random writes - discards - flushes - reads ma
 
 // A file system whose reads at one file offset stop until released: holds a
 // request in flight at a chosen point.
-class PausingFileSystem final : public FileSystem {
+class PausingFileSystem final : public testing::ForwardingFileSystem {
  public:
-  explicit PausingFileSystem(FileSystem& base) : base_(base) {}
+  explicit PausingFileSystem(FileSystem& base) : ForwardingFileSystem(base) {}
 
   // The next ReadAt() starting at `offset_bytes` waits in the base call's
   // place until Release(); Paused() tells when one is waiting.
@@ -802,22 +803,12 @@ class PausingFileSystem final : public FileSystem {
   }
 
   Result<std::unique_ptr<BlockFile>> Open(const std::string& path, OpenMode mode) override {
-    ASSIGN_OR_RETURN(auto file, base_.Open(path, mode));
+    ASSIGN_OR_RETURN(auto file, base().Open(path, mode));
     return std::unique_ptr<BlockFile>(new File(*this, std::move(file)));
   }
   Result<std::unique_ptr<BlockFile>> Create(const std::string& path, bool exclusive) override {
-    ASSIGN_OR_RETURN(auto file, base_.Create(path, exclusive));
+    ASSIGN_OR_RETURN(auto file, base().Create(path, exclusive));
     return std::unique_ptr<BlockFile>(new File(*this, std::move(file)));
-  }
-  Status Rename(const std::string& from, const std::string& to) override {
-    return base_.Rename(from, to);
-  }
-  Status Remove(const std::string& path) override { return base_.Remove(path); }
-  Status SyncDir(const std::string& dir) override { return base_.SyncDir(dir); }
-  Result<bool> Exists(const std::string& path) override { return base_.Exists(path); }
-  Result<uint64_t> FreeSpace(const std::string& path) override { return base_.FreeSpace(path); }
-  Result<std::vector<std::string>> ListDir(const std::string& dir) override {
-    return base_.ListDir(dir);
   }
 
  private:
@@ -855,7 +846,6 @@ class PausingFileSystem final : public FileSystem {
     std::unique_ptr<BlockFile> base_;
   };
 
-  FileSystem& base_;
   std::mutex mu_;
   std::condition_variable cv_;
   uint64_t pause_at_ = UINT64_MAX;

@@ -26,6 +26,7 @@
 #include <tuple>
 #include <vector>
 
+#include "forwarding_file_system.h"
 #include "ploop/disk.h"
 #include "ploop/io/fault_file_system.h"
 #include "ploop/io/memory_file_system.h"
@@ -58,44 +59,35 @@ const std::string kS3 = "{33333333-3333-4333-8333-333333333333}";
 // remove) done since the last SyncDir(); Undo() reverts the newest of them
 // on the underlying MemoryFileSystem, as if the crash had come before they
 // reached the disk. Files are in one folder here, so one list suffices.
-class LostDirOpsFileSystem final : public FileSystem {
+class LostDirOpsFileSystem final : public testing::ForwardingFileSystem {
  public:
-  LostDirOpsFileSystem(FileSystem& base, MemoryFileSystem& mem) : base_(base), mem_(mem) {}
+  LostDirOpsFileSystem(FileSystem& base, MemoryFileSystem& mem)
+      : ForwardingFileSystem(base), mem_(mem) {}
 
-  Result<std::unique_ptr<BlockFile>> Open(const std::string& path, OpenMode mode) override {
-    return base_.Open(path, mode);
-  }
   Result<std::unique_ptr<BlockFile>> Create(const std::string& path, bool exclusive) override {
-    ASSIGN_OR_RETURN(bool existed, base_.Exists(path));
-    ASSIGN_OR_RETURN(auto file, base_.Create(path, exclusive));
+    ASSIGN_OR_RETURN(bool existed, base().Exists(path));
+    ASSIGN_OR_RETURN(auto file, base().Create(path, exclusive));
     if (!existed) ops_.push_back({Op::kCreate, path, "", {}});
     return file;
   }
   Status Rename(const std::string& from, const std::string& to) override {
-    ASSIGN_OR_RETURN(bool replaced, base_.Exists(to));
+    ASSIGN_OR_RETURN(bool replaced, base().Exists(to));
     Bytes old = replaced ? mem_.Contents(to) : Bytes();
-    TRY(base_.Rename(from, to));
+    TRY(base().Rename(from, to));
     ops_.push_back({Op::kRename, from, to, replaced ? std::optional<Bytes>(old) : std::nullopt});
     return Status::Ok();
   }
   Status Remove(const std::string& path) override {
     Bytes old = mem_.Contents(path);
-    TRY(base_.Remove(path));
+    TRY(base().Remove(path));
     ops_.push_back({Op::kRemove, path, "", old});
     return Status::Ok();
   }
   Status SyncDir(const std::string& dir) override {
-    TRY(base_.SyncDir(dir));
+    TRY(base().SyncDir(dir));
     ops_.clear();
     return Status::Ok();
   }
-  Result<bool> Exists(const std::string& path) override { return base_.Exists(path); }
-  Result<uint64_t> FreeSpace(const std::string& path) override { return base_.FreeSpace(path); }
-  Result<std::vector<std::string>> ListDir(const std::string& dir) override {
-    return base_.ListDir(dir);
-  }
-  Result<std::string> RealPath(const std::string& path) override { return base_.RealPath(path); }
-
   size_t pending() const { return ops_.size(); }
 
   // Reverts the newest `count` pending operations on the memory file
@@ -133,7 +125,6 @@ class LostDirOpsFileSystem final : public FileSystem {
     REQUIRE_OK(file->WriteAt(0, bytes));
   }
 
-  FileSystem& base_;
   MemoryFileSystem& mem_;
   std::vector<DirOp> ops_;
 };
@@ -617,31 +608,16 @@ TEST_CASE("online merge refuses the top - a base - an unknown snapshot - and the
 // Passes everything to `base`; when a file is renamed over the descriptor
 // (its atomic save), first runs `on_save` -- a moment in the middle of an
 // online snapshot or merge.
-class SaveHookFileSystem final : public FileSystem {
+class SaveHookFileSystem final : public testing::ForwardingFileSystem {
  public:
   SaveHookFileSystem(FileSystem& base, std::function<void()> on_save)
-      : base_(base), on_save_(std::move(on_save)) {}
-  Result<std::unique_ptr<BlockFile>> Open(const std::string& path, OpenMode mode) override {
-    return base_.Open(path, mode);
-  }
-  Result<std::unique_ptr<BlockFile>> Create(const std::string& path, bool exclusive) override {
-    return base_.Create(path, exclusive);
-  }
+      : ForwardingFileSystem(base), on_save_(std::move(on_save)) {}
   Status Rename(const std::string& from, const std::string& to) override {
     if (to == kDd) on_save_();
-    return base_.Rename(from, to);
+    return base().Rename(from, to);
   }
-  Status Remove(const std::string& path) override { return base_.Remove(path); }
-  Status SyncDir(const std::string& dir) override { return base_.SyncDir(dir); }
-  Result<bool> Exists(const std::string& path) override { return base_.Exists(path); }
-  Result<uint64_t> FreeSpace(const std::string& path) override { return base_.FreeSpace(path); }
-  Result<std::vector<std::string>> ListDir(const std::string& dir) override {
-    return base_.ListDir(dir);
-  }
-  Result<std::string> RealPath(const std::string& path) override { return base_.RealPath(path); }
 
  private:
-  FileSystem& base_;
   std::function<void()> on_save_;
 };
 

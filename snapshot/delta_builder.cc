@@ -174,17 +174,39 @@ void DeltaBuilder::UseWriteBehind(WriteBehind* writer, bool direct_io) {
   // Aligned writes (whole clusters from aligned buffers) then skip the
   // page cache; the header and BAT stay buffered. Where the file system
   // has no direct I/O the writes are still queued, through the page cache.
-  if (writer != nullptr && direct_io && !direct_) direct_ = file_->EnableDirectIo().ok();
+  if (writer != nullptr && direct_io && !direct_) {
+    auto align = file_->EnableDirectIo();
+    direct_ = align.ok() && cluster_bytes_ % *align == 0;
+  }
+}
+
+Status DeltaBuilder::SyncData() {
+  Status s = file_->Sync();
+  if (!s.ok()) {
+    std::lock_guard lock(sync_mu_);
+    if (sync_failed_.ok()) sync_failed_ = s;
+  }
+  return s;
 }
 
 Status DeltaBuilder::AppendZero(uint64_t index) {
-  static const std::vector<std::byte> zeros(kMaxClusterBytes);
-  return Append(std::span(&index, 1), std::span(zeros.data(), cluster_bytes_));
+  // Aligned, so that it goes to the file as directly as the data does.
+  if (zeros_ == nullptr) {
+    zeros_ = NewAlignedBuffer(cluster_bytes_);
+    std::memset(zeros_.get(), 0, cluster_bytes_);
+  }
+  return Append(std::span(&index, 1), std::span<const std::byte>(zeros_.get(), cluster_bytes_));
 }
 
 Status DeltaBuilder::Checkpoint() {
   if (finished_) return Status::FailedPrecondition(path() + " is finished");
   if (writer_ != nullptr) TRY(writer_->Drain());
+  {
+    // A background sync saw a write-back error this file will not report
+    // again: the data it lost must not be checkpointed.
+    std::lock_guard lock(sync_mu_);
+    TRY_CTX(sync_failed_, "sync " + path());
+  }
   if (unsynced_) {
     TRY_CTX(file_->Sync(), "sync " + path());  // data before the BAT that points at it
     unsynced_ = false;

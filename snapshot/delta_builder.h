@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -19,6 +20,7 @@
 #include "ploop/format.h"
 #include "ploop/io/file_system.h"
 #include "ploop/status.h"
+#include "snapshot/stream_format.h"
 
 namespace ploop::stream {
 
@@ -54,8 +56,9 @@ class DeltaBuilder {
   // writer first. A failed queued write fails a later Append() or
   // Checkpoint().
   void UseWriteBehind(WriteBehind* writer, bool direct_io = false);
-  // Whether appended data bypasses the page cache (see UseWriteBehind): a
-  // background SyncData() then has nothing to write back.
+  // Whether appended clusters bypass the page cache (see UseWriteBehind;
+  // the clusters are multiples of the direct I/O alignment): a background
+  // SyncData() then has nothing to write back.
   bool direct() const { return direct_; }
 
   // Appends one cluster of `data` per index (indices.size() * cluster bytes,
@@ -68,7 +71,10 @@ class DeltaBuilder {
   // Starts making the data appended so far durable (a plain data sync,
   // no BAT): may run on another thread alongside Append(), so that
   // Checkpoint() and Finish() find little left to write.
-  Status SyncData() { return file_->Sync(); }
+  // A failure is also kept for the next Checkpoint(): the kernel reports a
+  // write-back error once per open file, so the checkpoint's own sync
+  // would not see it again.
+  Status SyncData();
   // Checkpoint, then marks the image clean; the builder is closed after.
   Status Finish();
 
@@ -90,6 +96,9 @@ class DeltaBuilder {
   bool finished_ = false;
   WriteBehind* writer_ = nullptr;
   bool direct_ = false;
+  AlignedBuffer zeros_;  // one cluster of zeros, made by the first AppendZero()
+  std::mutex sync_mu_;
+  Status sync_failed_;  // a SyncData() failure that Checkpoint() has not reported yet
 };
 
 }  // namespace ploop::stream

@@ -35,7 +35,7 @@ TEST_CASE("delta builder: a failed background sync fails the next checkpoint") {
 }
 
 TEST_CASE(
-    "delta builder: syncs that succeed leave checkpoints alone; zero clusters read as zeros") {
+    "delta builder: syncs that succeed leave checkpoints alone - zero clusters read as zeros") {
   MemoryFileSystem mem;
   REQUIRE_ASSIGN(auto builder, DeltaBuilder::Create(mem, "d.hds", 16 * kCb, kCb));
   const std::vector<std::byte> data(kCb, std::byte{7});

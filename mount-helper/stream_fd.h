@@ -34,8 +34,9 @@ class FdStreamWriter final : public StreamWriter {
   // write() when that is refused.
   Status WriteStable(std::span<const std::byte> data) override;
   // After WriteStable() spliced anything: waits until the pipe is empty
-  // (its reader took every page) or its reader went away, polling every
-  // millisecond. IOError when the pipe cannot be asked.
+  // (its reader took every page) or its reader went away, looking again
+  // after 1 ms, then longer up to 50 ms. IOError when the pipe cannot be
+  // asked.
   Status Drain() override;
 
   uint64_t spliced_bytes() const { return spliced_bytes_; }

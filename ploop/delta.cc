@@ -719,13 +719,6 @@ Status Delta::Grow(uint64_t new_size_bytes) {
   return Status::Ok();
 }
 
-// Compaction. Each batch copies up to `batch_clusters` clusters from the
-// highest referenced file clusters into the lowest free ones and then runs
-// Flush(): the copies are synced before the BAT pages that point at them,
-// and the clusters they came from are only given back after that BAT is
-// durable (pending_free_). A crash mid-batch therefore leaves the old BAT
-// pointing at the old, intact copies and the new copies as leaks. The file
-// is cut only after the last BAT update is durable.
 uint64_t Delta::EndCluster() const {
   uint64_t end_cluster = (header_.first_block_bytes() + cluster_bytes_ - 1) / cluster_bytes_;
   for (uint64_t i = 0; i < bat_.size(); ++i) {
@@ -735,6 +728,13 @@ uint64_t Delta::EndCluster() const {
   return end_cluster;
 }
 
+// Compaction. Each batch copies up to `batch_clusters` clusters from the
+// highest referenced file clusters into the lowest free ones and then runs
+// Flush(): the copies are synced before the BAT pages that point at them,
+// and the clusters they came from are only given back after that BAT is
+// durable (pending_free_). A crash mid-batch therefore leaves the old BAT
+// pointing at the old, intact copies and the new copies as leaks. The file
+// is cut only after the last BAT update is durable.
 Result<Delta::CompactReport> Delta::Compact(bool drop_zero_clusters, size_t batch_clusters) {
   if (!writable_) return Status::FailedPrecondition(path() + " is open read-only");
   if (closed_) return Status::FailedPrecondition(path() + " is closed");

@@ -264,8 +264,7 @@ Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
   if (in_cluster == 0 && piece.size() == cb) return AllocateInTop(cluster_index, piece, caching);
   // A partial write: the rest of the new cluster is zeros, or the data of
   // the layer below (copy-up).
-  Buffer buffer = TakeBuffer();
-  if (buffer == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
+  ASSIGN_OR_RETURN(Buffer buffer, TakeBuffer());
   std::span<std::byte> cluster(buffer.get(), cb);
   Status s;
   if (lower) {
@@ -325,8 +324,7 @@ Status ServedDisk::DiscardPiece(uint64_t cluster_index, uint64_t in_cluster, uin
   if (length == cb) return MapZeroCluster(cluster_index);
   // Part of a cluster only a lower layer holds: copy it up with the range
   // zeroed.
-  Buffer buffer = TakeBuffer();
-  if (buffer == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
+  ASSIGN_OR_RETURN(Buffer buffer, TakeBuffer());
   std::span<std::byte> cluster(buffer.get(), cb);
   Status s = ReadBelow(below, cluster_index * cb, cluster);
   if (s.ok()) {
@@ -476,7 +474,7 @@ ServedDisk::Counters ServedDisk::counters() const {
   return c;
 }
 
-ServedDisk::Buffer ServedDisk::TakeBuffer() {
+Result<ServedDisk::Buffer> ServedDisk::TakeBuffer() {
   {
     std::lock_guard lock(buffers_mu_);
     if (!buffers_.empty()) {
@@ -486,8 +484,9 @@ ServedDisk::Buffer ServedDisk::TakeBuffer() {
     }
   }
   counters_.copy_buffers_allocated.fetch_add(1, std::memory_order_relaxed);
-  // Null when memory is short: the request fails with ENOMEM.
-  return Buffer(static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_)));
+  Buffer b(static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_)));
+  if (b == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
+  return b;
 }
 
 void ServedDisk::ReturnBuffer(Buffer buffer) {

@@ -220,7 +220,8 @@ class ServedDisk {
     void operator()(std::byte* p) const;
   };
   using Buffer = std::unique_ptr<std::byte[], FreeBuffer>;
-  Buffer TakeBuffer();
+  // ENOMEM when a new one cannot be allocated.
+  Result<Buffer> TakeBuffer();
   void ReturnBuffer(Buffer buffer);
   // The public calls minus error counting.
   Status ReadImpl(uint64_t offset_bytes, std::span<std::byte> out);

@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "layer_support.h"
 #include "ploop/check.h"
 #include "ploop/io/memory_file_system.h"
 #include "ploop/lock.h"
@@ -23,13 +24,7 @@ constexpr uint64_t kMiB = 1024 * 1024;
 std::unique_ptr<Delta> MakeDelta(MemoryFileSystem& fs, uint64_t size, uint64_t cluster,
                                  ImageKind kind = ImageKind::kExpanded,
                                  const std::string& path = "img.hds") {
-  CreateOptions o;
-  o.size_bytes = size;
-  o.cluster_bytes = cluster;
-  o.kind = kind;
-  auto d = Delta::Create(fs, path, o);
-  REQUIRE_OK(d);
-  return std::move(d).value();
+  return testing::NewDelta(fs, path, size, cluster, kind);
 }
 
 std::unique_ptr<Delta> Reopen(MemoryFileSystem& fs, bool writable,

@@ -1,6 +1,6 @@
 // Helpers for tests that build delta chains by hand on a file system:
 // layers with given writes, and a chain opened over them (chain_test.cc,
-// tests/mount-helper/block_export_test.cc).
+// delta_test.cc, tests/mount-helper/block_export_test.cc).
 #pragma once
 
 #include <memory>
@@ -16,18 +16,26 @@
 
 namespace ploop::testing {
 
-// Creates a delta at `path` of `size` bytes and applies `writes`.
-inline void MakeLayer(FileSystem& fs, const std::string& path, uint64_t size,
-                      const std::vector<std::pair<uint64_t, std::vector<std::byte>>>& writes,
-                      uint64_t cluster_bytes = 32 * 1024, ImageKind kind = ImageKind::kExpanded) {
+// Creates a delta at `path` of `size` bytes, left open for writing.
+inline std::unique_ptr<Delta> NewDelta(FileSystem& fs, const std::string& path, uint64_t size,
+                                       uint64_t cluster_bytes,
+                                       ImageKind kind = ImageKind::kExpanded) {
   CreateOptions o;
   o.size_bytes = size;
   o.cluster_bytes = cluster_bytes;
   o.kind = kind;
   auto d = Delta::Create(fs, path, o);
   REQUIRE_OK(d);
-  for (const auto& [off, data] : writes) REQUIRE_OK((*d)->Write(off, data));
-  REQUIRE_OK((*d)->Close());
+  return std::move(d).value();
+}
+
+// Creates a delta at `path` of `size` bytes and applies `writes`.
+inline void MakeLayer(FileSystem& fs, const std::string& path, uint64_t size,
+                      const std::vector<std::pair<uint64_t, std::vector<std::byte>>>& writes,
+                      uint64_t cluster_bytes = 32 * 1024, ImageKind kind = ImageKind::kExpanded) {
+  auto d = NewDelta(fs, path, size, cluster_bytes, kind);
+  for (const auto& [off, data] : writes) REQUIRE_OK(d->Write(off, data));
+  REQUIRE_OK(d->Close());
 }
 
 // The chain of `paths`, base first; only the top writable when asked. A

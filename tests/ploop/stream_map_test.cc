@@ -115,6 +115,15 @@ void MakeChain(FileSystem& fs, const std::string& dir, uint64_t seed) {
   }
 }
 
+// MakeChain in a new folder "src" of `tmp` on the real file system; its
+// DiskDescriptor.xml.
+std::string MakePosixChain(PosixFileSystem& posix, TempDir& tmp, uint64_t seed) {
+  const std::string dir = tmp / "src";
+  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+  MakeChain(posix, dir, seed);
+  return dir + "/DiskDescriptor.xml";
+}
+
 Bytes SendWith(FileSystem& fs, const std::string& dd, SendOptions options, bool map,
                uint64_t* stable = nullptr) {
   options.map_source = map;
@@ -131,11 +140,8 @@ TEST_CASE("stream: a mapped source sends the same bytes as pread and the in-memo
   TempDir tmp;
   PosixFileSystem posix;
   MemoryFileSystem mem;
-  const std::string dir = tmp / "src";
-  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
-  MakeChain(posix, dir, rng.seed());
+  const std::string dd = MakePosixChain(posix, tmp, rng.seed());
   MakeChain(mem, "src", rng.seed());
-  const std::string dd = dir + "/DiskDescriptor.xml";
 
   // Whether stored data must come from the mappings (flattened layouts
   // with chunks that do not compress), must not (the layered layout reads
@@ -179,10 +185,7 @@ TEST_CASE("stream: MappedSource maps every cluster as pread reads it, window aft
   TestRng rng;
   TempDir tmp;
   PosixFileSystem posix;
-  const std::string dir = tmp / "src";
-  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
-  MakeChain(posix, dir, rng.seed());
-  const std::string dd = dir + "/DiskDescriptor.xml";
+  const std::string dd = MakePosixChain(posix, tmp, rng.seed());
   REQUIRE_ASSIGN(auto chain, OpenDisk(posix, dd, "", OpenOptions{}));
   stream::SourceChain source(*chain);
   // Windows of two clusters: most clusters need a new one.

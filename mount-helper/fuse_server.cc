@@ -29,6 +29,7 @@
 
 #include "mount-helper/fuse_uring_abi.h"
 #include "mount-helper/log.h"
+#include "ploop/io/io_memory.h"
 
 namespace ploop::mount {
 
@@ -67,29 +68,27 @@ static_assert(kWriteDataOffset == 80);
 // data starts on a page boundary -- it then goes to the image with direct
 // I/O as it is, with no aligned copy. While the worker serves a read, the
 // page-aligned area after the header is that read's data buffer (the
-// request's fields have been parsed by then).
+// request's fields have been parsed by then). The workers' buffers are
+// slices of one IoMemory (Run()), so that they lie in huge pages: a direct
+// transfer of a whole data area is then one or two pieces of physically
+// contiguous memory for the device, not 256 pages.
 class ReceiveBuffer {
  public:
-  ReceiveBuffer() {
-    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-    page_ = page;
-    data_bytes_ = 256 * page + 4096;  // libfuse's bufsize at most
-    base_ = static_cast<std::byte*>(std::aligned_alloc(page, page + data_bytes_));
-  }
-  ~ReceiveBuffer() { std::free(base_); }
-  ReceiveBuffer(const ReceiveBuffer&) = delete;
-  ReceiveBuffer& operator=(const ReceiveBuffer&) = delete;
+  // The bytes of one buffer: a page for the headers, then the data area.
+  static size_t Bytes() { return Page() + DataBytes(); }
+  // Over Bytes() bytes at `base`, page-aligned.
+  explicit ReceiveBuffer(std::byte* base) : base_(base) {}
 
-  bool ok() const { return base_ != nullptr; }
   // Where libfuse reads the next request to.
-  void* mem() const { return base_ + page_ - kWriteDataOffset; }
+  void* mem() const { return base_ + Page() - kWriteDataOffset; }
   // The page-aligned area for a read's data.
-  std::span<std::byte> data_area() const { return {base_ + page_, data_bytes_}; }
+  std::span<std::byte> data_area() const { return {base_ + Page(), DataBytes()}; }
 
  private:
-  std::byte* base_ = nullptr;
-  size_t page_ = 4096;
-  size_t data_bytes_ = 0;
+  static size_t Page() { return static_cast<size_t>(::sysconf(_SC_PAGESIZE)); }
+  static size_t DataBytes() { return 256 * Page() + 4096; }  // libfuse's bufsize at most
+
+  std::byte* base_;
 };
 
 // The data area of the receive buffer of the worker serving this thread's
@@ -448,9 +447,9 @@ namespace {
 // One worker: reads a request, serves it, reads the next, until the
 // session ends (unmounted, aborted, or Exit()). A blocked read is woken by
 // SIGUSR1 (EINTR).
-void ServeRequests(Context& ctx, fuse_session* session) {
-  ReceiveBuffer buffer;
-  if (buffer.ok()) {
+void ServeRequests(Context& ctx, fuse_session* session, std::byte* buffer_base) {
+  ReceiveBuffer buffer(buffer_base);
+  {
     t_read_area = buffer.data_area();
     fuse_buf request = {};
     while (!fuse_session_exited(session)) {
@@ -466,8 +465,6 @@ void ServeRequests(Context& ctx, fuse_session* session) {
       fuse_session_process_buf(session, &request);
     }
     t_read_area = {};
-  } else {
-    LogError("no memory for a FUSE worker's buffer");
   }
   // Any worker leaving ends the session: the others follow.
   fuse_session_exit(session);
@@ -508,11 +505,19 @@ thread_local RingWorker* t_ring = nullptr;
 
 class RingWorker {
  public:
-  RingWorker(unsigned qid, size_t payload_bytes) : qid_(qid), payload_bytes_(payload_bytes) {}
+  // The bytes of a worker's request buffer, the `base` it is given: one
+  // page for the request's headers (at most sizeof(fuse_in_header) +
+  // kOpInOutBytes, so libfuse sees one buffer), then the payload.
+  static size_t BufferBytes(size_t payload_bytes) {
+    return static_cast<size_t>(::sysconf(_SC_PAGESIZE)) + payload_bytes;
+  }
+  // `base`: BufferBytes(payload_bytes) page-aligned bytes the caller owns
+  // (a slice of the workers' IoMemory, see ReceiveBuffer).
+  RingWorker(unsigned qid, size_t payload_bytes, std::byte* base)
+      : qid_(qid), payload_bytes_(payload_bytes), base_(base) {}
   ~RingWorker() {
     if (ring_ok_) io_uring_queue_exit(&ring_);
     std::free(header_);
-    std::free(base_);
   }
   RingWorker(const RingWorker&) = delete;
   RingWorker& operator=(const RingWorker&) = delete;
@@ -522,10 +527,7 @@ class RingWorker {
     page_ = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
     header_ = static_cast<fuse_uring::ReqHeader*>(
         std::aligned_alloc(page_, (sizeof(fuse_uring::ReqHeader) + page_ - 1) / page_ * page_));
-    // One page before the payload for the request's headers (at most
-    // sizeof(fuse_in_header) + kOpInOutBytes), so libfuse sees one buffer.
-    base_ = static_cast<std::byte*>(std::aligned_alloc(page_, page_ + payload_bytes_));
-    if (header_ == nullptr || base_ == nullptr) {
+    if (header_ == nullptr) {
       *why = "no memory for the ring buffers";
       return false;
     }
@@ -689,8 +691,8 @@ class RingWorker {
 };
 
 // One ring worker: prepares, waits for INIT to decide, serves.
-void ServeRing(Context& ctx, fuse_session* se, unsigned qid) {
-  RingWorker worker(qid, kMaxRequestBytes);
+void ServeRing(Context& ctx, fuse_session* se, unsigned qid, std::byte* buffer_base) {
+  RingWorker worker(qid, kMaxRequestBytes, buffer_base);
   std::string why;
   const bool ok = worker.Prepare(&why);
   std::unique_lock lock(ctx.run_mu);
@@ -865,12 +867,16 @@ Status FuseServer::Run() {
   // that leave a write's data 80 bytes into a page (an aligned copy before
   // every direct write).
   const unsigned n = std::max(1u, ctx_->options.max_threads);
+  IoMemory buffers = AllocateIoMemory(size_t{n} * ReceiveBuffer::Bytes());
+  if (buffers == nullptr) return Status::FromErrno(ENOMEM, "buffers for the FUSE workers");
+  IoMemory ring_buffers;  // the ring workers', likewise
   std::vector<std::thread> threads;
   unsigned classic = 0;                       // classic workers started
   auto start_classic = [&](unsigned count) {  // under run_mu
     ctx_->workers_running += count;
     for (unsigned i = 0; i < count; ++i) {
-      threads.emplace_back(ServeRequests, std::ref(*ctx_), session_);
+      threads.emplace_back(ServeRequests, std::ref(*ctx_), session_,
+                           buffers.get() + size_t{classic + i} * ReceiveBuffer::Bytes());
       ctx_->workers.push_back(threads.back().native_handle());
     }
     classic += count;
@@ -885,12 +891,16 @@ Status FuseServer::Run() {
     if (ctx_->uring) {
       const unsigned queues = PossibleCpus();
       const unsigned per_queue = std::max(2u, (n + queues - 1) / queues);
+      const size_t ring_buffer_bytes = RingWorker::BufferBytes(kMaxRequestBytes);
+      ring_buffers = AllocateIoMemory(size_t{queues} * per_queue * ring_buffer_bytes);
+      if (ring_buffers == nullptr) return Status::FromErrno(ENOMEM, "buffers for the ring workers");
       ctx_->ring_queues = queues;
       ctx_->rings_total = queues * per_queue;
       ctx_->rings_running = ctx_->rings_total;
       for (unsigned q = 0; q < queues; ++q) {
         for (unsigned i = 0; i < per_queue; ++i) {
-          threads.emplace_back(ServeRing, std::ref(*ctx_), session_, q);
+          std::byte* base = ring_buffers.get() + (size_t{q} * per_queue + i) * ring_buffer_bytes;
+          threads.emplace_back(ServeRing, std::ref(*ctx_), session_, q, base);
           ctx_->workers.push_back(threads.back().native_handle());
         }
       }

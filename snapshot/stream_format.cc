@@ -147,13 +147,10 @@ LZ4F_preferences_t Lz4Prefs(size_t raw_bytes) {
 
 // --- Buffers -------------------------------------------------------------------------
 
-constexpr std::align_val_t kBufferAlignment{4096};
-
-void AlignedFree::operator()(std::byte* p) const { ::operator delete[](p, kBufferAlignment); }
-
 AlignedBuffer NewAlignedBuffer(size_t size_bytes) {
-  return AlignedBuffer(
-      static_cast<std::byte*>(::operator new[](std::max<size_t>(size_bytes, 1), kBufferAlignment)));
+  AlignedBuffer b = AllocateIoMemory(size_bytes);
+  if (b == nullptr) throw std::bad_alloc();
+  return b;
 }
 
 AlignedBuffer BufferPool::Get() {

@@ -22,6 +22,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ploop/io/io_memory.h"
 #include "ploop/status.h"
 
 struct evp_md_ctx_st;
@@ -292,13 +293,12 @@ class Lz4Decompressor {
 
 // --- Buffers ----------------------------------------------------------------------
 
-// Page-aligned buffers for cluster data: the kernel's copies into and out
-// of a buffer that is not cache-line aligned measured up to 1.7x slower
-// (see tools/bench/README.md, import).
-struct AlignedFree {
-  void operator()(std::byte* p) const;
-};
-using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
+// Buffers for cluster data: page-aligned (the kernel's copies into and out
+// of a buffer that is not cache-line aligned measured up to 1.7x slower, see
+// tools/bench/README.md, import), and from 2 MiB up in huge pages, so that a
+// direct write of a chunk is a few contiguous pieces (ploop/io/io_memory.h).
+using AlignedBuffer = IoMemory;
+// Throws std::bad_alloc when the memory cannot be mapped, as new does.
 AlignedBuffer NewAlignedBuffer(size_t size_bytes);
 
 // A free list of equal-sized aligned buffers, so that a stream does not map

@@ -41,6 +41,7 @@
 #   ROUNDS     rounds (default 3)
 #   JOBS       which jobs (default "seqread seqwrite randread randwrite fsync")
 #   QEMU       0 skips the qemu-storage-daemon setups
+#   MOUNT_OPTS more options for `ploop mount` (e.g. --fuse-uring)
 #   KEEP       1 keeps BENCH_DIR
 set -euo pipefail
 
@@ -130,7 +131,8 @@ setup() { # setup NAME: a mounted ext4 on a SIZE disk at $dir/NAME/mnt
     ploop)
       mkdir -p "$d/disk"
       "$ploop" init -s "$size" -t none "$d/disk/root.hds" >/dev/null
-      dev=$("$ploop" mount "$d/disk/DiskDescriptor.xml")
+      # shellcheck disable=SC2086 # MOUNT_OPTS: words
+      dev=$("$ploop" mount ${MOUNT_OPTS:-} "$d/disk/DiskDescriptor.xml")
       ;;
     limit)
       truncate -s "$size" "$d/raw.img"
@@ -204,7 +206,7 @@ else:
 PY
 }
 
-echo "fio_bench: $(uname -r), $(nproc) CPUs, disk $size, fio file $file_size, ${runtime}s per job, $rounds rounds"
+echo "fio_bench: $(uname -r), $(nproc) CPUs, disk $size, fio file $file_size, ${runtime}s per job, $rounds rounds${MOUNT_OPTS:+, ploop mount $MOUNT_OPTS}"
 echo "work dir: $dir ($(df --output=fstype "$dir" | tail -1)); load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 for s in $setups; do
   echo "setting up $s ..."

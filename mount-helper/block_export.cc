@@ -154,7 +154,6 @@ Result<std::unique_ptr<BlockExport>> OpenExport(FileSystem& fs, const ExportTarg
   ServedDiskOptions options;
   // nbdkit runs up to 16 requests at once per connection; each copy-up in
   // flight needs a cluster buffer.
-  options.max_concurrent_requests = 16;
   ASSIGN_OR_RETURN(auto disk, ServedDisk::Create(std::move(chain), options));
   return ExportServedDisk(std::move(disk));
 }

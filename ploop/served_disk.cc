@@ -61,8 +61,6 @@ class ServedDisk::Quiesced {
   std::unique_lock<std::shared_mutex> lock_;
 };
 
-void ServedDisk::FreeBuffer::operator()(std::byte* p) const { std::free(p); }
-
 ServedDisk::ServedDisk(std::unique_ptr<Chain> chain, ServedDiskOptions options)
     : chain_(std::move(chain)),
       cluster_bytes_(chain_->cluster_bytes()),
@@ -264,8 +262,8 @@ Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
   if (in_cluster == 0 && piece.size() == cb) return AllocateInTop(cluster_index, piece, caching);
   // A partial write: the rest of the new cluster is zeros, or the data of
   // the layer below (copy-up).
-  ASSIGN_OR_RETURN(Buffer buffer, TakeBuffer());
-  std::span<std::byte> cluster(buffer.get(), cb);
+  ASSIGN_OR_RETURN(std::byte * buffer, TakeBuffer());
+  std::span<std::byte> cluster(buffer, cb);
   Status s;
   if (lower) {
     s = ReadBelow(below, cluster_index * cb, cluster);
@@ -276,7 +274,7 @@ Status ServedDisk::WriteSlow(uint64_t cluster_index, uint64_t in_cluster,
     std::memcpy(cluster.data() + in_cluster, piece.data(), piece.size());
     s = AllocateInTop(cluster_index, cluster);
   }
-  ReturnBuffer(std::move(buffer));
+  ReturnBuffer(buffer);
   return s;
 }
 
@@ -324,14 +322,14 @@ Status ServedDisk::DiscardPiece(uint64_t cluster_index, uint64_t in_cluster, uin
   if (length == cb) return MapZeroCluster(cluster_index);
   // Part of a cluster only a lower layer holds: copy it up with the range
   // zeroed.
-  ASSIGN_OR_RETURN(Buffer buffer, TakeBuffer());
-  std::span<std::byte> cluster(buffer.get(), cb);
+  ASSIGN_OR_RETURN(std::byte * buffer, TakeBuffer());
+  std::span<std::byte> cluster(buffer, cb);
   Status s = ReadBelow(below, cluster_index * cb, cluster);
   if (s.ok()) {
     std::memset(cluster.data() + in_cluster, 0, length);
     s = AllocateInTop(cluster_index, cluster);
   }
-  ReturnBuffer(std::move(buffer));
+  ReturnBuffer(buffer);
   return s;
 }
 
@@ -474,28 +472,26 @@ ServedDisk::Counters ServedDisk::counters() const {
   return c;
 }
 
-Result<ServedDisk::Buffer> ServedDisk::TakeBuffer() {
-  {
-    std::lock_guard lock(buffers_mu_);
-    if (!buffers_.empty()) {
-      Buffer b = std::move(buffers_.back());
-      buffers_.pop_back();
-      return b;
-    }
+Result<std::byte*> ServedDisk::TakeBuffer() {
+  std::lock_guard lock(buffers_mu_);
+  if (free_buffers_.empty()) {
+    constexpr uint64_t kSlabBytes = uint64_t{2} << 20;
+    const uint64_t per_slab = std::max<uint64_t>(1, kSlabBytes / cluster_bytes_);
+    IoMemory slab = AllocateIoMemory(per_slab * cluster_bytes_);
+    if (slab == nullptr) return Status::FromErrno(ENOMEM, "cluster buffers for copy-ups");
+    for (uint64_t i = 0; i < per_slab; ++i)
+      free_buffers_.push_back(slab.get() + i * cluster_bytes_);
+    buffer_slabs_.push_back(std::move(slab));
+    counters_.copy_buffers_allocated.fetch_add(per_slab, std::memory_order_relaxed);
   }
-  counters_.copy_buffers_allocated.fetch_add(1, std::memory_order_relaxed);
-  Buffer b(static_cast<std::byte*>(std::aligned_alloc(4096, cluster_bytes_)));
-  if (b == nullptr) return Status::FromErrno(ENOMEM, "a cluster buffer for a copy-up");
+  std::byte* b = free_buffers_.back();
+  free_buffers_.pop_back();
   return b;
 }
 
-void ServedDisk::ReturnBuffer(Buffer buffer) {
+void ServedDisk::ReturnBuffer(std::byte* buffer) {
   std::lock_guard lock(buffers_mu_);
-  // As many as the callers can use at once: a steady load of concurrent
-  // copy-ups then allocates nothing.
-  if (buffers_.size() < std::max(1u, options_.max_concurrent_requests)) {
-    buffers_.push_back(std::move(buffer));
-  }
+  free_buffers_.push_back(buffer);
 }
 
 }  // namespace ploop

@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "ploop/chain.h"
+#include "ploop/io/io_memory.h"
 #include "ploop/io_gate.h"
 
 namespace ploop {
@@ -72,12 +73,6 @@ struct ServedDiskOptions {
   // aligned to io_alignment() go direct (unless written with
   // Caching::kBuffered); others stay buffered.
   bool direct_io = false;
-  // How many threads call Write() and Discard() at once at most (the
-  // daemon's workers). Each copy-up in flight needs a cluster-sized buffer;
-  // that many are kept for reuse once allocated, so copy-ups allocate only
-  // until the pool has filled. More callers still work: the buffers beyond
-  // the pool are freed after use.
-  unsigned max_concurrent_requests = 4;
 };
 
 class ServedDisk {
@@ -164,7 +159,7 @@ class ServedDisk {
     uint64_t bytes_read = 0;
     uint64_t bytes_written = 0;
     uint64_t allocations = 0;             // clusters newly mapped in the top
-    uint64_t copy_buffers_allocated = 0;  // cluster buffers the pool lacked
+    uint64_t copy_buffers_allocated = 0;  // cluster buffers made (a slab's worth at a time)
     uint64_t errors = 0;
     uint32_t in_flight = 0;
     uint64_t depth = 0;  // layers
@@ -213,16 +208,15 @@ class ServedDisk {
   std::mutex& ClusterLock(uint64_t cluster_index) {
     return cluster_locks_[cluster_index % cluster_locks_.size()];
   }
-  // Cluster-sized, page-aligned scratch buffers for copy-up and partial
-  // allocation; options_.max_concurrent_requests are kept for reuse, the
-  // rest freed (bounded memory).
-  struct FreeBuffer {
-    void operator()(std::byte* p) const;
-  };
-  using Buffer = std::unique_ptr<std::byte[], FreeBuffer>;
-  // ENOMEM when a new one cannot be allocated.
-  Result<Buffer> TakeBuffer();
-  void ReturnBuffer(Buffer buffer);
+  // Cluster-sized scratch buffers for copy-up and partial allocation, cut
+  // from IoMemory slabs of at least 2 MiB, so that they lie in huge pages: a
+  // copy-up's direct read and write are then a few contiguous pieces for the
+  // device (ploop/io/io_memory.h). A buffer goes back to the free list after
+  // use and the slabs stay as long as the disk, so the memory kept is the
+  // most copy-ups ever in flight at once (at most the callers' concurrency),
+  // rounded up to a slab. ENOMEM when a new slab cannot be mapped.
+  Result<std::byte*> TakeBuffer();
+  void ReturnBuffer(std::byte* buffer);
   // The public calls minus error counting.
   Status ReadImpl(uint64_t offset_bytes, std::span<std::byte> out);
   Status WriteImpl(uint64_t offset_bytes, std::span<const std::byte> data, Caching caching);
@@ -245,7 +239,8 @@ class ServedDisk {
   std::array<std::mutex, 256> cluster_locks_;
 
   std::mutex buffers_mu_;
-  std::vector<Buffer> buffers_;
+  std::vector<IoMemory> buffer_slabs_;
+  std::vector<std::byte*> free_buffers_;
 
   struct AtomicCounters {
     std::atomic<uint64_t> reads{0}, writes{0}, discards{0}, flushes{0};

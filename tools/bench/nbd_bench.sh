@@ -53,7 +53,8 @@ fi
 server_pid=
 cleanup() {
   if [[ -n $server_pid ]]; then kill "$server_pid" 2>/dev/null || true; fi
-  rm -rf "$dir/src.raw" "$dir/disk" "$dir/fresh" "$dir"/*.sock "$dir"/*.out "$dir/back.raw"
+  rm -rf "$dir/src.raw" "$dir/disk" "$dir/fresh" "$dir"/*.sock "$dir"/*.out "$dir/back.raw" \
+    "$dir/layout" "$dir/qemu.pid"
   if ((own_dir)); then rmdir "$dir" 2>/dev/null || true; fi
 }
 trap cleanup EXIT

@@ -849,6 +849,12 @@ unsigned PossibleCpus() {
 
 }  // namespace
 
+unsigned RingWorkersPerQueue(unsigned threads, unsigned queues) {
+  queues = std::max(1u, queues);
+  if (2 * queues > threads) return 1;
+  return (threads + queues - 1) / queues;
+}
+
 Status FuseServer::Run() {
   // Exit() and a worker that ends interrupt the others' reads of /dev/fuse
   // with SIGUSR1 (a handler without SA_RESTART: the read fails with EINTR
@@ -890,7 +896,7 @@ Status FuseServer::Run() {
     // needs entries; the worker count is spread over the queues.
     if (ctx_->uring) {
       const unsigned queues = PossibleCpus();
-      const unsigned per_queue = std::max(2u, (n + queues - 1) / queues);
+      const unsigned per_queue = RingWorkersPerQueue(n, queues);
       const size_t ring_buffer_bytes = RingWorker::BufferBytes(kMaxRequestBytes);
       ring_buffers = AllocateIoMemory(size_t{queues} * per_queue * ring_buffer_bytes);
       if (ring_buffers == nullptr) return Status::FromErrno(ENOMEM, "buffers for the ring workers");

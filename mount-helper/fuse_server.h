@@ -63,6 +63,15 @@ struct FuseOptions {
   std::function<void()> on_released;
 };
 
+// How many ring workers each of `queues` per-CPU FUSE-over-io_uring queues
+// gets when `threads` workers are asked for. The ring needs an entry on
+// every queue before it is used, so at least one each; `threads` spread over
+// the queues (at least two each, so that a second request issued on one CPU
+// need not wait) as long as that stays within `threads`; one each beyond
+// (machines with more than threads / 2 CPUs), the fewest the ring allows.
+// Each worker keeps a 1 MiB buffer.
+unsigned RingWorkersPerQueue(unsigned threads, unsigned queues);
+
 class FuseServer {
  public:
   // Creates the session and mounts it over options.mountpoint. IOError or

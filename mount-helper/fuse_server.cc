@@ -568,7 +568,12 @@ class RingWorker {
       io_uring_cqe_seen(&ring_, cqe);
       if (res < 0) {
         // ENOTCONN/ECANCELED: the connection ends. Anything else: the
-        // kernel refused the entry (then it falls back to /dev/fuse).
+        // kernel refused the entry. It does not fall back to /dev/fuse then:
+        // once INIT agreed to the ring, Linux 6.18 holds every request until
+        // each queue has an entry, so a queue left without any stalls the
+        // disk (seen with a test hook that skipped queue 0's registrations).
+        // Ending the connection would turn that stall into an error; not
+        // done yet.
         if (res != -ENOTCONN && res != -ECANCELED) {
           LogError("FUSE over io_uring: queue " + std::to_string(qid_) + ": " +
                    std::strerror(-res));

@@ -151,10 +151,7 @@ Result<std::unique_ptr<BlockExport>> OpenExport(FileSystem& fs, const ExportTarg
     layers.push_back(std::move(image));
     ASSIGN_OR_RETURN(chain, Chain::FromLayers(std::move(layers)));
   }
-  ServedDiskOptions options;
-  // nbdkit runs up to 16 requests at once per connection; each copy-up in
-  // flight needs a cluster buffer.
-  ASSIGN_OR_RETURN(auto disk, ServedDisk::Create(std::move(chain), options));
+  ASSIGN_OR_RETURN(auto disk, ServedDisk::Create(std::move(chain), ServedDiskOptions{}));
   return ExportServedDisk(std::move(disk));
 }
 

@@ -119,7 +119,6 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
 
   ServedDiskOptions disk_options;
   disk_options.direct_io = options.direct_io;
-  // Every FUSE worker may be copying a cluster up at once.
   auto served = ServedDisk::Create(std::move(chain), disk_options);
   if (!served.ok()) return fail(served.error());
   ServedDisk& disk = **served;

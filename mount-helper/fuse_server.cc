@@ -85,7 +85,10 @@ class ReceiveBuffer {
   std::span<std::byte> data_area() const { return {base_ + Page(), DataBytes()}; }
 
  private:
-  static size_t Page() { return static_cast<size_t>(::sysconf(_SC_PAGESIZE)); }
+  static size_t Page() {
+    static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    return page;
+  }
   static size_t DataBytes() { return 256 * Page() + 4096; }  // libfuse's bufsize at most
 
   std::byte* base_;
@@ -449,23 +452,21 @@ namespace {
 // SIGUSR1 (EINTR).
 void ServeRequests(Context& ctx, fuse_session* session, std::byte* buffer_base) {
   ReceiveBuffer buffer(buffer_base);
-  {
-    t_read_area = buffer.data_area();
-    fuse_buf request = {};
-    while (!fuse_session_exited(session)) {
-      request.mem = buffer.mem();
-      request.size = 0;
-      request.flags = static_cast<fuse_buf_flags>(0);
-      int rc = fuse_session_receive_buf(session, &request);
-      if (rc == -EINTR || rc == -EAGAIN) continue;
-      if (rc <= 0) {
-        if (rc < 0) LogError(std::string("read a FUSE request: ") + std::strerror(-rc));
-        break;
-      }
-      fuse_session_process_buf(session, &request);
+  t_read_area = buffer.data_area();
+  fuse_buf request = {};
+  while (!fuse_session_exited(session)) {
+    request.mem = buffer.mem();
+    request.size = 0;
+    request.flags = static_cast<fuse_buf_flags>(0);
+    int rc = fuse_session_receive_buf(session, &request);
+    if (rc == -EINTR || rc == -EAGAIN) continue;
+    if (rc <= 0) {
+      if (rc < 0) LogError(std::string("read a FUSE request: ") + std::strerror(-rc));
+      break;
     }
-    t_read_area = {};
+    fuse_session_process_buf(session, &request);
   }
+  t_read_area = {};
   // Any worker leaving ends the session: the others follow.
   fuse_session_exit(session);
   std::lock_guard lock(ctx.run_mu);

@@ -190,11 +190,9 @@ Status DeltaBuilder::SyncData() {
 }
 
 Status DeltaBuilder::AppendZero(uint64_t index) {
-  // Aligned, so that it goes to the file as directly as the data does.
-  if (zeros_ == nullptr) {
-    zeros_ = NewAlignedBuffer(cluster_bytes_);
-    std::memset(zeros_.get(), 0, cluster_bytes_);
-  }
+  // Aligned, so that it goes to the file as directly as the data does
+  // (and zeroed, as every new AlignedBuffer is).
+  if (zeros_ == nullptr) zeros_ = NewAlignedBuffer(cluster_bytes_);
   return Append(std::span(&index, 1), std::span<const std::byte>(zeros_.get(), cluster_bytes_));
 }
 

@@ -298,7 +298,8 @@ class Lz4Decompressor {
 // tools/bench/README.md, import), and from 2 MiB up in huge pages, so that a
 // direct write of a chunk is a few contiguous pieces (ploop/io/io_memory.h).
 using AlignedBuffer = IoMemory;
-// Throws std::bad_alloc when the memory cannot be mapped, as new does.
+// Zeroed. Throws std::bad_alloc when the memory cannot be mapped, as new
+// does.
 AlignedBuffer NewAlignedBuffer(size_t size_bytes);
 
 // A free list of equal-sized aligned buffers, so that a stream does not map

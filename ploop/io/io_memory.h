@@ -5,8 +5,8 @@
 // made of scattered 4 KiB pages, so a 1 MiB read is 256 elements, and on a
 // virtio disk that is what the host processes. Measured here (8 threads of
 // 1 MiB O_DIRECT preads of one file, tools/bench/README.md, "Buffers for
-// direct I/O in huge pages"): 0.9-1.1 GB/s from 4 KiB pages, 2.4 GB/s from transparent
-// huge pages; writes 2.7 against 4.0 GB/s.
+// direct I/O in huge pages"): 0.9-1.1 GB/s from 4 KiB pages, 2.4 GB/s
+// from transparent huge pages; writes 2.7 against 4.0 GB/s.
 //
 // AllocateIoMemory() maps anonymous memory and asks for transparent huge
 // pages (MADV_HUGEPAGE: the default "madvise" mode gives them only to who

@@ -10,6 +10,7 @@
 #include <linux/fuse.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -135,6 +136,8 @@ struct FuseServer::Context {
   unsigned rings_failed = 0;                     // ... without
   unsigned rings_running = 0;                    // ... still in their function
   unsigned ring_queues = 0;
+  // Ring workers still serving, per queue (see RingEntryGone).
+  std::unique_ptr<std::atomic<unsigned>[]> ring_entries;
   std::atomic<bool> ring_in_use{false};
   std::atomic<uint64_t> ring_requests{0};
 
@@ -550,43 +553,42 @@ class RingWorker {
   }
 
   // Registers the entry and serves requests until the connection ends or
-  // the session exits (SIGUSR1 interrupts the wait).
-  void Serve(Context& ctx, fuse_session* se) {
+  // the session exits (SIGUSR1 interrupts the wait). Returns whether it
+  // ended that way, rather than with the entry lost.
+  bool Serve(Context& ctx, fuse_session* se) {
     fuse_fd_ = fuse_session_fd(se);
-    if (!Queue(fuse_uring::kCmdRegister, 0)) return;
+    if (RefusalInjected()) {
+      LogError("FUSE over io_uring: queue " + std::to_string(qid_) +
+               ": registration refused (PLOOP_FAULT_FUSE_RING_REFUSE)");
+      return false;
+    }
+    if (!Queue(fuse_uring::kCmdRegister, 0)) return false;
     for (;;) {
       int rc = io_uring_submit_and_wait(&ring_, 1);
       if (rc < 0 && rc != -EINTR) {
         LogError(std::string("FUSE over io_uring: wait: ") + std::strerror(-rc));
-        break;
+        return fuse_session_exited(se);
       }
       io_uring_cqe* cqe = nullptr;
       if (io_uring_peek_cqe(&ring_, &cqe) != 0) {
-        if (fuse_session_exited(se)) break;
+        if (fuse_session_exited(se)) return true;
         continue;
       }
       const int res = cqe->res;
       io_uring_cqe_seen(&ring_, cqe);
       if (res < 0) {
         // ENOTCONN/ECANCELED: the connection ends. Anything else: the
-        // kernel refused the entry. It does not fall back to /dev/fuse then:
-        // once INIT agreed to the ring, Linux 6.18 holds every request until
-        // each queue has an entry, so a queue left without any stalls the
-        // disk (seen with a test hook that skipped queue 0's registrations).
-        // Ending the connection would turn that stall into an error; not
-        // done yet.
-        if (res != -ENOTCONN && res != -ECANCELED) {
-          LogError("FUSE over io_uring: queue " + std::to_string(qid_) + ": " +
-                   std::strerror(-res));
-        }
-        break;
+        // kernel refused the entry (see RingEntryGone).
+        if (res == -ENOTCONN || res == -ECANCELED) return true;
+        LogError("FUSE over io_uring: queue " + std::to_string(qid_) + ": " + std::strerror(-res));
+        return fuse_session_exited(se);
       }
       const uint64_t commit_id = Handle(se);
       ctx.ring_requests.fetch_add(1, std::memory_order_relaxed);
-      if (!Queue(fuse_uring::kCmdCommitAndFetch, commit_id)) break;
+      if (!Queue(fuse_uring::kCmdCommitAndFetch, commit_id)) return fuse_session_exited(se);
       if (fuse_session_exited(se)) {
         io_uring_submit(&ring_);  // the reply still goes back
-        break;
+        return true;
       }
     }
   }
@@ -648,6 +650,13 @@ class RingWorker {
     return true;
   }
 
+  // Tests: PLOOP_FAULT_FUSE_RING_REFUSE=Q makes queue Q's workers act as if
+  // the kernel had refused their entries.
+  bool RefusalInjected() const {
+    const char* q = std::getenv("PLOOP_FAULT_FUSE_RING_REFUSE");
+    return q != nullptr && *q != '\0' && std::strtoul(q, nullptr, 10) == qid_;
+  }
+
   // Serves the request in the entry; returns its commit id.
   uint64_t Handle(fuse_session* se) {
     fuse_in_header in;
@@ -696,6 +705,28 @@ class RingWorker {
   bool replied_ = false;
 };
 
+// A ring worker of queue `qid` stopped serving while the connection goes
+// on (the kernel refused its entry, or its ring failed). Once INIT has
+// agreed to the ring, Linux (6.18) does not fall back to /dev/fuse: it
+// holds every request until each queue has an entry, so a queue left
+// without any would stall the disk (seen with PLOOP_FAULT_FUSE_RING_REFUSE).
+// The last entry of a queue gone, the connection is ended instead (a
+// forced unmount of the FUSE file aborts it, even while the loop device
+// holds it open): requests then fail, the daemon's loop ends, and the mount
+// fails or the disk reports I/O errors, with this in the log -- never a
+// hang.
+void RingEntryGone(Context& ctx, fuse_session* se, unsigned qid) {
+  if (ctx.ring_entries[qid].fetch_sub(1) != 1 || fuse_session_exited(se)) return;
+  LogError("FUSE over io_uring: queue " + std::to_string(qid) +
+           " has no ring entry left; ending the FUSE connection so that the disk's requests "
+           "fail instead of waiting");
+  if (::umount2(ctx.options.mountpoint.c_str(), MNT_FORCE) != 0 && errno != EBUSY) {
+    LogError("FUSE over io_uring: force unmount of " + ctx.options.mountpoint + ": " +
+             std::strerror(errno));
+  }
+  fuse_session_exit(se);
+}
+
 // One ring worker: prepares, waits for INIT to decide, serves.
 void ServeRing(Context& ctx, fuse_session* se, unsigned qid, std::byte* buffer_base) {
   RingWorker worker(qid, kMaxRequestBytes, buffer_base);
@@ -708,7 +739,7 @@ void ServeRing(Context& ctx, fuse_session* se, unsigned qid, std::byte* buffer_b
   ctx.run_cv.wait(lock, [&] { return ctx.ring_state != Context::RingState::kPreparing; });
   const bool go = ok && ctx.ring_state == Context::RingState::kGo;
   lock.unlock();
-  if (go) worker.Serve(ctx, se);
+  if (go && !worker.Serve(ctx, se)) RingEntryGone(ctx, se, qid);
   lock.lock();
   --ctx.rings_running;
   ctx.run_cv.notify_all();
@@ -907,6 +938,8 @@ Status FuseServer::Run() {
       ring_buffers = AllocateIoMemory(size_t{queues} * per_queue * ring_buffer_bytes);
       if (ring_buffers == nullptr) return Status::FromErrno(ENOMEM, "buffers for the ring workers");
       ctx_->ring_queues = queues;
+      ctx_->ring_entries = std::make_unique<std::atomic<unsigned>[]>(queues);
+      for (unsigned q = 0; q < queues; ++q) ctx_->ring_entries[q].store(per_queue);
       ctx_->rings_total = queues * per_queue;
       ctx_->rings_running = ctx_->rings_total;
       for (unsigned q = 0; q < queues; ++q) {
@@ -978,6 +1011,10 @@ Status FuseServer::InvalidateSize() {
 void FuseServer::Unmount() {
   if (!mounted_) return;
   fuse_session_unmount(session_);
+  // libfuse leaves a mount whose connection was aborted (its /dev/fuse
+  // polls POLLERR; see RingEntryGone) in place, failing every access with
+  // ENOTCONN: detach it here (EINVAL when libfuse did unmount it).
+  ::umount2(ctx_->options.mountpoint.c_str(), MNT_DETACH);
   mounted_ = false;
 }
 

@@ -9,7 +9,9 @@
 # mount must fall back to the classic /dev/fuse workers, say so in the
 # daemon's log and serve correctly (then the io_uring part is skipped:
 # exit 77, or a pass under CI=true, which has exercised the fallback).
-# Beside the ring only two classic workers run; without it, all 32.
+# Beside the ring only two classic workers run; without it, all 32. A
+# queue whose ring entries the kernel refuses (injected) makes the mount
+# fail at once with the reason in the log, and leaves nothing behind.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
@@ -78,6 +80,23 @@ assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without --fuse-u
 assert_eq "$(status "$dev" fuse_classic_workers)" 32 "classic workers without --fuse-uring"
 pl umount "$dev"
 wait_gone "$dd" "$pid"
+
+note "a queue left without ring entries (refusal injected): the mount fails at once"
+# Once INIT agreed to the ring, the kernel holds every request until each
+# queue has an entry: the daemon must end the connection, not hang.
+said() { grep -c "queue 0 has no ring entry left" "$RUN_DIR/daemon.log" || true; }
+said_before=$(said)
+run env PLOOP_FAULT_FUSE_RING_REFUSE=0 timeout 60 "$PLOOP" mount --fuse-uring "$dd"
+((RC != 124)) || fail "the mount hung with queue 0's entries refused (killed after 60 s)"
+assert_eq "$RC" 7 "exit code of a mount whose ring queue has no entry"
+err_has "not connected"
+(($(said) > said_before)) || fail "the daemon's log does not say why the mount failed"
+[[ -z $(mounts_of_tmp) && -z $(loops_of "$d") ]] ||
+  fail "left after the failed mount: $(mounts_of_tmp) $(loops_of "$d")"
+grep -qF "ploop:$(realpath "$dd") " /proc/self/mounts &&
+  fail "the aborted FUSE mount was left in place: $(grep -F "ploop:$(realpath "$dd") " /proc/self/mounts)"
+pl check "$dd"
+out_has "no problems found"
 
 note "a snapshot full of data below the top (served through io_uring)"
 pl mount --fuse-uring "$dd"

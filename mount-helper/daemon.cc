@@ -163,7 +163,15 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   // The loop device's file: opened here (through FUSE) and handed over.
   server.ExpectOpen();
   int fd = ::open(fuse_file.c_str(), (disk.writable() ? O_RDWR : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return abort_start(Status::FromErrno(errno, "open " + fuse_file));
+  if (fd < 0) {
+    const int err = errno;
+    // ENOTCONN: the connection was ended meanwhile (e.g. FUSE over io_uring
+    // lost a queue, see fuse_server.cc); the log says why.
+    return abort_start(Status::FromErrno(
+        err, "open " + fuse_file +
+                 (err == ENOTCONN ? " (the FUSE connection ended; see " + RunDir() + "/daemon.log)"
+                                  : "")));
+  }
   // The loop device takes its size from the FUSE inode's cached size, which
   // some kernels (6.1, 6.12) leave at 0 for the mount's root file until its
   // attributes are fetched: stat it first, so the kernel asks us.

@@ -417,6 +417,9 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
   MappedSource mapped(source_, options_.map_source);
   std::vector<MappedSource::Piece> pieces;  // the run's clusters, mapped
+  // The base's clusters of the run, mapped (data nullptr: the base reads
+  // zeros there), for an incremental stream.
+  std::vector<MappedSource::Piece> base_pieces;
   next_seq_ = start.next_seq;
   progress_ = start.progress_bytes;
   std::unique_ptr<ChunkJob> job;
@@ -462,8 +465,25 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       first = job->payload.get() + used * cb_;
       TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
     }
+    // What the base reads there: mapped where it maps, like the run, else
+    // read into `base` (the whole run either way).
+    bool base_mapped = false;
     if (incremental) {
-      TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
+      base_pieces.clear();
+      for (uint64_t k = i; k < j; ++k) {
+        const int level = source_.Highest(k, plan_.f);
+        if (level < 0) {
+          base_pieces.emplace_back();  // no layer holds it: zeros
+          continue;
+        }
+        MappedSource::Piece piece = mapped.Cluster(level, k);
+        if (piece.data == nullptr) break;
+        base_pieces.push_back(std::move(piece));
+      }
+      base_mapped = base_pieces.size() == j - i;
+      if (!base_mapped) {
+        TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
+      }
     }
     for (uint64_t k = i; k < j; ++k) {
       const std::byte* data = run_mapped ? pieces[k - i].data : first + (k - i) * cb_;
@@ -471,8 +491,9 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       RecordKind kind = RecordKind::kData;
       bool send = !zero;
       if (incremental) {
-        const std::byte* old = base.get() + (k - i) * cb_;
-        send = std::memcmp(data, old, cb_) != 0;  // unchanged clusters stay home
+        // Unchanged clusters stay home.
+        const std::byte* old = base_mapped ? base_pieces[k - i].data : base.get() + (k - i) * cb_;
+        send = old == nullptr ? !zero : std::memcmp(data, old, cb_) != 0;
         if (zero) kind = RecordKind::kZero;
       }
       progress_ += cb_;

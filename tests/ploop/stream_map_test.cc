@@ -3,8 +3,10 @@
 //     default for POSIX files) gives byte-identical streams to the pread
 //     path and to the same disk on the in-memory file system, for full,
 //     incremental and layered streams of a chain whose runs come from
-//     several layers; stored data reaches the writer as stable (mapped)
-//     spans only on the mapped path;
+//     several layers, and whose top rewrote clusters unchanged (the
+//     incremental sender compares them with the base, mapped or read);
+//     stored data reaches the writer as stable (mapped) spans only on the
+//     mapped path;
 //   - MappedSource itself: every cluster of every level reads as pread
 //     reads it, across many small windows; a cluster the BAT places past
 //     the end of its (truncated) file is not mapped;
@@ -112,6 +114,20 @@ void MakeChain(FileSystem& fs, const std::string& dir, uint64_t seed) {
   for (int k = 0; k < 60; ++k) {
     const uint64_t i = gen() % (kClusters - 4);
     write(i, bytes(4 * kCb, i >= 256 && gen() % 2 == 0));
+  }
+  // The top rewrites clusters with the bytes it already shows: held by the
+  // top, yet mostly the same as in the snapshots (an incremental stream
+  // leaves those home), holes of every layer among them (rewritten as
+  // zeros).
+  for (int k = 0; k < 40; ++k) {
+    const uint64_t i = gen() % kClusters;
+    Bytes now(kCb);
+    {
+      auto chain = OpenTop(fs, dd);
+      REQUIRE_OK(chain->Read(i * kCb, now));
+      REQUIRE_OK(chain->Close());
+    }
+    write(i, now);
   }
 }
 

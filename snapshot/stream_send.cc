@@ -29,7 +29,8 @@
 // Where the data comes from: the flattened producer maps the chain's files
 // read-only (MappedSource) and hands the workers pointers into the page
 // cache: the zero check, XXH3, lz4 and SHA-256 read the files' pages
-// directly, and a chunk that goes out stored (not compressed: most of a
+// directly (and an incremental stream compares with its base's clusters
+// there too), and a chunk that goes out stored (not compressed: most of a
 // disk's data, which is already compressed or random) is written as a list
 // of spans of the mapping -- through vmsplice into a pipe, when the
 // StreamWriter can (WriteStable), so its bytes are not copied on this side

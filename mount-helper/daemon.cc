@@ -400,7 +400,19 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
   ::close(report_fd);
 
   const std::string reason = stopper.Wait();
-  LogInfo("stopping: " + reason);
+  const bool released = reason == "the loop device released the disk";
+  // The FUSE session ended while the device still holds the file (its
+  // connection aborted: a ring queue without entries, fusectl's abort, a
+  // forced unmount): the device's I/O fails from now on, and a file system
+  // may be mounted on it.
+  const auto st = QueryLoop(*device);
+  const bool orphaned = !released && st.ok() && st->attached && st->backing_file == fuse_file;
+  if (orphaned) {
+    LogError("stopping: " + reason + ", while " + *device +
+             " still uses the disk: its I/O fails from now on; `ploop umount` cleans up");
+  } else {
+    LogInfo("stopping: " + reason);
+  }
   server.Exit();
   loop.join();
   if (control.ok()) (*control)->Stop();
@@ -411,15 +423,20 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
     LogError("closing the disk failed (it will be checked on the next mount): " +
              closed.ToString());
   }
-  server.Unmount();
-  // If FUSE went away while the device still held it, let the device go too.
-  if (auto st = QueryLoop(*device); st.ok() && st->attached && st->backing_file == fuse_file) {
-    DetachLoop(*device).IgnoreError();
+  if (orphaned) {
+    // Left as a killed daemon leaves things: the record, the device on the
+    // dead FUSE file, the work folder. `ploop list` shows the device as
+    // dead, and `ploop umount` unmounts its file system, detaches it and
+    // removes the rest (mounts.cc, Unmount()). Removing the record here
+    // would hide a device that still fails its I/O.
+    server.LeaveMounted();
+    LogInfo("exited");
+    return 1;
   }
+  server.Unmount();
   RemoveRecord(record).IgnoreError();
   RemoveTree(work_dir, fuse_file);
   LogInfo("exited");
-  const bool released = reason == "the loop device released the disk";
   return closed.ok() && released ? 0 : 1;
 }
 

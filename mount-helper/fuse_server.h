@@ -96,6 +96,10 @@ class FuseServer {
   Status InvalidateSize();
   // Unmounts (lazily: the loop device may still hold the file).
   void Unmount();
+  // Leaves the mount in place when this object goes (a daemon exiting
+  // while a device still holds the file: the mount, dead, is cleaned up by
+  // `ploop umount` as a killed daemon's is).
+  void LeaveMounted() { mounted_ = false; }
 
   // Permits the daemon's own open (the file for the loop device); later
   // opens are refused with EBUSY.

@@ -3,8 +3,8 @@
 # served by the daemon (FUSE + a direct-I/O loop device); raw and
 # preallocated ones go straight onto a loop device. For each: mount with -m,
 # write files, umount, remount, the files read back; `ploop list` shows the
-# mount; `ploop umount` of the device, of the descriptor and of the
-# mountpoint all work; a plain `umount DIR` leaves no device or daemon; the
+# mount; `ploop umount` of the device, of the descriptor (also by a path
+# under /dev, as for a disk on /dev/shm) and of the mountpoint all work; a plain `umount DIR` leaves no device or daemon; the
 # image checks clean afterwards (and qemu-img agrees, when installed).
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
@@ -138,6 +138,23 @@ wait_gone "$dd" "$pid"
 pl mount -r -m "$m" "$dd"
 assert_eq "$(cat "$m/after")" "after SIGTERM" "a file written after SIGTERM"
 pl umount -m "$m"
+
+note "a descriptor named by a path under /dev is a descriptor, not a device"
+# (Disks on /dev/shm; here a link there to a disk of ours.)
+link=$(mktemp -u /dev/shm/ploop-kinds.XXXXXX)
+trap 'rc=$?; rm -f "$link"; _mount_cleanup; (exit $rc); _cleanup' EXIT
+ln -s "$TMP/expanded" "$link"
+pl mount "$link/DiskDescriptor.xml"
+pid=$(daemon_of "$TMP/expanded/DiskDescriptor.xml")
+pl umount "$link/DiskDescriptor.xml"
+wait_gone "$TMP/expanded/DiskDescriptor.xml" "$pid"
+pl mount "$link/DiskDescriptor.xml"
+pid=$(daemon_of "$TMP/expanded/DiskDescriptor.xml")
+pl umount "$link"
+wait_gone "$TMP/expanded/DiskDescriptor.xml" "$pid"
+rm -f "$link"
+expect_error 3 "$PLOOP" umount /dev/loop-no-such-device
+err_has "no ploop disk is mounted on /dev/loop-no-such-device"
 
 note "nothing of ours is left in ploop list"
 [[ -z $(mounts_of_tmp) ]] || fail "mount records left: $(mounts_of_tmp)"

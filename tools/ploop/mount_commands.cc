@@ -1,6 +1,7 @@
 // ploop mount / umount / list.
 #include "mount_commands.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <array>
@@ -108,6 +109,15 @@ int RunMount(const MountArgs& args) {
   return kExitOk;
 }
 
+// Whether `umount`'s target is a device: a block device, or a /dev/ path
+// that no longer exists (a record may outlive its device). A disk folder
+// or descriptor under /dev (on /dev/shm, say) is a descriptor.
+bool NamesDevice(const std::string& target) {
+  struct stat st;
+  if (::stat(target.c_str(), &st) == 0) return S_ISBLK(st.st_mode);
+  return target.rfind("/dev/", 0) == 0;
+}
+
 int RunUmount(const UmountArgs& args) {
   if (Status s = NeedRoot(); !s.ok()) return Fail("umount", s);
   if (args.target.empty() == args.mountpoint.empty()) {
@@ -116,7 +126,7 @@ int RunUmount(const UmountArgs& args) {
   Result<std::vector<mount::MountRecord>> found = Status::NotFound("");
   if (!args.mountpoint.empty()) {
     found = mount::FindByMountpoint(args.mountpoint);
-  } else if (args.target.rfind("/dev/", 0) == 0) {
+  } else if (NamesDevice(args.target)) {
     found = mount::FindByDevice(args.target);
   } else {
     std::string dd_path;

@@ -385,7 +385,27 @@ std::vector<MountListing> ListMounts() {
 }
 
 std::string DescribeUser(const std::string& message) {
-  // Every word of the message that names an existing file, resolved.
+  // Which image the message names: a path in it, delimited as a word is
+  // (by spaces, colons, brackets, quotes or commas), as given -- absolute,
+  // or relative to the current folder -- may itself hold spaces, so each
+  // record's images are looked for in the message as they are, and the
+  // message's words are resolved as files too (other spellings).
+  auto delimiter = [](char c) {
+    return c == ' ' || c == ':' || c == '(' || c == ')' || c == '\'' || c == '"' || c == ',';
+  };
+  auto names = [&](const std::string& path) {
+    for (size_t at = message.find(path); !path.empty() && at != std::string::npos;
+         at = message.find(path, at + 1)) {
+      const size_t after = at + path.size();
+      if ((at == 0 || delimiter(message[at - 1])) &&
+          (after == message.size() || delimiter(message[after]))) {
+        return true;
+      }
+    }
+    return false;
+  };
+  std::error_code ec;
+  const std::string cwd = std::filesystem::current_path(ec).string();
   std::vector<std::string> named;
   std::string word;
   auto flush = [&] {
@@ -396,19 +416,22 @@ std::string DescribeUser(const std::string& message) {
     word.clear();
   };
   for (char c : message) {
-    if (c == ' ' || c == ':' || c == '(' || c == ')' || c == '\'' || c == '"' || c == ',') {
+    if (delimiter(c)) {
       flush();
     } else {
       word += c;
     }
   }
   flush();
+  auto mentioned = [&](const std::string& image) {
+    if (std::find(named.begin(), named.end(), image) != named.end() || names(image)) return true;
+    return !ec && !cwd.empty() && image.size() > cwd.size() + 1 &&
+           image.compare(0, cwd.size() + 1, cwd + "/") == 0 && names(image.substr(cwd.size() + 1));
+  };
   for (const MountRecord& r : ReadRecords()) {
     const MountHealth health = Health(r);
     if (health == MountHealth::kStale) continue;
-    bool holds = std::any_of(named.begin(), named.end(), [&](const std::string& f) {
-      return std::find(r.images.begin(), r.images.end(), f) != r.images.end();
-    });
+    const bool holds = std::any_of(r.images.begin(), r.images.end(), mentioned);
     if (!holds) continue;
     std::string out = r.device;
     auto mps = MountpointsOf(r.device);

@@ -4,8 +4,10 @@
 # preallocated ones go straight onto a loop device. For each: mount with -m,
 # write files, umount, remount, the files read back; `ploop list` shows the
 # mount; `ploop umount` of the device, of the descriptor (also by a path
-# under /dev, as for a disk on /dev/shm) and of the mountpoint all work; a plain `umount DIR` leaves no device or daemon; the
-# image checks clean afterwards (and qemu-img agrees, when installed).
+# under /dev, as for a disk on /dev/shm) and of the mountpoint all work; a
+# plain `umount DIR` leaves no device or daemon; the image checks clean
+# afterwards (and qemu-img agrees, when installed). A disk in use is named
+# by its device in errors, also in a folder with a space in its name.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
@@ -155,6 +157,24 @@ wait_gone "$TMP/expanded/DiskDescriptor.xml" "$pid"
 rm -f "$link"
 expect_error 3 "$PLOOP" umount /dev/loop-no-such-device
 err_has "no ploop disk is mounted on /dev/loop-no-such-device"
+
+note "a disk in a folder whose name has a space: 'in use by' names the device"
+sd="$TMP/with space"
+sm="$TMP/with space.mnt"
+mkdir -p "$sd" "$sm"
+pl init -s 64M "$sd/root.hds"
+pl mount -m "$sm" "$sd/DiskDescriptor.xml"
+dev=$OUT
+pid=$(daemon_of "$sd/DiskDescriptor.xml")
+pl snapshot "$sd/DiskDescriptor.xml"
+expect_error 9 "$PLOOP" io "$sd/DiskDescriptor.xml" 'read 0 4096'
+err_has "in use by $dev \(mounted at $sm\)"
+cd "$TMP"
+expect_error 9 "$PLOOP" io "with space/DiskDescriptor.xml" 'read 0 4096'
+cd - >/dev/null
+err_has "in use by $dev \(mounted at $sm\)"
+pl umount -m "$sm"
+wait_gone "$sd/DiskDescriptor.xml" "$pid"
 
 note "nothing of ours is left in ploop list"
 [[ -z $(mounts_of_tmp) ]] || fail "mount records left: $(mounts_of_tmp)"

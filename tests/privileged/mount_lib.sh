@@ -21,14 +21,14 @@ need losetup mount umount python3 e2fsck
 # everything below only touches disks under $TMP).
 RUN_DIR=${PLOOP_RUN_DIR:-/run/ploop}
 
-# mounts_of_tmp: "DEVICE PID DESCRIPTOR" of every mount record of a disk in
-# $TMP.
+# mounts_of_tmp: "DEVICE<tab>PID<tab>DESCRIPTOR<tab>STATE" of every mount
+# record of a disk in $TMP (tabs: a descriptor's path may hold spaces).
 mounts_of_tmp() {
   "$PLOOP" list --json 2>/dev/null | python3 -c '
 import json, sys
 for m in json.load(sys.stdin):
     if m["descriptor"].startswith(sys.argv[1] + "/"):
-        print(m["device"], m["pid"], m["descriptor"], m["state"])' "$TMP"
+        print(m["device"], m["pid"], m["descriptor"], m["state"], sep="\t")' "$TMP"
 }
 
 _mount_cleanup() {
@@ -37,7 +37,7 @@ _mount_cleanup() {
   # Our disks first: ploop umount also unmounts their file systems. By
   # descriptor, not by device: tests run in parallel, and a device our disk
   # has just left may already serve another test's disk.
-  while read -r dev pid dd state; do
+  while IFS=$'\t' read -r dev pid dd state; do
     [[ -n $dev ]] || continue
     "$PLOOP" umount "$dd" >/dev/null 2>&1 || {
       [[ $pid != 0 && $(field_of "$dev" pid 2>/dev/null) == "$pid" ]] &&
@@ -45,10 +45,11 @@ _mount_cleanup() {
       "$PLOOP" umount "$dd" >/dev/null 2>&1
     }
   done < <(mounts_of_tmp)
-  # Anything else mounted under $TMP, deepest first, lazily.
-  for mp in $(awk -v t="$TMP/" 'index($2, t) == 1 { print $2 }' /proc/self/mounts | sort -r); do
-    umount -l "$mp" 2>/dev/null
-  done
+  # Anything else mounted under $TMP, deepest first, lazily (the mount
+  # table writes a space in a path as \040).
+  while IFS= read -r mp; do
+    umount -l "$(printf '%b' "$mp")" 2>/dev/null
+  done < <(awk -v t="$TMP/" 'index($2, t) == 1 { print $2 }' /proc/self/mounts | sort -r)
   # Loop devices on files of $TMP (direct ones, any a test made).
   for f in /sys/block/loop*/loop/backing_file; do
     [[ -r $f ]] || continue
@@ -100,7 +101,7 @@ loops_of() {
     b=$(<"$f")
     [[ $b == "$dir/"* ]] && echo "/dev/$(basename "$(dirname "$(dirname "$f")")")"
   done
-  mounts_of_tmp | awk -v d="$dir/" 'index($3, d) == 1 { print $1 }'
+  mounts_of_tmp | awk -F '\t' -v d="$dir/" 'index($3, d) == 1 { print $1 }'
 }
 
 # wait_gone DD [PID]: wait until DD has no mount record and no loop device,

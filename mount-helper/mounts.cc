@@ -385,11 +385,12 @@ std::vector<MountListing> ListMounts() {
 }
 
 std::string DescribeUser(const std::string& message) {
-  // Which image the message names: a path in it, delimited as a word is
-  // (by spaces, colons, brackets, quotes or commas), as given -- absolute,
-  // or relative to the current folder -- may itself hold spaces, so each
-  // record's images are looked for in the message as they are, and the
-  // message's words are resolved as files too (other spellings).
+  // Which mounted image the message is about. A path in the message is
+  // delimited like a word (by spaces, colons, brackets, quotes or commas)
+  // yet may hold spaces itself, so each record's images are looked for in
+  // the message as whole words, absolute or relative to the current
+  // folder; the message's words are also resolved as files, for other
+  // spellings of a path.
   auto delimiter = [](char c) {
     return c == ' ' || c == ':' || c == '(' || c == ')' || c == '\'' || c == '"' || c == ',';
   };

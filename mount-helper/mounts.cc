@@ -405,8 +405,11 @@ std::string DescribeUser(const std::string& message) {
     }
     return false;
   };
+  // An image under the current folder, as a relative path names it.
   std::error_code ec;
-  const std::string cwd = std::filesystem::current_path(ec).string();
+  std::string here = std::filesystem::current_path(ec).string();
+  if (ec) here.clear();
+  if (!here.empty() && here.back() != '/') here += '/';
   std::vector<std::string> named;
   std::string word;
   auto flush = [&] {
@@ -425,9 +428,8 @@ std::string DescribeUser(const std::string& message) {
   }
   flush();
   auto mentioned = [&](const std::string& image) {
-    if (std::find(named.begin(), named.end(), image) != named.end() || names(image)) return true;
-    return !ec && !cwd.empty() && image.size() > cwd.size() + 1 &&
-           image.compare(0, cwd.size() + 1, cwd + "/") == 0 && names(image.substr(cwd.size() + 1));
+    return std::find(named.begin(), named.end(), image) != named.end() || names(image) ||
+           (!here.empty() && image.starts_with(here) && names(image.substr(here.size())));
   };
   for (const MountRecord& r : ReadRecords()) {
     const MountHealth health = Health(r);

@@ -414,13 +414,32 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   // A candidate: a cluster some delta above the base (any delta, for a
   // full stream) holds.
   auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
-  AlignedBuffer base = incremental ? NewAlignedBuffer(slots * cb_) : nullptr;
+  AlignedBuffer base;  // the base's run, read where it does not map
   Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
   MappedSource mapped(source_, options_.map_source);
-  std::vector<MappedSource::Piece> pieces;  // the run's clusters, mapped
-  // The base's clusters of the run, mapped (data nullptr: the base reads
-  // zeros there), for an incremental stream.
-  std::vector<MappedSource::Piece> base_pieces;
+  // Clusters [i, j) of the view at `max_level`, mapped: one piece each
+  // (data nullptr where no layer holds it: zeros). False, `out` empty, when
+  // one does not map; the run is then read instead (one read per piece of
+  // it that is contiguous in a file).
+  auto map_run = [&](int max_level, uint64_t i, uint64_t j, std::vector<MappedSource::Piece>& out) {
+    out.clear();
+    for (uint64_t k = i; k < j; ++k) {
+      const int level = source_.Highest(k, max_level);
+      if (level < 0) {
+        out.emplace_back();
+        continue;
+      }
+      MappedSource::Piece piece = mapped.Cluster(level, k);
+      if (piece.data == nullptr) {
+        out.clear();
+        return false;
+      }
+      out.push_back(std::move(piece));
+    }
+    return true;
+  };
+  std::vector<MappedSource::Piece> pieces;       // the run's clusters
+  std::vector<MappedSource::Piece> base_pieces;  // the base's (incremental)
   next_seq_ = start.next_seq;
   progress_ = start.progress_bytes;
   std::unique_ptr<ChunkJob> job;
@@ -449,42 +468,20 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
     const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
     uint64_t j = i + 1;
     while (j < clusters && j - i < room && candidate(j)) ++j;
-    // The run's clusters in the mappings; a run with one that does not map
-    // is read into the payload buffer instead (one read per piece of the
-    // run that is contiguous in a file).
-    pieces.clear();
-    for (uint64_t k = i; k < j; ++k) {
-      MappedSource::Piece piece = mapped.Cluster(source_.Highest(k, plan_.m), k);
-      if (piece.data == nullptr) break;
-      pieces.push_back(std::move(piece));
-    }
-    const bool run_mapped = pieces.size() == j - i;
+    // The run's clusters (every one held above the base), mapped or read
+    // into the payload buffer.
+    const bool run_mapped = map_run(plan_.m, i, j, pieces);
     std::byte* first = nullptr;
     if (!run_mapped) {
-      pieces.clear();
       if (job->payload == nullptr) job->payload = payload_pool_.Get();
       first = job->payload.get() + used * cb_;
       TRY(source_.ReadView(plan_.m, i, j - i, std::span<std::byte>(first, (j - i) * cb_)));
     }
-    // What the base reads there: mapped where it maps, like the run, else
-    // read into `base` (the whole run either way).
-    bool base_mapped = false;
-    if (incremental) {
-      base_pieces.clear();
-      for (uint64_t k = i; k < j; ++k) {
-        const int level = source_.Highest(k, plan_.f);
-        if (level < 0) {
-          base_pieces.emplace_back();  // no layer holds it: zeros
-          continue;
-        }
-        MappedSource::Piece piece = mapped.Cluster(level, k);
-        if (piece.data == nullptr) break;
-        base_pieces.push_back(std::move(piece));
-      }
-      base_mapped = base_pieces.size() == j - i;
-      if (!base_mapped) {
-        TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
-      }
+    // What the base reads there, likewise.
+    const bool base_mapped = incremental && map_run(plan_.f, i, j, base_pieces);
+    if (incremental && !base_mapped) {
+      if (base == nullptr) base = NewAlignedBuffer(slots * cb_);
+      TRY(source_.ReadView(plan_.f, i, j - i, std::span<std::byte>(base.get(), (j - i) * cb_)));
     }
     for (uint64_t k = i; k < j; ++k) {
       const std::byte* data = run_mapped ? pieces[k - i].data : first + (k - i) * cb_;

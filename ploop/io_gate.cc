@@ -21,6 +21,16 @@ IoGate::Pass IoGate::Enter() {
   }
 }
 
+std::optional<IoGate::Pass> IoGate::TryEnter() {
+  for (;;) {
+    if (closed_.load() != 0) return std::nullopt;
+    uint32_t phase = phase_.load();
+    count_[phase].fetch_add(1);
+    if (phase_.load() == phase && closed_.load() == 0) return Pass(this, phase);
+    Leave(phase);  // the phase flipped (retry) or the gate closed (checked above)
+  }
+}
+
 void IoGate::Leave(uint32_t phase) {
   if (count_[phase].fetch_sub(1) == 1) count_[phase].notify_all();
 }

@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 
 namespace ploop {
 
@@ -55,6 +56,10 @@ class IoGate {
 
   // Enters; waits while the gate is closed.
   Pass Enter();
+  // Enters unless the gate is closed (nullopt then), never waiting: for a
+  // thread that must not block while requests it holds passes for are in
+  // flight (an event loop).
+  std::optional<Pass> TryEnter();
   // Returns once every request that entered before this call has left.
   void Synchronize();
   // New Enter()s wait until Open(); returns when no request is in flight.

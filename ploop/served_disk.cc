@@ -381,6 +381,108 @@ Status ServedDisk::MapZeroCluster(uint64_t cluster_index) {
   return Status::Ok();
 }
 
+// The plans mirror ReadImpl() and WriteImpl()'s lock-free parts; where
+// those would take a cluster lock (WriteSlow()) there is no plan.
+bool ServedDisk::PlanRead(uint64_t offset, std::span<std::byte> out, Plan* plan) {
+  plan->pieces_.clear();
+  std::optional<IoGate::Pass> pass = gate_.TryEnter();
+  if (!pass || closed_.load(std::memory_order_acquire) ||
+      !CheckDiskRange(offset, out.size(), size_bytes()).ok()) {
+    return false;
+  }
+  const uint64_t cb = cluster_bytes_;
+  const int top = static_cast<int>(layers_.size()) - 1;
+  uint64_t pos = 0;
+  while (pos < out.size()) {
+    const uint64_t voff = offset + pos;
+    const uint64_t idx = voff / cb;
+    const uint64_t in = voff % cb;
+    const Location loc = Find(idx, top);
+    uint64_t run = std::min<uint64_t>(cb - in, out.size() - pos);
+    for (uint64_t k = 1; pos + run < out.size(); ++k) {
+      Location next = Find(idx + k, top);
+      if (next.level != loc.level ||
+          (loc.level >= 0 && next.file_offset != loc.file_offset + k * cb)) {
+        break;
+      }
+      run += std::min<uint64_t>(cb, out.size() - pos - run);
+    }
+    uint64_t avail = 0;
+    if (loc.level >= 0) {
+      const Layer& layer = layers_[loc.level];
+      avail = voff < layer.size_bytes ? std::min<uint64_t>(run, layer.size_bytes - voff) : 0;
+      if (avail > 0) {
+        const uint64_t file_offset = loc.file_offset + in;
+        const int fd = layer.file->DescriptorFor(file_offset, out.data() + pos, avail, false);
+        if (fd < 0) return false;
+        plan->pieces_.push_back({fd, file_offset, pos, avail});
+      }
+    }
+    if (avail < run) plan->pieces_.push_back({-1, 0, pos + avail, run - avail});
+    pos += run;
+  }
+  plan->pass_.emplace(std::move(*pass));
+  plan->write_ = false;
+  plan->bytes_ = out.size();
+  return true;
+}
+
+bool ServedDisk::PlanWrite(uint64_t offset, std::span<const std::byte> data, Caching caching,
+                           Plan* plan) {
+  plan->pieces_.clear();
+  std::optional<IoGate::Pass> pass = gate_.TryEnter();
+  if (!pass || closed_.load(std::memory_order_acquire) || !writable_ ||
+      !CheckDiskRange(offset, data.size(), size_bytes()).ok()) {
+    return false;
+  }
+  const bool buffered = caching == Caching::kBuffered;
+  auto add = [&](BlockFile& file, uint64_t file_offset, uint64_t pos, uint64_t length) {
+    const int fd = file.DescriptorFor(file_offset, data.data() + pos, length, buffered);
+    if (fd < 0) return false;
+    plan->pieces_.push_back({fd, file_offset, pos, length});
+    return true;
+  };
+  if (top_delta_ == nullptr) {  // a raw top
+    if (!add(*layers_.back().file, offset, 0, data.size())) return false;
+  } else {
+    Delta& top = *top_delta_;
+    const uint64_t cb = cluster_bytes_;
+    uint64_t pos = 0;
+    while (pos < data.size()) {
+      const uint64_t voff = offset + pos;
+      const uint64_t idx = voff / cb;
+      const uint64_t in = voff % cb;
+      const uint64_t off = top.ClusterFileOffset(idx);
+      if (off == 0) return false;  // an allocation: WriteSlow()
+      uint64_t run = std::min<uint64_t>(cb - in, data.size() - pos);
+      for (uint64_t k = 1;
+           pos + run < data.size() && top.ClusterFileOffset(idx + k) == off + k * cb; ++k) {
+        run += std::min<uint64_t>(cb, data.size() - pos - run);
+      }
+      if (!add(top.file(), off + in, pos, run)) return false;
+      pos += run;
+    }
+  }
+  plan->pass_.emplace(std::move(*pass));
+  plan->write_ = true;
+  plan->bytes_ = data.size();
+  return true;
+}
+
+void ServedDisk::Finish(Plan* plan, bool transferred) {
+  if (transferred) {
+    if (plan->write_) {
+      if (top_delta_ != nullptr) top_delta_->NoteDataWritten();
+      counters_.writes.fetch_add(1, std::memory_order_relaxed);
+      counters_.bytes_written.fetch_add(plan->bytes_, std::memory_order_relaxed);
+    } else {
+      counters_.reads.fetch_add(1, std::memory_order_relaxed);
+      counters_.bytes_read.fetch_add(plan->bytes_, std::memory_order_relaxed);
+    }
+  }
+  plan->pass_.reset();  // last: the layers may change once it is gone
+}
+
 Result<ServedDisk::AllocationMap> ServedDisk::Allocation(uint64_t offset, uint64_t length) {
   IoGate::Pass pass = gate_.Enter();
   if (closed_.load(std::memory_order_acquire)) return Closed();

@@ -53,6 +53,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <span>
 #include <vector>
@@ -114,6 +115,54 @@ class ServedDisk {
   // chain (the top is marked clean). A second call does nothing.
   Status Close();
 
+  // --- Requests the caller carries out (asynchronous image I/O) ---------
+  //
+  // For a server that does the image I/O itself, asynchronously (the
+  // daemon's io_uring queues): PlanRead()/PlanWrite() say which byte ranges
+  // of which kernel files a request touches, the caller reads or writes
+  // them with its own buffer, then hands the plan to Finish(). Only the
+  // common case is planned -- a read, or a write into clusters the top
+  // already holds, on kernel files, the disk open and not being quiesced;
+  // for anything else (an allocation or copy-up, a range error, a closed or
+  // read-only disk, files of the in-memory or fault-injecting file systems)
+  // they return false, and the request goes through Read()/Write().
+  // Planning never waits. A plan holds the disk's gate (see Close(), the
+  // online hooks and discards' cluster reuse, which wait for it), so the
+  // caller must finish every plan it holds without waiting for anything but
+  // that plan's own I/O.
+  struct IoPiece {
+    int fd = -1;  // -1: no file holds these bytes; the caller zeroes them
+    uint64_t file_offset = 0;
+    uint64_t buffer_offset = 0;  // into the request's buffer
+    uint64_t length = 0;
+  };
+  class Plan {
+   public:
+    Plan() = default;
+    Plan(Plan&&) = default;
+    const std::vector<IoPiece>& pieces() const { return pieces_; }
+    bool active() const { return pass_.has_value(); }
+
+   private:
+    friend class ServedDisk;
+    std::vector<IoPiece> pieces_;  // kept across uses: no allocation per request
+    std::optional<IoGate::Pass> pass_;
+    bool write_ = false;
+    uint64_t bytes_ = 0;
+  };
+  // `plan` must not be active; on true it is, and holds the pieces in
+  // buffer order (together they cover the request once).
+  bool PlanRead(uint64_t offset_bytes, std::span<std::byte> out, Plan* plan);
+  bool PlanWrite(uint64_t offset_bytes, std::span<const std::byte> data, Caching caching,
+                 Plan* plan);
+  // Ends an active plan. `transferred`: every piece was read or written in
+  // full -- the request is counted, and a write's data is made durable by
+  // the next Flush(). Otherwise (an error, a short transfer) nothing is
+  // counted, and the caller does the whole request again with Read() or
+  // Write(), which reports the error or finishes the job.
+  void Finish(Plan* plan, bool transferred);
+
+  // --- Allocation, for block status and zeroing decisions ---------------
   // --- Allocation, for block status and zeroing decisions ---------------
 
   // Which layers hold one cluster.

@@ -127,6 +127,21 @@ class BlockFile {
   virtual Result<int> DuplicateDescriptor() {
     return Status::NotSupported(path() + ": no kernel file descriptor");
   }
+  // For a caller that does this file's I/O itself, asynchronously
+  // (io_uring): the kernel descriptor that ReadAt() -- or WriteAt(), or
+  // WriteAtBuffered() when `buffered` -- would use for this request, valid
+  // while the file is open; -1 (the default) for files that are not kernel
+  // files or that must see every access themselves (the fault-injecting
+  // one). A short transfer through the descriptor is the caller's to finish
+  // (ReadAt()/WriteAt() of the rest).
+  virtual int DescriptorFor(uint64_t offset_bytes, const void* buffer, uint64_t length_bytes,
+                            bool buffered) const {
+    (void)offset_bytes;
+    (void)buffer;
+    (void)length_bytes;
+    (void)buffered;
+    return -1;
+  }
 
   virtual bool CanPunchHole() const = 0;
   virtual const std::string& path() const = 0;

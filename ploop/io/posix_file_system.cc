@@ -104,6 +104,11 @@ class PosixFile final : public BlockFile {
     return WriteVia(fd_, offset, data);
   }
 
+  int DescriptorFor(uint64_t offset, const void* buffer, uint64_t length,
+                    bool buffered) const override {
+    return !buffered && Direct(offset, buffer, length) ? direct_fd_ : fd_;
+  }
+
   Status WriteVia(int fd, uint64_t offset, std::span<const std::byte> data) {
     size_t done = 0;
     while (done < data.size()) {

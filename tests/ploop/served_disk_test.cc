@@ -632,6 +632,72 @@ TEST_CASE("served disk: Close while writers and readers run") {
   }
 }
 
+// --- Requests through plans (the daemon's asynchronous path) -------------
+//
+// With g_plans set, the concurrent workloads send their reads and writes
+// through PlanRead()/PlanWrite(), doing each piece's I/O here with
+// pread/pwrite as the daemon's io_uring queues do, and fall back to
+// Read()/Write() when there is no plan or a transfer comes up short.
+std::atomic<bool> g_plans{false};
+std::atomic<uint64_t> g_planned{0};
+
+bool Transfer(const ServedDisk::IoPiece& p, std::byte* buffer, bool write) {
+  std::byte* at = buffer + p.buffer_offset;
+  if (p.fd < 0) {
+    if (write) return false;  // a write plan always names a file
+    std::memset(at, 0, p.length);
+    return true;
+  }
+  const ssize_t n = write ? ::pwrite(p.fd, at, p.length, static_cast<off_t>(p.file_offset))
+                          : ::pread(p.fd, at, p.length, static_cast<off_t>(p.file_offset));
+  return n == static_cast<ssize_t>(p.length);
+}
+
+Status DiskRead(ServedDisk& disk, uint64_t offset, std::span<std::byte> out) {
+  if (g_plans.load()) {
+    ServedDisk::Plan plan;
+    if (disk.PlanRead(offset, out, &plan)) {
+      bool ok = true;
+      for (const auto& p : plan.pieces()) ok = Transfer(p, out.data(), false) && ok;
+      disk.Finish(&plan, ok);
+      if (ok) {
+        g_planned.fetch_add(1);
+        return Status::Ok();
+      }
+    }
+  }
+  return disk.Read(offset, out);
+}
+
+Status DiskWrite(ServedDisk& disk, uint64_t offset, std::span<const std::byte> data,
+                 ServedDisk::Caching caching = ServedDisk::Caching::kDirectWhenAligned) {
+  if (g_plans.load()) {
+    ServedDisk::Plan plan;
+    if (disk.PlanWrite(offset, data, caching, &plan)) {
+      bool ok = true;
+      auto* buffer = const_cast<std::byte*>(data.data());  // only written from
+      for (const auto& p : plan.pieces()) ok = Transfer(p, buffer, true) && ok;
+      disk.Finish(&plan, ok);
+      if (ok) {
+        g_planned.fetch_add(1);
+        return Status::Ok();
+      }
+    }
+  }
+  return disk.Write(offset, data, caching);
+}
+
+// Sets g_plans for a scope and counts the planned requests in it.
+class ThroughPlans {
+ public:
+  ThroughPlans() {
+    g_planned = 0;
+    g_plans = true;
+  }
+  ~ThroughPlans() { g_plans = false; }
+  uint64_t planned() const { return g_planned.load(); }
+};
+
 // --- Concurrency -----------------------------------------------------------
 
 // Runs the programs, one thread each, plus a reader that checks every tag it
@@ -656,7 +722,7 @@ uint64_t RunConcurrently(ServedDisk& disk, const std::vector<std::vector<Op>>& p
         Status s;
         switch (op.kind) {
           case Op::kWrite:
-            s = disk.Write(off, Tagged(op.first_sector, op.sectors, op.version));
+            s = DiskWrite(disk, off, Tagged(op.first_sector, op.sectors, op.version));
             for (uint64_t i = 0; i < op.sectors; ++i) mine[op.first_sector + i] = op.version;
             break;
           case Op::kDiscard:
@@ -668,7 +734,7 @@ uint64_t RunConcurrently(ServedDisk& disk, const std::vector<std::vector<Op>>& p
             break;
           case Op::kRead: {
             std::vector<std::byte> buf(len);
-            s = disk.Read(off, buf);
+            s = DiskRead(disk, off, buf);
             for (uint64_t i = 0; s.ok() && i < op.sectors; ++i) {
               uint64_t sector = op.first_sector + i;
               auto it = mine.find(sector);
@@ -696,7 +762,7 @@ uint64_t RunConcurrently(ServedDisk& disk, const std::vector<std::vector<Op>>& p
     while (running.load() > 0) {
       uint64_t first = rng() % sectors;
       uint64_t count = 1 + rng() % std::min<uint64_t>(sectors - first, 4 * kSectorsPerCluster);
-      Status s = disk.Read(first * kSector, std::span(buf).first(count * kSector));
+      Status s = DiskRead(disk, first * kSector, std::span(buf).first(count * kSector));
       if (!s.ok()) error("reader: " + s.ToString());
       for (uint64_t i = 0; s.ok() && i < count; ++i) {
         if (!SectorPlausible(buf.data() + i * kSector, first + i)) {
@@ -1187,7 +1253,7 @@ TEST_SUITE_END();
 
 TEST_SUITE_BEGIN("posix");
 
-TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requests mix") {
+void DirectIoMix() {
   // Aligned requests take the O_DIRECT descriptor, those asked to go
   // buffered (and unaligned ones) the buffered one; both must see each
   // other's data, from many threads at once.
@@ -1217,17 +1283,18 @@ TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requ
           const uint64_t s0 = c * kSectorsPerCluster;
           auto whole = Tagged(s0, kSectorsPerCluster, 100 * round + t);
           auto a = aligned_copy(whole);
-          if (!disk->Write(c * kCb, std::span<const std::byte>(a.get(), kCb)).ok()) ++bad;
+          if (!DiskWrite(*disk, c * kCb, std::span<const std::byte>(a.get(), kCb)).ok()) ++bad;
           auto piece = aligned_copy(Tagged(s0 + 8, 8, 100 * round + t + 50));
-          if (!disk->Write((s0 + 8) * kSector, std::span<const std::byte>(piece.get(), 4096),
-                           ServedDisk::Caching::kBuffered)
+          if (!DiskWrite(*disk, (s0 + 8) * kSector, std::span<const std::byte>(piece.get(), 4096),
+                         ServedDisk::Caching::kBuffered)
                    .ok())
             ++bad;
           auto b = aligned_copy(Tagged(s0 + 16, 8, 100 * round + t + 60));
-          if (!disk->Write((s0 + 16) * kSector, std::span<const std::byte>(b.get(), 4096)).ok())
+          if (!DiskWrite(*disk, (s0 + 16) * kSector, std::span<const std::byte>(b.get(), 4096))
+                   .ok())
             ++bad;
           auto out = aligned_copy(std::vector<std::byte>(kCb));
-          if (!disk->Read(c * kCb, std::span<std::byte>(out.get(), kCb)).ok()) ++bad;
+          if (!DiskRead(*disk, c * kCb, std::span<std::byte>(out.get(), kCb)).ok()) ++bad;
           for (uint64_t i = 0; i < kSectorsPerCluster; ++i) {
             int64_t want = i >= 8 && i < 16    ? 100 * round + t + 50
                            : i >= 16 && i < 24 ? 100 * round + t + 60
@@ -1252,11 +1319,103 @@ TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requ
   }
 }
 
+TEST_CASE("served disk with direct I/O on real files: aligned and unaligned requests mix") {
+  DirectIoMix();
+}
+
 TEST_CASE("served disk on real files: concurrent random workload matches the model") {
   TempDir dir;
   PosixFileSystem fs;
   ModelTest(fs, fs, dir.path(), Setup::kSnapshot, 300);
   ConcurrentFileIo(fs, dir / "io");
+}
+
+TEST_CASE("served disk: plans cover reads and in-place writes - the rest goes the usual way") {
+  TempDir dir;
+  PosixFileSystem fs;
+  DiskFiles d = MakeDisk(fs, dir.path(), Setup::kSnapshot, 8);  // the base holds even clusters
+  auto disk = Serve(fs, d);
+  ServedDisk::Plan plan;
+  // A write into a cluster the top lacks allocates: no plan.
+  auto data = Tagged(kSectorsPerCluster, 2, 7);
+  CHECK_FALSE(disk->PlanWrite(kCb, data, ServedDisk::Caching::kDirectWhenAligned, &plan));
+  CHECK_FALSE(plan.active());
+  CHECK(disk->counters().in_flight == 0);
+  REQUIRE_OK(disk->Write(kCb, data));
+  // Now the top holds cluster 1: a plan of one piece in the top's file.
+  auto data2 = Tagged(kSectorsPerCluster + 4, 2, 8);
+  REQUIRE(disk->PlanWrite(kCb + 4 * kSector, data2, ServedDisk::Caching::kBuffered, &plan));
+  CHECK(plan.active());
+  CHECK(disk->counters().in_flight == 1);  // the plan holds the gate
+  REQUIRE(plan.pieces().size() == 1);
+  CHECK(plan.pieces()[0].fd >= 0);
+  CHECK(plan.pieces()[0].length == 2 * kSector);
+  CHECK(plan.pieces()[0].buffer_offset == 0);
+  const uint64_t writes = disk->counters().writes;
+  for (const auto& p : plan.pieces()) REQUIRE(Transfer(p, data2.data(), true));
+  disk->Finish(&plan, true);
+  CHECK_FALSE(plan.active());
+  CHECK(disk->counters().in_flight == 0);
+  CHECK(disk->counters().writes == writes + 1);
+  // A read over clusters 0 (the base), 1 (the top), 3 (nowhere: zeros).
+  std::vector<std::byte> got(4 * kCb, std::byte{0x5a});
+  REQUIRE(disk->PlanRead(0, got, &plan));
+  bool zeros = false;
+  uint64_t covered = 0;
+  for (const auto& p : plan.pieces()) {
+    CHECK(p.buffer_offset == covered);  // in buffer order, each byte once
+    covered += p.length;
+    zeros = zeros || p.fd < 0;
+    REQUIRE(Transfer(p, got.data(), false));
+  }
+  CHECK(covered == got.size());
+  CHECK(zeros);
+  disk->Finish(&plan, true);
+  CHECK(got == ReadRange(*disk, 0, 4 * kCb));
+  CHECK(SectorVersion(got.data() + (kSectorsPerCluster + 4) * kSector, kSectorsPerCluster + 4) ==
+        8);
+  CHECK(SectorVersion(got.data() + 3 * kCb, 3 * kSectorsPerCluster) == 0);
+  // A failed transfer counts nothing; the caller redoes it with Read().
+  const uint64_t reads = disk->counters().reads;
+  REQUIRE(disk->PlanRead(0, std::span(got).first(kCb), &plan));
+  disk->Finish(&plan, false);
+  CHECK(disk->counters().reads == reads);
+  // Range errors and a disk being quiesced: no plan (Read() reports the
+  // error, or waits).
+  CHECK_FALSE(disk->PlanRead(8 * kCb - kSector, std::span(got).first(2 * kSector), &plan));
+  bool planned_while_quiesced = true;
+  REQUIRE_OK(disk->ReplaceLayers([&](std::vector<std::unique_ptr<Image>>&) -> Status {
+    planned_while_quiesced = disk->PlanRead(0, std::span(got).first(kCb), &plan);
+    return Status::Ok();
+  }));
+  CHECK_FALSE(planned_while_quiesced);
+  REQUIRE_OK(disk->Close());
+  CHECK_FALSE(disk->PlanRead(0, std::span(got).first(kCb), &plan));
+  CHECK(disk->counters().in_flight == 0);
+  // Read-only: reads are planned, writes are not.
+  auto ro = Serve(fs, d, /*writable=*/false);
+  CHECK_FALSE(ro->PlanWrite(kCb, data2, ServedDisk::Caching::kBuffered, &plan));
+  REQUIRE(ro->PlanRead(0, std::span(got).first(kCb), &plan));
+  ro->Finish(&plan, true);
+  // Files without kernel descriptors (in memory): no plans at all.
+  MemoryFileSystem mem;
+  DiskFiles m = MakeDisk(mem, "", Setup::kSnapshot, 8);
+  auto in_memory = Serve(mem, m);
+  CHECK_FALSE(in_memory->PlanRead(0, std::span(got).first(kCb), &plan));
+  CHECK(in_memory->counters().in_flight == 0);
+}
+
+TEST_CASE("served disk on real files: requests through plans match the model") {
+  for (Setup setup : {Setup::kSnapshot, Setup::kRawChain, Setup::kSingle}) {
+    TempDir dir;
+    PosixFileSystem fs;
+    ThroughPlans plans;
+    ModelTest(fs, fs, dir.path(), setup, 300);
+    CHECK(plans.planned() > 100);
+  }
+  ThroughPlans plans;
+  DirectIoMix();
+  CHECK(plans.planned() > 100);
 }
 
 TEST_SUITE_END();

@@ -20,10 +20,14 @@
 //     in flight has its own buffer;
 //   - optionally (FuseOptions::io_uring) FUSE over io_uring (Linux 6.14+,
 //     the fuse module's enable_uring): per-CPU queues of ring entries, each
-//     served by its own worker thread and io_uring; a request arrives in
-//     the entry's buffers (a write's data page-aligned) and its reply goes
-//     back with the command that fetches the next one, one system call per
-//     request instead of a read and a writev. libfuse still parses requests
+//     queue served by one thread whose io_uring holds its entries and the
+//     image I/O: a request arrives in the entry's buffers (a write's data
+//     page-aligned), a read or an in-place write goes to the delta files as
+//     asynchronous I/O from and into those buffers (ServedDisk::PlanRead /
+//     PlanWrite), and the reply goes back with the command that fetches the
+//     next request -- many requests in flight per thread, no thread woken
+//     per request. Allocating writes, discards, fsync and the rest run
+//     synchronously on helper threads. libfuse still parses those requests
 //     and handles INIT; beside a ring in use two classic workers serve what
 //     does not go over it, and the full set of `threads` starts when the
 //     kernel does not offer or refuses the ring;
@@ -63,14 +67,14 @@ struct FuseOptions {
   std::function<void()> on_released;
 };
 
-// How many ring workers each of `queues` per-CPU FUSE-over-io_uring queues
-// gets when `threads` workers are asked for. The ring needs an entry on
-// every queue before it is used, so at least one each; `threads` spread over
-// the queues (at least two each, so that a second request issued on one CPU
-// need not wait) as long as that stays within `threads`; one each beyond
-// (machines with more than threads / 2 CPUs), the fewest the ring allows.
-// Each worker keeps a 1 MiB buffer.
-unsigned RingWorkersPerQueue(unsigned threads, unsigned queues);
+// How many ring entries (requests in flight) each of `queues` per-CPU
+// FUSE-over-io_uring queues gets when `threads` workers are asked for. The
+// ring needs an entry on every queue before it is used, so at least one
+// each; `threads` spread over the queues (at least two each, so that a
+// second request issued on one CPU need not wait) as long as that stays
+// within `threads`; one each beyond (machines with more than threads / 2
+// CPUs), the fewest the ring allows. Each entry keeps a 1 MiB buffer.
+unsigned RingEntriesPerQueue(unsigned threads, unsigned queues);
 
 class FuseServer {
  public:
@@ -87,6 +91,9 @@ class FuseServer {
   // many requests came through it.
   bool UsesIoUring() const;
   uint64_t RingRequests() const;
+  // ... of which were served with asynchronous image I/O (planned reads
+  // and in-place writes).
+  uint64_t RingAsyncRequests() const;
   // The classic /dev/fuse workers running: all `max_threads` without the
   // ring; beside a ring in use, only the couple that serve what does not go
   // over it.

@@ -20,13 +20,13 @@
 //     in flight has its own buffer;
 //   - optionally (FuseOptions::io_uring) FUSE over io_uring (Linux 6.14+,
 //     the fuse module's enable_uring): per-CPU queues of ring entries, each
-//     queue served by one thread whose io_uring holds its entries and the
-//     image I/O: a request arrives in the entry's buffers (a write's data
+//     queue served by a few threads whose io_uring holds a few entries and
+//     their image I/O: a request arrives in the entry's buffers (a write's data
 //     page-aligned), a read or an in-place write goes to the delta files as
 //     asynchronous I/O from and into those buffers (ServedDisk::PlanRead /
 //     PlanWrite), and the reply goes back with the command that fetches the
-//     next request -- many requests in flight per thread, no thread woken
-//     per request. Allocating writes, discards, fsync and the rest run
+//     next request -- several requests in flight per thread, no thread
+//     woken per request. Allocating writes, discards, fsync and the rest run
 //     synchronously on helper threads. libfuse still parses those requests
 //     and handles INIT; beside a ring in use two classic workers serve what
 //     does not go over it, and the full set of `threads` starts when the

@@ -9,7 +9,10 @@
 #             buffered loop device on the export (a direct-I/O loop on it
 #             corrupts the file system: its export shares one buffer between
 #             requests in flight);
-#   qsd-qcow2 the same with a qcow2 image (cluster_size=1M).
+#   qsd-qcow2 the same with a qcow2 image (cluster_size=1M);
+#   ring      (where the kernel has FUSE over io_uring) the same disk as
+#             ploop mounted with --fuse-uring: the daemon's per-queue event
+#             loops with asynchronous image I/O.
 #
 # Jobs (fio, libaio, O_DIRECT, one file of FILE_SIZE in the mounted ext4,
 # laid out before the first timed job):
@@ -41,6 +44,9 @@
 #   ROUNDS     rounds (default 3)
 #   JOBS       which jobs (default "seqread seqwrite randread randwrite fsync")
 #   QEMU       0 skips the qemu-storage-daemon setups
+#   RING       0 skips the ring setup (default: on where the kernel has
+#              FUSE over io_uring; mounting it turns on the fuse module's
+#              enable_uring, which the script puts back afterwards)
 #   MOUNT_OPTS more options for `ploop mount` (e.g. --fuse-uring)
 #   KEEP       1 keeps BENCH_DIR
 set -euo pipefail
@@ -69,6 +75,12 @@ for tool in fio mkfs.ext4 losetup python3; do
   command -v "$tool" >/dev/null || skip "$tool not found"
 done
 setups="ploop limit"
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_before=""
+if [[ "${RING:-1}" != 0 && -e $uring_param ]]; then
+  setups="ploop ring limit"
+  uring_before=$(<"$uring_param")
+fi
 if [[ "${QEMU:-1}" != 0 ]]; then
   if command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null; then
     setups="$setups qsd-prl qsd-qcow2"
@@ -96,8 +108,11 @@ cleanup() {
   for s in $setups; do
     mountpoint -q "$dir/$s/mnt" 2>/dev/null && umount "$dir/$s/mnt"
   done
-  [[ -f "$dir/ploop/disk/DiskDescriptor.xml" ]] &&
-    "$ploop" umount "$dir/ploop/disk/DiskDescriptor.xml" >/dev/null 2>&1
+  for s in ploop ring; do
+    [[ -f "$dir/$s/disk/DiskDescriptor.xml" ]] &&
+      "$ploop" umount "$dir/$s/disk/DiskDescriptor.xml" >/dev/null 2>&1
+  done
+  [[ -n "$uring_before" ]] && echo "$uring_before" >"$uring_param" 2>/dev/null
   for l in "${loops[@]}"; do losetup -d "$l" 2>/dev/null; done
   for p in "${qsd_pids[@]}"; do
     kill "$p" 2>/dev/null
@@ -106,7 +121,7 @@ cleanup() {
   if [[ "${KEEP:-0}" == 1 ]]; then
     echo "kept $dir"
   else
-    rm -rf "${dir:?}/ploop" "$dir/limit" "$dir/qsd-prl" "$dir/qsd-qcow2"
+    rm -rf "${dir:?}/ploop" "$dir/ring" "$dir/limit" "$dir/qsd-prl" "$dir/qsd-qcow2"
     ((own_dir)) && rmdir "$dir" 2>/dev/null
   fi
 }
@@ -128,11 +143,13 @@ setup() { # setup NAME: a mounted ext4 on a SIZE disk at $dir/NAME/mnt
   local s=$1 d="$dir/$1" dev
   mkdir -p "$d/mnt"
   case $s in
-    ploop)
+    ploop | ring)
+      local ring_opt=()
+      [[ $s == ring ]] && ring_opt=(--fuse-uring)
       mkdir -p "$d/disk"
       "$ploop" init -s "$size" -t none "$d/disk/root.hds" >/dev/null
       # shellcheck disable=SC2086 # MOUNT_OPTS: words
-      dev=$("$ploop" mount ${MOUNT_OPTS:-} "$d/disk/DiskDescriptor.xml")
+      dev=$("$ploop" mount ${MOUNT_OPTS:-} "${ring_opt[@]}" "$d/disk/DiskDescriptor.xml")
       ;;
     limit)
       truncate -s "$size" "$d/raw.img"
@@ -166,11 +183,11 @@ setup() { # setup NAME: a mounted ext4 on a SIZE disk at $dir/NAME/mnt
   sync
 }
 
-daemon_pid() {
+daemon_pid() { # daemon_pid SETUP
   "$ploop" list --json | python3 -c '
 import json, sys
 for m in json.load(sys.stdin):
-    if m["descriptor"].endswith(sys.argv[1]): print(m["pid"])' "$dir/ploop/disk/DiskDescriptor.xml"
+    if m["descriptor"].endswith(sys.argv[1]): print(m["pid"])' "$dir/$1/disk/DiskDescriptor.xml"
 }
 
 proc_cpu() { # user+system seconds of PID
@@ -212,21 +229,26 @@ for s in $setups; do
   echo "setting up $s ..."
   setup "$s"
 done
-pid=$(daemon_pid)
-[[ -n "$pid" ]] || die "no ploop daemon found"
-dev=$(cat "$dir/ploop/dev")
-echo "ploop: $dev, daemon pid $pid, loop direct I/O: $(cat "/sys/block/${dev#/dev/}/loop/dio")"
+declare -A pids
+for s in ploop ring; do
+  [[ " $setups " == *" $s "* ]] || continue
+  pids[$s]=$(daemon_pid $s)
+  [[ -n "${pids[$s]}" ]] || die "no ploop daemon found for $s"
+  dev=$(cat "$dir/$s/dev")
+  echo "$s: $dev, daemon pid ${pids[$s]}, loop direct I/O: $(cat "/sys/block/${dev#/dev/}/loop/dio")"
+done
 
 declare -A results cpu
 order=($setups)
 for ((r = 1; r <= rounds; r++)); do
   for job in $jobs; do
     for s in "${order[@]}"; do
-      c0=$(proc_cpu "$pid")
+      p="${pids[$s]:-}"
+      [[ -n "$p" ]] && c0=$(proc_cpu "$p")
       v=$(run_job "$s" "$job")
-      c1=$(proc_cpu "$pid")
       results[$s.$job]+="$v "
-      [[ $s == ploop ]] && cpu[$job]+="$(awk -v a="$c0" -v b="$c1" 'BEGIN { printf "%.2f", b - a }') "
+      [[ -n "$p" ]] &&
+        cpu[$s.$job]+="$(awk -v a="$c0" -v b="$(proc_cpu "$p")" 'BEGIN { printf "%.2f", b - a }') "
       printf 'round %d %-9s %-9s %s\n' "$r" "$job" "$s" "$v"
     done
     order=("${order[@]:1}" "${order[0]}")  # rotate
@@ -238,7 +260,7 @@ median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END {
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 
 echo
-echo "medians (MiB/s for seq, IOPS otherwise); ratios ploop/limit and ploop/best qemu export"
+echo "medians (MiB/s for seq, IOPS otherwise); ratios against the limit and the best qemu export"
 printf '%-10s %10s %10s %10s %10s %8s %8s %9s\n' job ploop limit qsd-prl qsd-qcow2 "/limit" "/qemu" "cpu(s)"
 for job in $jobs; do
   p=$(median <<<"${results[ploop.$job]}")
@@ -247,12 +269,30 @@ for job in $jobs; do
   q2=$(median <<<"${results[qsd-qcow2.$job]:-}")
   best=$(printf '%s\n%s\n' "${q1:-0}" "${q2:-0}" | sort -g | tail -1)
   printf '%-10s %10s %10s %10s %10s %8s %8s %9s\n' "$job" "$p" "$l" "${q1:--}" "${q2:--}" \
-    "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" "$(median <<<"${cpu[$job]}")"
+    "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" "$(median <<<"${cpu[ploop.$job]}")"
 done
-rss=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status")
-hwm=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
+if [[ -n "${pids[ring]:-}" ]]; then
+  echo
+  echo "ring: ploop mount --fuse-uring (FUSE over io_uring, asynchronous image I/O)"
+  printf '%-10s %10s %8s %8s %9s\n' job ring "/limit" "/qemu" "cpu(s)"
+  for job in $jobs; do
+    p=$(median <<<"${results[ring.$job]}")
+    l=$(median <<<"${results[limit.$job]}")
+    q1=$(median <<<"${results[qsd-prl.$job]:-}")
+    q2=$(median <<<"${results[qsd-qcow2.$job]:-}")
+    best=$(printf '%s\n%s\n' "${q1:-0}" "${q2:-0}" | sort -g | tail -1)
+    printf '%-10s %10s %8s %8s %9s\n' "$job" "$p" "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" \
+      "$(median <<<"${cpu[ring.$job]}")"
+  done
+fi
 echo
-echo "daemon: RSS $((rss / 1024)) MiB, peak RSS $((hwm / 1024)) MiB, CPU $(proc_cpu "$pid") s in all, $(ls "/proc/$pid/task" | wc -l) threads (disk $size)"
+for s in ploop ring; do
+  pid="${pids[$s]:-}"
+  [[ -n "$pid" ]] || continue
+  rss=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status")
+  hwm=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
+  echo "$s daemon: RSS $((rss / 1024)) MiB, peak RSS $((hwm / 1024)) MiB, CPU $(proc_cpu "$pid") s in all, $(ls "/proc/$pid/task" | wc -l) threads (disk $size)"
+done
 for s in qsd-prl qsd-qcow2; do
   [[ -f "$dir/$s/qsd.pid" ]] || continue
   qp=$(cat "$dir/$s/qsd.pid")

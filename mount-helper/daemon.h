@@ -70,7 +70,7 @@ struct DaemonOptions {
   std::string guid;        // the snapshot served ("" = the top)
   unsigned threads = 32;   // FUSE worker threads at most
   // FUSE over io_uring where the kernel has it (FuseOptions::io_uring).
-  bool fuse_uring = false;
+  bool fuse_uring = true;
   // The image files' data bypasses the page cache (ServedDiskOptions).
   bool direct_io = true;
   OnlineOperations online;

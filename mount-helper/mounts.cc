@@ -246,9 +246,13 @@ Result<Mounted> MountChain(std::unique_ptr<Chain> chain, const MountRequest& req
     options.descriptor = request.descriptor;
     options.guid = request.guid;
     options.threads = request.threads;
-    // PLOOP_FUSE_URING=1: as --fuse-uring (for benchmarks and tests).
-    const char* uring = std::getenv("PLOOP_FUSE_URING");
-    options.fuse_uring = request.fuse_uring || (uring != nullptr && *uring == '1');
+    // PLOOP_FUSE_URING=0 or =1: as --no-fuse-uring or --fuse-uring (for
+    // benchmarks and tests).
+    options.fuse_uring = request.fuse_uring;
+    if (const char* uring = std::getenv("PLOOP_FUSE_URING"); uring != nullptr) {
+      if (*uring == '0') options.fuse_uring = false;
+      if (*uring == '1') options.fuse_uring = true;
+    }
     options.online = request.online;
     // PLOOP_DAEMON_BUFFERED=1: the image files through the page cache (to
     // measure what direct I/O gains; see tools/bench/fio_bench.sh).

@@ -35,9 +35,11 @@ struct MountRequest {
   bool read_only = false;
   std::string mountpoint;  // "" = only the device
   std::string fs_type = "ext4";
-  std::string fs_options;   // mount(8) style: "noatime,discard,..."
-  unsigned threads = 32;    // the daemon's FUSE threads at most
-  bool fuse_uring = false;  // the daemon serves through FUSE over io_uring if it can
+  std::string fs_options;  // mount(8) style: "noatime,discard,..."
+  unsigned threads = 32;   // the daemon's FUSE threads at most
+  // The daemon serves through FUSE over io_uring where the kernel has it
+  // (turning on the fuse module's enable_uring), else through /dev/fuse.
+  bool fuse_uring = true;
   OnlineOperations online;  // what the daemon's control socket may do
   // Tests only: on a loop device straight on the image, called after the
   // chain is closed and before the device is attached -- the moment the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Privileged: `ploop mount --fuse-uring` serves the disk through FUSE over
-# io_uring where the kernel has it, and data stays intact: fio writes with a
+# Privileged: `ploop mount` (by default, or with --fuse-uring) serves the
+# disk through FUSE over io_uring where the kernel has it, and data stays
+# intact: fio writes with a
 # crc32c checksum in every block and reads everything back, at queue depth
 # 1 and 32, on the device (over a snapshot full of data, so writes copy
 # clusters up) and through ext4; after a remount the data still verifies
@@ -9,7 +10,8 @@
 # mount must fall back to the classic /dev/fuse workers, say so in the
 # daemon's log and serve correctly (then the io_uring part is skipped:
 # exit 77, or a pass under CI=true, which has exercised the fallback).
-# Beside the ring only two classic workers run; without it, all 32. A
+# Beside the ring only two classic workers run; without it
+# (--no-fuse-uring, PLOOP_FUSE_URING=0), all 32. A
 # queue whose ring entries the kernel refuses (injected) makes the mount
 # fail at once with the reason in the log, and leaves nothing behind.
 set -euo pipefail
@@ -72,12 +74,18 @@ if ! $have_uring; then
   exit 77
 fi
 
-note "without --fuse-uring: the classic /dev/fuse workers"
-pl mount "$dd"
+note "--no-fuse-uring: the classic /dev/fuse workers"
+pl mount --no-fuse-uring "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
-assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport without --fuse-uring"
-assert_eq "$(status "$dev" fuse_classic_workers)" 32 "classic workers without --fuse-uring"
+assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport with --no-fuse-uring"
+assert_eq "$(status "$dev" fuse_classic_workers)" 32 "classic workers with --no-fuse-uring"
+pl umount "$dev"
+wait_gone "$dd" "$pid"
+PLOOP_FUSE_URING=0 pl mount "$dd"
+dev=$OUT
+pid=$(daemon_of "$dd")
+assert_eq "$(status "$dev" fuse_transport)" dev_fuse "transport with PLOOP_FUSE_URING=0"
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 
@@ -137,10 +145,11 @@ wait_gone "$dd" "$pid"
 pl check "$dd"
 out_has "no problems found"
 
-note "remounted: what fio wrote at QD32 still verifies"
-pl mount --fuse-uring "$dd"
+note "remounted without an option (the ring is the default): what fio wrote at QD32 still verifies"
+pl mount "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
+assert_eq "$(status "$dev" fuse_transport)" io_uring "transport by default"
 fio_reverify "$dev"
 pl umount "$dev"
 wait_gone "$dd" "$pid"

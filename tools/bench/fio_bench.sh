@@ -10,9 +10,11 @@
 #             corrupts the file system: its export shares one buffer between
 #             requests in flight);
 #   qsd-qcow2 the same with a qcow2 image (cluster_size=1M);
-#   ring      (where the kernel has FUSE over io_uring) the same disk as
-#             ploop mounted with --fuse-uring: the daemon's per-queue event
-#             loops with asynchronous image I/O.
+#   classic   the same disk as ploop mounted with --no-fuse-uring: the
+#             daemon's classic /dev/fuse workers, a thread per request
+#             (where the kernel has FUSE over io_uring, ploop uses it: event
+#             loops with asynchronous image I/O; elsewhere the two are the
+#             same and classic is left out).
 #
 # Jobs (fio, libaio, O_DIRECT, one file of FILE_SIZE in the mounted ext4,
 # laid out before the first timed job):
@@ -44,10 +46,10 @@
 #   ROUNDS     rounds (default 3)
 #   JOBS       which jobs (default "seqread seqwrite randread randwrite fsync")
 #   QEMU       0 skips the qemu-storage-daemon setups
-#   RING       0 skips the ring setup (default: on where the kernel has
-#              FUSE over io_uring; mounting it turns on the fuse module's
-#              enable_uring, which the script puts back afterwards)
-#   MOUNT_OPTS more options for `ploop mount` (e.g. --fuse-uring)
+#   CLASSIC    0 skips the classic setup (it runs where the kernel has
+#              FUSE over io_uring; mounting ploop turns on the fuse
+#              module's enable_uring, which the script puts back afterwards)
+#   MOUNT_OPTS more options for `ploop mount` (e.g. --threads 16)
 #   KEEP       1 keeps BENCH_DIR
 set -euo pipefail
 
@@ -77,9 +79,9 @@ done
 setups="ploop limit"
 uring_param=/sys/module/fuse/parameters/enable_uring
 uring_before=""
-if [[ "${RING:-1}" != 0 && -e $uring_param ]]; then
-  setups="ploop ring limit"
+if [[ -e $uring_param ]]; then
   uring_before=$(<"$uring_param")
+  [[ "${CLASSIC:-1}" != 0 ]] && setups="ploop classic limit"
 fi
 if [[ "${QEMU:-1}" != 0 ]]; then
   if command -v qemu-storage-daemon >/dev/null && command -v qemu-img >/dev/null; then
@@ -108,7 +110,7 @@ cleanup() {
   for s in $setups; do
     mountpoint -q "$dir/$s/mnt" 2>/dev/null && umount "$dir/$s/mnt"
   done
-  for s in ploop ring; do
+  for s in ploop classic; do
     [[ -f "$dir/$s/disk/DiskDescriptor.xml" ]] &&
       "$ploop" umount "$dir/$s/disk/DiskDescriptor.xml" >/dev/null 2>&1
   done
@@ -121,7 +123,7 @@ cleanup() {
   if [[ "${KEEP:-0}" == 1 ]]; then
     echo "kept $dir"
   else
-    rm -rf "${dir:?}/ploop" "$dir/ring" "$dir/limit" "$dir/qsd-prl" "$dir/qsd-qcow2"
+    rm -rf "${dir:?}/ploop" "$dir/classic" "$dir/limit" "$dir/qsd-prl" "$dir/qsd-qcow2"
     ((own_dir)) && rmdir "$dir" 2>/dev/null
   fi
 }
@@ -143,9 +145,9 @@ setup() { # setup NAME: a mounted ext4 on a SIZE disk at $dir/NAME/mnt
   local s=$1 d="$dir/$1" dev
   mkdir -p "$d/mnt"
   case $s in
-    ploop | ring)
+    ploop | classic)
       local ring_opt=()
-      [[ $s == ring ]] && ring_opt=(--fuse-uring)
+      [[ $s == classic ]] && ring_opt=(--no-fuse-uring)
       mkdir -p "$d/disk"
       "$ploop" init -s "$size" -t none "$d/disk/root.hds" >/dev/null
       # shellcheck disable=SC2086 # MOUNT_OPTS: words
@@ -230,7 +232,7 @@ for s in $setups; do
   setup "$s"
 done
 declare -A pids
-for s in ploop ring; do
+for s in ploop classic; do
   [[ " $setups " == *" $s "* ]] || continue
   pids[$s]=$(daemon_pid $s)
   [[ -n "${pids[$s]}" ]] || die "no ploop daemon found for $s"
@@ -271,22 +273,22 @@ for job in $jobs; do
   printf '%-10s %10s %10s %10s %10s %8s %8s %9s\n' "$job" "$p" "$l" "${q1:--}" "${q2:--}" \
     "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" "$(median <<<"${cpu[ploop.$job]}")"
 done
-if [[ -n "${pids[ring]:-}" ]]; then
+if [[ -n "${pids[classic]:-}" ]]; then
   echo
-  echo "ring: ploop mount --fuse-uring (FUSE over io_uring, asynchronous image I/O)"
-  printf '%-10s %10s %8s %8s %9s\n' job ring "/limit" "/qemu" "cpu(s)"
+  echo "classic: ploop mount --no-fuse-uring (the /dev/fuse workers)"
+  printf '%-10s %10s %8s %8s %9s\n' job classic "/limit" "/qemu" "cpu(s)"
   for job in $jobs; do
-    p=$(median <<<"${results[ring.$job]}")
+    p=$(median <<<"${results[classic.$job]}")
     l=$(median <<<"${results[limit.$job]}")
     q1=$(median <<<"${results[qsd-prl.$job]:-}")
     q2=$(median <<<"${results[qsd-qcow2.$job]:-}")
     best=$(printf '%s\n%s\n' "${q1:-0}" "${q2:-0}" | sort -g | tail -1)
     printf '%-10s %10s %8s %8s %9s\n' "$job" "$p" "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" \
-      "$(median <<<"${cpu[ring.$job]}")"
+      "$(median <<<"${cpu[classic.$job]}")"
   done
 fi
 echo
-for s in ploop ring; do
+for s in ploop classic; do
   pid="${pids[$s]:-}"
   [[ -n "$pid" ]] || continue
   rss=$(awk '/VmRSS/ { print $2 }' "/proc/$pid/status")

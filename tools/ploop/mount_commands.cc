@@ -32,7 +32,7 @@ struct MountArgs {
   std::string options;
   std::string fs_type = "ext4";
   unsigned threads = 32;
-  bool fuse_uring = false;
+  bool fuse_uring = true;
 };
 
 struct UmountArgs {
@@ -211,9 +211,10 @@ void RegisterMountCommands(CLI::App& app, int& rc) {
   c_mount->add_option("-t,--type", mount_args.fs_type, "file system type (default ext4)");
   c_mount->add_option("--threads", mount_args.threads, "daemon worker threads (default 32)")
       ->check(CLI::Range(1, 256));
-  c_mount->add_flag("--fuse-uring", mount_args.fuse_uring,
-                    "serve through FUSE over io_uring where the kernel has it (enables it "
-                    "in the fuse module); else the classic /dev/fuse workers");
+  c_mount->add_flag("--fuse-uring,!--no-fuse-uring", mount_args.fuse_uring,
+                    "serve through FUSE over io_uring where the kernel has it (the default; "
+                    "enables it in the fuse module), else the classic /dev/fuse workers; "
+                    "--no-fuse-uring: always /dev/fuse");
   c_mount->add_option("DD", mount_args.dd, "DiskDescriptor.xml (or its folder)")->required();
   c_mount->callback([&rc] { rc = RunMount(mount_args); });
 

@@ -57,8 +57,9 @@ constexpr uint64_t kMaxRequestBytes = 1 << 20;
 // Ring entries served by one thread (one io_uring; see RingWorker). The
 // kernel fills an entry with its request (a write's data copied in) in the
 // entry's thread, so one thread for all of a queue's entries serialises
-// those copies: 1 MiB writes ran at 1.2-1.9 GB/s with 16 entries on one
-// thread against 2.2 GB/s with 4 per thread (and the classic workers);
+// those copies: 1 MiB writes ran at 1210-2000 MiB/s with 16 entries on one
+// thread against 1830-2230 with 4 per thread (2250-2570 with the classic
+// workers);
 // 4 per thread also gave the most random 4 KiB reads and writes (1 and 2
 // per thread cost 40-65 us of CPU per request, 4 and more 22-33 us).
 constexpr unsigned kRingEntriesPerThread = 4;

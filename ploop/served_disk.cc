@@ -152,39 +152,51 @@ Status ServedDisk::Read(uint64_t offset, std::span<std::byte> out) {
   return s;
 }
 
-Status ServedDisk::ReadImpl(uint64_t offset, std::span<std::byte> out) {
-  if (closed_.load(std::memory_order_acquire)) return Closed();
-  TRY(CheckDiskRange(offset, out.size(), size_bytes()));
+template <typename Visit>
+bool ServedDisk::ForEachReadRun(uint64_t offset, uint64_t length, Visit visit) const {
   const uint64_t cb = cluster_bytes_;
   const int top = static_cast<int>(layers_.size()) - 1;
   uint64_t pos = 0;
-  while (pos < out.size()) {
+  while (pos < length) {
     const uint64_t voff = offset + pos;
     const uint64_t idx = voff / cb;
-    const uint64_t in = voff % cb;
     const Location loc = Find(idx, top);
     // Extend the run over clusters that come from the same layer and follow
-    // each other in its file: one pread for all of them.
-    uint64_t run = std::min<uint64_t>(cb - in, out.size() - pos);
-    for (uint64_t k = 1; pos + run < out.size(); ++k) {
+    // each other in its file: one read for all of them.
+    uint64_t run = std::min<uint64_t>(cb - voff % cb, length - pos);
+    for (uint64_t k = 1; pos + run < length; ++k) {
       Location next = Find(idx + k, top);
       if (next.level != loc.level ||
           (loc.level >= 0 && next.file_offset != loc.file_offset + k * cb)) {
         break;
       }
-      run += std::min<uint64_t>(cb, out.size() - pos - run);
+      run += std::min<uint64_t>(cb, length - pos - run);
     }
-    auto piece = out.subspan(pos, run);
-    uint64_t avail = 0;
+    ReadRun r{nullptr, 0, pos, run, 0};
     if (loc.level >= 0) {
       const Layer& layer = layers_[loc.level];
-      avail = voff < layer.size_bytes ? std::min<uint64_t>(run, layer.size_bytes - voff) : 0;
-      if (avail > 0) TRY(layer.file->ReadAt(loc.file_offset + in, piece.first(avail)));
+      r.file = layer.file;
+      r.file_offset = loc.file_offset + voff % cb;
+      // A lower layer may be smaller than the disk: past its end reads zeros.
+      r.avail = voff < layer.size_bytes ? std::min<uint64_t>(run, layer.size_bytes - voff) : 0;
     }
-    std::memset(piece.data() + avail, 0, run - avail);
+    if (!visit(r)) return false;
     pos += run;
   }
-  return Status::Ok();
+  return true;
+}
+
+Status ServedDisk::ReadImpl(uint64_t offset, std::span<std::byte> out) {
+  if (closed_.load(std::memory_order_acquire)) return Closed();
+  TRY(CheckDiskRange(offset, out.size(), size_bytes()));
+  Status s;
+  ForEachReadRun(offset, out.size(), [&](const ReadRun& r) {
+    auto piece = out.subspan(r.pos, r.length);
+    if (r.avail > 0) s = r.file->ReadAt(r.file_offset, piece.first(r.avail));
+    std::memset(piece.data() + r.avail, 0, r.length - r.avail);
+    return s.ok();
+  });
+  return s;
 }
 
 Status ServedDisk::Write(uint64_t offset, std::span<const std::byte> data, Caching caching) {
@@ -204,31 +216,41 @@ Status ServedDisk::WriteImpl(uint64_t offset, std::span<const std::byte> data, C
   if (!writable_) return Status::FailedPrecondition("the disk is read-only");
   TRY(CheckDiskRange(offset, data.size(), size_bytes()));
   if (top_delta_ == nullptr) return Put(*layers_.back().file, offset, data, caching);  // raw
-  Delta& top = *top_delta_;
+  Status s;
+  ForEachWriteRun(offset, data.size(), [&](const WriteRun& r) {
+    auto piece = data.subspan(r.pos, r.length);
+    if (r.file_offset == 0) {
+      s = WriteSlow(r.cluster_index, r.in_cluster, piece, caching);
+    } else {
+      s = Put(top_delta_->file(), r.file_offset, piece, caching);
+      if (s.ok()) top_delta_->NoteDataWritten();
+    }
+    return s.ok();
+  });
+  return s;
+}
+
+template <typename Visit>
+bool ServedDisk::ForEachWriteRun(uint64_t offset, uint64_t length, Visit visit) const {
+  const Delta& top = *top_delta_;
   const uint64_t cb = cluster_bytes_;
   uint64_t pos = 0;
-  while (pos < data.size()) {
+  while (pos < length) {
     const uint64_t voff = offset + pos;
-    const uint64_t idx = voff / cb;
-    const uint64_t in = voff % cb;
-    const uint64_t n = std::min<uint64_t>(cb - in, data.size() - pos);
-    const uint64_t off = top.ClusterFileOffset(idx);
-    if (off == 0) {
-      TRY(WriteSlow(idx, in, data.subspan(pos, n), caching));
-      pos += n;
-      continue;
+    WriteRun r{voff / cb, voff % cb, 0, pos, std::min<uint64_t>(cb - voff % cb, length - pos)};
+    if (const uint64_t off = top.ClusterFileOffset(r.cluster_index); off != 0) {
+      r.file_offset = off + r.in_cluster;
+      // In place, over the clusters that follow each other in the file.
+      for (uint64_t k = 1;
+           pos + r.length < length && top.ClusterFileOffset(r.cluster_index + k) == off + k * cb;
+           ++k) {
+        r.length += std::min<uint64_t>(cb, length - pos - r.length);
+      }
     }
-    // In place, over the run of clusters that follow each other in the file.
-    uint64_t run = n;
-    for (uint64_t k = 1; pos + run < data.size() && top.ClusterFileOffset(idx + k) == off + k * cb;
-         ++k) {
-      run += std::min<uint64_t>(cb, data.size() - pos - run);
-    }
-    TRY(Put(top.file(), off + in, data.subspan(pos, run), caching));
-    top.NoteDataWritten();
-    pos += run;
+    if (!visit(r)) return false;
+    pos += r.length;
   }
-  return Status::Ok();
+  return true;
 }
 
 Status ServedDisk::AllocateInTop(uint64_t cluster_index, std::span<const std::byte> data,
@@ -390,37 +412,16 @@ bool ServedDisk::PlanRead(uint64_t offset, std::span<std::byte> out, Plan* plan)
       !CheckDiskRange(offset, out.size(), size_bytes()).ok()) {
     return false;
   }
-  const uint64_t cb = cluster_bytes_;
-  const int top = static_cast<int>(layers_.size()) - 1;
-  uint64_t pos = 0;
-  while (pos < out.size()) {
-    const uint64_t voff = offset + pos;
-    const uint64_t idx = voff / cb;
-    const uint64_t in = voff % cb;
-    const Location loc = Find(idx, top);
-    uint64_t run = std::min<uint64_t>(cb - in, out.size() - pos);
-    for (uint64_t k = 1; pos + run < out.size(); ++k) {
-      Location next = Find(idx + k, top);
-      if (next.level != loc.level ||
-          (loc.level >= 0 && next.file_offset != loc.file_offset + k * cb)) {
-        break;
-      }
-      run += std::min<uint64_t>(cb, out.size() - pos - run);
+  const bool planned = ForEachReadRun(offset, out.size(), [&](const ReadRun& r) {
+    if (r.avail > 0) {
+      const int fd = r.file->DescriptorFor(r.file_offset, out.data() + r.pos, r.avail, false);
+      if (fd < 0) return false;
+      plan->pieces_.push_back({fd, r.file_offset, r.pos, r.avail});
     }
-    uint64_t avail = 0;
-    if (loc.level >= 0) {
-      const Layer& layer = layers_[loc.level];
-      avail = voff < layer.size_bytes ? std::min<uint64_t>(run, layer.size_bytes - voff) : 0;
-      if (avail > 0) {
-        const uint64_t file_offset = loc.file_offset + in;
-        const int fd = layer.file->DescriptorFor(file_offset, out.data() + pos, avail, false);
-        if (fd < 0) return false;
-        plan->pieces_.push_back({fd, file_offset, pos, avail});
-      }
-    }
-    if (avail < run) plan->pieces_.push_back({-1, 0, pos + avail, run - avail});
-    pos += run;
-  }
+    if (r.avail < r.length) plan->pieces_.push_back({-1, 0, r.pos + r.avail, r.length - r.avail});
+    return true;
+  });
+  if (!planned) return false;
   plan->pass_.emplace(std::move(*pass));
   plan->write_ = false;
   plan->bytes_ = out.size();
@@ -445,23 +446,11 @@ bool ServedDisk::PlanWrite(uint64_t offset, std::span<const std::byte> data, Cac
   if (top_delta_ == nullptr) {  // a raw top
     if (!add(*layers_.back().file, offset, 0, data.size())) return false;
   } else {
-    Delta& top = *top_delta_;
-    const uint64_t cb = cluster_bytes_;
-    uint64_t pos = 0;
-    while (pos < data.size()) {
-      const uint64_t voff = offset + pos;
-      const uint64_t idx = voff / cb;
-      const uint64_t in = voff % cb;
-      const uint64_t off = top.ClusterFileOffset(idx);
-      if (off == 0) return false;  // an allocation: WriteSlow()
-      uint64_t run = std::min<uint64_t>(cb - in, data.size() - pos);
-      for (uint64_t k = 1;
-           pos + run < data.size() && top.ClusterFileOffset(idx + k) == off + k * cb; ++k) {
-        run += std::min<uint64_t>(cb, data.size() - pos - run);
-      }
-      if (!add(top.file(), off + in, pos, run)) return false;
-      pos += run;
-    }
+    const bool planned = ForEachWriteRun(offset, data.size(), [&](const WriteRun& r) {
+      // A cluster the top lacks is an allocation: WriteSlow(), no plan.
+      return r.file_offset != 0 && add(top_delta_->file(), r.file_offset, r.pos, r.length);
+    });
+    if (!planned) return false;
   }
   plan->pass_.emplace(std::move(*pass));
   plan->write_ = true;

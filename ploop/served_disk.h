@@ -235,6 +235,34 @@ class ServedDisk {
 
   // The highest layer at or below `max_level` holding `cluster_index`.
   Location Find(uint64_t cluster_index, int max_level) const;
+  // A run of a read: `length` bytes at `pos` in the request that one layer
+  // holds one after another in its file (`avail` of them inside the layer,
+  // the rest reading as zeros), or that no layer holds (file null, avail 0).
+  struct ReadRun {
+    BlockFile* file;
+    uint64_t file_offset;
+    uint64_t pos;
+    uint64_t length;
+    uint64_t avail;
+  };
+  // Calls visit(const ReadRun&) for the runs of [offset, offset+length) in
+  // order, while it returns true; returns whether all were visited.
+  template <typename Visit>
+  bool ForEachReadRun(uint64_t offset, uint64_t length, Visit visit) const;
+  // A run of a write: `length` bytes at `pos` in the request. Either in
+  // place (file_offset != 0: where they go in the top's file, over clusters
+  // the top maps one after another there) or in one cluster the top does
+  // not map (file_offset 0: WriteSlow()).
+  struct WriteRun {
+    uint64_t cluster_index;  // the run's first cluster
+    uint64_t in_cluster;     // the run's first byte in it
+    uint64_t file_offset;
+    uint64_t pos;
+    uint64_t length;
+  };
+  // As ForEachReadRun, for a write to a delta top.
+  template <typename Visit>
+  bool ForEachWriteRun(uint64_t offset, uint64_t length, Visit visit) const;
   // Reads [offset, offset+out.size()) of one cluster as the layers at or
   // below `max_level` show it.
   Status ReadBelow(int max_level, uint64_t offset, std::span<std::byte> out);

@@ -261,6 +261,11 @@ median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{ v[NR] = $1 } END {
   if (NR == 0) exit; if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }'; }
 
+best_qemu() { # best_qemu JOB: the better qemu export's median (0 without them)
+  printf '%s\n%s\n' "$(median <<<"${results[qsd-prl.$1]:-}")" \
+    "$(median <<<"${results[qsd-qcow2.$1]:-}")" | awk 'NF' | sort -g | tail -1 | grep . || echo 0
+}
+
 echo
 echo "medians (MiB/s for seq, IOPS otherwise); ratios against the limit and the best qemu export"
 printf '%-10s %10s %10s %10s %10s %8s %8s %9s\n' job ploop limit qsd-prl qsd-qcow2 "/limit" "/qemu" "cpu(s)"
@@ -269,9 +274,8 @@ for job in $jobs; do
   l=$(median <<<"${results[limit.$job]}")
   q1=$(median <<<"${results[qsd-prl.$job]:-}")
   q2=$(median <<<"${results[qsd-qcow2.$job]:-}")
-  best=$(printf '%s\n%s\n' "${q1:-0}" "${q2:-0}" | sort -g | tail -1)
   printf '%-10s %10s %10s %10s %10s %8s %8s %9s\n' "$job" "$p" "$l" "${q1:--}" "${q2:--}" \
-    "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" "$(median <<<"${cpu[ploop.$job]}")"
+    "$(ratio "$p" "$l")" "$(ratio "$p" "$(best_qemu "$job")")" "$(median <<<"${cpu[ploop.$job]}")"
 done
 if [[ -n "${pids[classic]:-}" ]]; then
   echo
@@ -280,11 +284,8 @@ if [[ -n "${pids[classic]:-}" ]]; then
   for job in $jobs; do
     p=$(median <<<"${results[classic.$job]}")
     l=$(median <<<"${results[limit.$job]}")
-    q1=$(median <<<"${results[qsd-prl.$job]:-}")
-    q2=$(median <<<"${results[qsd-qcow2.$job]:-}")
-    best=$(printf '%s\n%s\n' "${q1:-0}" "${q2:-0}" | sort -g | tail -1)
-    printf '%-10s %10s %8s %8s %9s\n' "$job" "$p" "$(ratio "$p" "$l")" "$(ratio "$p" "$best")" \
-      "$(median <<<"${cpu[classic.$job]}")"
+    printf '%-10s %10s %8s %8s %9s\n' "$job" "$p" "$(ratio "$p" "$l")" \
+      "$(ratio "$p" "$(best_qemu "$job")")" "$(median <<<"${cpu[classic.$job]}")"
   done
 fi
 echo

@@ -534,7 +534,6 @@ namespace {
 // notifications stay on /dev/fuse with the classic workers, which also
 // serve everything when the ring is not used.
 class RingEntry;
-class RingWorker;
 thread_local RingEntry* t_ring = nullptr;
 
 // One ring entry: its buffers and the request in it.
@@ -548,8 +547,7 @@ class RingEntry {
   }
   // `base`: BufferBytes(payload_bytes) page-aligned bytes the caller owns
   // (a slice of the workers' IoMemory, see ReceiveBuffer).
-  RingEntry(RingWorker* worker, size_t payload_bytes, std::byte* base)
-      : worker_(worker), payload_bytes_(payload_bytes), base_(base) {}
+  RingEntry(size_t payload_bytes, std::byte* base) : payload_bytes_(payload_bytes), base_(base) {}
   ~RingEntry() { std::free(header_); }
   RingEntry(const RingEntry&) = delete;
   RingEntry& operator=(const RingEntry&) = delete;
@@ -569,7 +567,6 @@ class RingEntry {
     return true;
   }
 
-  RingWorker* worker() const { return worker_; }
   const iovec* iov() const { return iov_; }
   std::byte* payload() const { return payload_; }
   size_t payload_bytes() const { return payload_bytes_; }
@@ -662,8 +659,6 @@ class RingEntry {
   uint64_t io_done = 0;      // bytes they did
   uint32_t reply_bytes = 0;  // a read's data / a write's size
   bool is_write = false;
-  bool registered = false;  // the kernel holds a command of this entry
-  bool busy = false;        // a request is being served (not waiting)
 
  private:
   // The reply's size in the entry's trailer; the rest of it zero (later
@@ -676,7 +671,6 @@ class RingEntry {
     trailer.reserved = 0;
   }
 
-  RingWorker* worker_;
   size_t payload_bytes_;
   std::byte* base_;
   fuse_uring::ReqHeader* header_ = nullptr;
@@ -752,7 +746,7 @@ class RingWorker {
   bool Prepare(unsigned entries, size_t payload_bytes, std::byte* base, std::string* why) {
     for (unsigned i = 0; i < entries; ++i) {
       entries_.push_back(std::make_unique<RingEntry>(
-          this, payload_bytes, base + size_t{i} * RingEntry::BufferBytes(payload_bytes)));
+          payload_bytes, base + size_t{i} * RingEntry::BufferBytes(payload_bytes)));
       if (!entries_.back()->Prepare(why)) return false;
     }
     event_fd_ = ::eventfd(0, EFD_CLOEXEC);
@@ -858,7 +852,6 @@ class RingWorker {
     }
     // A command completed: a request arrived in the entry, or the entry
     // ended.
-    e->registered = false;
     --registered_;
     if (res < 0) {
       // ENOTCONN/ECANCELED: the connection ends. Anything else: the kernel
@@ -869,7 +862,6 @@ class RingWorker {
       return false;
     }
     ctx_.ring_requests.fetch_add(1, std::memory_order_relaxed);
-    e->busy = true;
     ++busy_;
     Dispatch(*e);
     return false;
@@ -899,7 +891,6 @@ class RingWorker {
     req.qid = static_cast<uint16_t>(qid_);
     std::memcpy(sqe->cmd, &req, sizeof req);
     io_uring_sqe_set_data64(sqe, reinterpret_cast<uint64_t>(&e) | kTagCmd);
-    e.registered = true;
     ++registered_;
     return true;
   }
@@ -1059,7 +1050,6 @@ void RingWorker::Slow(RingEntry& e) {
 }
 
 void RingWorker::Commit(RingEntry& e) {
-  e.busy = false;
   --busy_;
   QueueCmd(e, fuse_uring::kCmdCommitAndFetch);
 }

@@ -10,14 +10,8 @@ namespace ploop {
 
 IoGate::Pass IoGate::Enter() {
   for (;;) {
-    if (closed_.load() != 0) {
-      closed_.wait(1);
-      continue;
-    }
-    uint32_t phase = phase_.load();
-    count_[phase].fetch_add(1);
-    if (phase_.load() == phase && closed_.load() == 0) return Pass(this, phase);
-    Leave(phase);  // the phase flipped or the gate closed meanwhile: retry
+    if (std::optional<Pass> pass = TryEnter()) return std::move(*pass);
+    closed_.wait(1);  // returns at once if the gate opened meanwhile
   }
 }
 

@@ -138,8 +138,6 @@ class ServedDisk {
   };
   class Plan {
    public:
-    Plan() = default;
-    Plan(Plan&&) = default;
     const std::vector<IoPiece>& pieces() const { return pieces_; }
     bool active() const { return pass_.has_value(); }
 

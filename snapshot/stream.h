@@ -115,8 +115,10 @@ struct SendOptions {
   unsigned threads = 0;
   // Read the snapshot through read-only mappings of its files where they
   // allow it (BlockFile::Map), so stored data can reach the writer without
-  // a copy (StreamWriter::WriteStable); false reads everything with pread.
-  // The stream's bytes are the same either way. A mapped page that cannot
+  // a copy (StreamWriter::WriteStable): for a snapshot in the page cache.
+  // False (the default) reads it ahead with direct I/O (ReadAhead), which
+  // keeps the disk busier on a cold snapshot and leaves the page cache to
+  // others. The stream's bytes are the same either way. A mapped page that cannot
   // be read (the file shrank under us, or the device failed) raises SIGBUS
   // instead of returning an error: only a caller that handles SIGBUS (as
   // `ploop send` does) should set it.

@@ -26,19 +26,26 @@
 // and a resumed sender (which starts at the receiver's next index with the
 // chain value from the token) cuts the same chunks as an uninterrupted one.
 //
-// Where the data comes from: the flattened producer maps the chain's files
-// read-only (MappedSource) and hands the workers pointers into the page
-// cache: the zero check, XXH3, lz4 and SHA-256 read the files' pages
-// directly (and an incremental stream compares with its base's clusters
-// there too), and a chunk that goes out stored (not compressed: most of a
-// disk's data, which is already compressed or random) is written as a list
-// of spans of the mapping -- through vmsplice into a pipe, when the
-// StreamWriter can (WriteStable), so its bytes are not copied on this side
-// at all. The pipe then holds references to the pages; the files are
-// locked read-only until the writer is drained, so they cannot change
-// before the receiver read them. Files that do not map (the in-memory file
-// system, a fault-injecting one) are read with pread into the chunk's
-// payload buffer as before; both ways send the same bytes.
+// Where the data comes from: the flattened producer takes the snapshot's
+// clusters from a ReadAhead (stream_source.h): blocks of up to 4 MiB read
+// with direct I/O on reader threads ahead of it, so the disk always has
+// the next reads while this process hashes and writes the current ones.
+// The workers check, hash and compress the clusters where they lie in the
+// blocks; a chunk holds at most kMaxHeldBlocks blocks (a cluster from a
+// further one is copied into its payload buffer) and gives them back once
+// written; its stored data is written with write() (the blocks are
+// reused). With SendOptions::map_source the producer maps the chain's
+// files read-only instead (MappedSource) and hands the workers pointers
+// into the page cache: for a snapshot that is in the cache, since a chunk
+// that goes out stored is then written as a list of spans of the mapping
+// -- through vmsplice into a pipe, when the StreamWriter can
+// (WriteStable), so its bytes are not copied on this side at all. The
+// pipe then holds references to the pages; the files are locked read-only
+// until the writer is drained, so they cannot change before the receiver
+// read them. Files that do not map (the in-memory file system, a
+// fault-injecting one) are then read with pread into the chunk's payload
+// buffer. An incremental stream compares each cluster with its base's,
+// mapped or read into a buffer. Every way sends the same bytes.
 //
 // Digests: a worker hashes each chunk's bytes as they will travel (header
 // fields, records, the payload after compression: fewer bytes than the
@@ -61,6 +68,7 @@
 // Crash ordering: the sender writes nothing but the stream.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <thread>
 
 #include "ploop/chain.h"
@@ -78,6 +86,8 @@ namespace {
 using namespace stream;
 
 constexpr uint64_t kWindowBytes = 8ull << 20;
+// Read-ahead blocks one chunk may hold (ProduceFlat).
+constexpr size_t kMaxHeldBlocks = 2;
 
 unsigned WorkerCount(unsigned requested) {
   if (requested != 0) return std::min(requested, 16u);
@@ -126,9 +136,12 @@ struct ChunkJob {
   // in `payload` (read or copied there) or in a mapping of the source.
   std::vector<const std::byte*> clusters;
   AlignedBuffer payload;  // slot j holds data cluster j when it was read
-  // The source mappings `clusters` points into, kept until the chunk was
-  // written.
-  std::vector<std::shared_ptr<const FileMapping>> mappings;
+  // What `clusters` points into outside `payload` (source mappings or
+  // read-ahead blocks), kept until the chunk was written.
+  std::vector<std::shared_ptr<const void>> holds;
+  // Those are mappings of the source files (their pages may go into a pipe
+  // by reference), not read-ahead buffers that are reused.
+  bool stable = false;
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
@@ -146,10 +159,8 @@ struct ChunkJob {
 
 class Sender {
  public:
-  Sender(FileSystem& fs, Chain& chain, const Plan& plan, const SendOptions& options,
-         CountingWriter& out)
-      : fs_(fs),
-        source_(chain),
+  Sender(Chain& chain, const Plan& plan, const SendOptions& options, CountingWriter& out)
+      : source_(chain),
         plan_(plan),
         options_(options),
         out_(out),
@@ -196,7 +207,6 @@ class Sender {
     if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
   }
 
-  FileSystem& fs_;
   SourceChain source_;
   const Plan& plan_;
   const SendOptions& options_;
@@ -415,13 +425,19 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   // full stream) holds.
   auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
   AlignedBuffer base;  // the base's run, read where it does not map
-  Prefetcher prefetcher(fs_, source_, plan_.m, clusters);
   MappedSource mapped(source_, options_.map_source);
-  // Clusters [i, j) of the view at `max_level`, mapped: one piece each
-  // (data nullptr where no layer holds it: zeros). False, `out` empty, when
-  // one does not map; the run is then read instead (one read per piece of
-  // it that is contiguous in a file).
-  auto map_run = [&](int max_level, uint64_t i, uint64_t j, std::vector<MappedSource::Piece>& out) {
+  // The snapshot's clusters come from the read-ahead (direct reads, ahead
+  // of this thread) unless the caller asked for mappings.
+  std::optional<ReadAhead> ahead;
+  if (!options_.map_source) ahead.emplace(source_, plan_.m, candidate, start.next_index, clusters);
+  struct Piece {
+    const std::byte* data = nullptr;  // nullptr: no layer holds it (zeros)
+    std::shared_ptr<const void> hold;
+  };
+  // Clusters [i, j) of the view at `max_level`, mapped: one piece each.
+  // False, `out` empty, when one does not map; the run is then read
+  // instead (one read per piece of it that is contiguous in a file).
+  auto map_run = [&](int max_level, uint64_t i, uint64_t j, std::vector<Piece>& out) {
     out.clear();
     for (uint64_t k = i; k < j; ++k) {
       const int level = source_.Highest(k, max_level);
@@ -434,12 +450,23 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
         out.clear();
         return false;
       }
-      out.push_back(std::move(piece));
+      out.push_back(Piece{piece.data, std::move(piece.mapping)});
     }
     return true;
   };
-  std::vector<MappedSource::Piece> pieces;       // the run's clusters
-  std::vector<MappedSource::Piece> base_pieces;  // the base's (incremental)
+  // The snapshot's clusters [i, j) (every one a candidate): from the
+  // read-ahead, or mapped; false when they must be read here.
+  auto take_run = [&](uint64_t i, uint64_t j, std::vector<Piece>& out) -> Result<bool> {
+    if (!ahead) return map_run(plan_.m, i, j, out);
+    out.clear();
+    for (uint64_t k = i; k < j; ++k) {
+      ASSIGN_OR_RETURN(ReadAhead::Piece piece, ahead->Cluster(k));
+      out.push_back(Piece{piece.data, std::move(piece.hold)});
+    }
+    return true;
+  };
+  std::vector<Piece> pieces;       // the run's clusters
+  std::vector<Piece> base_pieces;  // the base's (incremental)
   next_seq_ = start.next_seq;
   progress_ = start.progress_bytes;
   std::unique_ptr<ChunkJob> job;
@@ -463,14 +490,13 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       continue;
     }
     if (job == nullptr) job = std::make_unique<ChunkJob>();
-    prefetcher.Advance(i);
     // A run of candidates, no longer than the free slots and records.
     const uint64_t room = std::min<uint64_t>(slots - used, kMaxChunkRecords - job->records.size());
     uint64_t j = i + 1;
     while (j < clusters && j - i < room && candidate(j)) ++j;
     // The run's clusters (every one held above the base), mapped or read
     // into the payload buffer.
-    const bool run_mapped = map_run(plan_.m, i, j, pieces);
+    ASSIGN_OR_RETURN(const bool run_mapped, take_run(i, j, pieces));
     std::byte* first = nullptr;
     if (!run_mapped) {
       if (job->payload == nullptr) job->payload = payload_pool_.Get();
@@ -497,11 +523,19 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       progress_ += cb_;
       if (!send) continue;
       if (kind == RecordKind::kData) {
-        if (run_mapped) {
-          const auto& mapping = pieces[k - i].mapping;
-          if (job->mappings.empty() || job->mappings.back() != mapping) {
-            job->mappings.push_back(mapping);
-          }
+        const auto& hold = run_mapped ? pieces[k - i].hold : nullptr;
+        const bool new_hold = hold != nullptr && (job->holds.empty() || job->holds.back() != hold);
+        if (ahead && new_hold && job->holds.size() >= kMaxHeldBlocks) {
+          // A chunk that gathers its data from many read-ahead blocks (few
+          // data clusters among zeros) copies it instead of holding them
+          // all: memory stays a few blocks per chunk in flight.
+          if (job->payload == nullptr) job->payload = payload_pool_.Get();
+          std::byte* slot = job->payload.get() + used * cb_;
+          std::memcpy(slot, data, cb_);
+          data = slot;
+        } else if (run_mapped) {
+          if (new_hold) job->holds.push_back(hold);
+          job->stable = !ahead;
         } else {
           // Compact: the slot of this cluster may be past the first free one.
           std::byte* slot = job->payload.get() + used * cb_;
@@ -620,12 +654,13 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
     TRY(out_.Write(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
   } else {
     // Mapped source pages may go into a pipe by reference; the payload
-    // buffer is reused after this chunk, so what is in it is copied.
+    // buffer and read-ahead blocks are reused after this chunk, so what is
+    // in them is copied.
     for (std::span<const std::byte> span : job.stored) {
-      TRY(InPayload(job, span.data()) ? out_.Write(span) : out_.WriteStable(span));
+      TRY(job.stable && !InPayload(job, span.data()) ? out_.WriteStable(span) : out_.Write(span));
     }
   }
-  job.mappings.clear();
+  job.holds.clear();
   // Content digests of a full stream, index by index: layer k reads the
   // highest record at or below k (a hole reads zeros), or zeros.
   if (!plan_.header.incremental) {
@@ -828,7 +863,7 @@ Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, Strea
   h.total_bytes = total * h.cluster_bytes;
 
   CountingWriter writer(out);
-  std::unique_ptr<Sender> sender(new Sender(fs, *chain, plan, options, writer));
+  std::unique_ptr<Sender> sender(new Sender(*chain, plan, options, writer));
   if (h.incremental) {
     // The base's and the layers' content digests: recorded ones when the
     // descriptor has all of them, else a pass over the data.

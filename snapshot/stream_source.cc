@@ -112,41 +112,148 @@ MappedSource::Piece MappedSource::Cluster(int level, uint64_t index) {
   return Piece{l.window->data().data() + (*offset - l.window_start), l.window};
 }
 
-Prefetcher::Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index)
-    : source_(source), max_level_(max_level), end_index_(end_index) {
+struct ReadAhead::Block {
+  // One read: clusters [first, first + count) of the block, which follow
+  // each other in the file of `level` from `offset` on.
+  struct Piece {
+    int level;
+    uint64_t offset;
+    uint32_t first;
+    uint32_t count;
+  };
+  std::vector<uint64_t> indices;  // the block's clusters, in order
+  std::vector<Piece> pieces;
+  std::shared_ptr<BufferPool> pool;
+  AlignedBuffer buf;  // cluster k of the block at k * cluster_bytes
+  bool done = false;
+  Status status;
+  ~Block() {
+    if (pool != nullptr) pool->Put(std::move(buf));
+  }
+};
+
+ReadAhead::ReadAhead(SourceChain& source, int max_level, std::function<bool(uint64_t)> wanted,
+                     uint64_t start_index, uint64_t end_index, unsigned threads, unsigned depth,
+                     uint64_t block_bytes)
+    : source_(source),
+      max_level_(max_level),
+      wanted_(std::move(wanted)),
+      end_index_(end_index),
+      depth_(std::max(depth, 1u)),
+      block_clusters_(std::max<uint64_t>(1, block_bytes / source.cluster_bytes())),
+      pool_(std::make_shared<BufferPool>(block_clusters_ * source.cluster_bytes())),
+      plan_cursor_(start_index) {
   for (int level = 0; level <= max_level; ++level) {
-    auto file = fs.Open(source.layer(level).path(), OpenMode::kReadOnly);
-    files_.push_back(file.ok() ? std::move(*file) : nullptr);
+    // Advice: a file without direct I/O is read through the page cache.
+    if (BlockFile* f = source.file(level); f != nullptr) (void)f->EnableDirectIo();
+  }
+  for (unsigned i = 0; i < std::max(threads, 1u); ++i) {
+    threads_.emplace_back([this] { ReaderLoop(); });
   }
 }
 
-void Prefetcher::Advance(uint64_t index) {
-  constexpr uint64_t kAheadBytes = 64ull << 20;
-  const uint64_t cb = source_.cluster_bytes();
-  const uint64_t limit = std::min(end_index_, index + std::max<uint64_t>(1, kAheadBytes / cb));
-  // Coalesce clusters that follow each other in one file into one hint.
-  int run_level = -1;
-  uint64_t run_start = 0;
-  uint64_t run_end = 0;
-  auto flush = [&] {
-    if (run_level >= 0 && files_[run_level] != nullptr) {
-      files_[run_level]->Prefetch(run_start, run_end - run_start);
-    }
-    run_level = -1;
-  };
-  for (uint64_t i = std::max(queued_, index); i < limit; ++i) {
-    const int level = source_.Highest(i, max_level_);
-    if (level < 0) continue;
-    const uint64_t offset = *source_.FileOffset(level, i);
-    if (level != run_level || offset != run_end) {
-      flush();
-      run_level = level;
-      run_start = offset;
-    }
-    run_end = offset + cb;
+ReadAhead::~ReadAhead() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
   }
-  flush();
-  queued_ = std::max(queued_, limit);
+  changed_.notify_all();
+  for (auto& t : threads_) t.join();
+}
+
+std::shared_ptr<ReadAhead::Block> ReadAhead::PlanBlock() {
+  auto block = std::make_shared<Block>();
+  const uint64_t cb = source_.cluster_bytes();
+  uint64_t i = plan_cursor_;
+  for (; i < end_index_ && block->indices.size() < block_clusters_; ++i) {
+    if (!wanted_(i)) continue;
+    const int level = source_.Highest(i, max_level_);
+    const uint64_t offset = level < 0 ? 0 : source_.FileOffset(level, i).value_or(0);
+    const auto k = static_cast<uint32_t>(block->indices.size());
+    block->indices.push_back(i);
+    if (!block->pieces.empty()) {
+      Block::Piece& last = block->pieces.back();
+      if (last.level == level && last.offset + uint64_t{last.count} * cb == offset) {
+        ++last.count;
+        continue;
+      }
+    }
+    block->pieces.push_back(Block::Piece{level, offset, k, 1});
+  }
+  plan_cursor_ = i;
+  return block;
+}
+
+void ReadAhead::ReaderLoop() {
+  const uint64_t cb = source_.cluster_bytes();
+  std::unique_lock lock(mu_);
+  for (;;) {
+    changed_.wait(lock, [&] {
+      return stop_ || (!planning_ && plan_cursor_ < end_index_ && blocks_.size() < depth_);
+    });
+    if (stop_) return;
+    planning_ = true;
+    lock.unlock();
+    std::shared_ptr<Block> block = PlanBlock();
+    lock.lock();
+    planning_ = false;
+    if (block->indices.empty()) {  // the walk's end
+      changed_.notify_all();
+      continue;
+    }
+    blocks_.push_back(block);
+    changed_.notify_all();
+    lock.unlock();
+    block->pool = pool_;
+    block->buf = pool_->Get();
+    Status status;
+    for (const Block::Piece& p : block->pieces) {
+      auto out =
+          std::span<std::byte>(block->buf.get() + uint64_t{p.first} * cb, uint64_t{p.count} * cb);
+      BlockFile* file = p.level < 0 ? nullptr : source_.file(p.level);
+      if (file == nullptr) {
+        status =
+            Status::NotSupported("read ahead: cluster " + std::to_string(block->indices[p.first]) +
+                                 " is in an image that is not a file");
+      } else {
+        status = file->ReadAt(p.offset, out);
+        if (!status.ok()) status = status.WithContext("read " + source_.layer(p.level).path());
+      }
+      if (!status.ok()) break;
+    }
+    lock.lock();
+    if (!status.ok()) plan_cursor_ = end_index_;  // nothing more after a failure
+    block->status = std::move(status);
+    block->done = true;
+    changed_.notify_all();
+  }
+}
+
+Result<ReadAhead::Piece> ReadAhead::Cluster(uint64_t index) {
+  std::unique_lock lock(mu_);
+  for (;;) {
+    // Blocks wholly below `index` are passed: the caller asks in order.
+    while (!blocks_.empty() && blocks_.front()->indices.back() < index) {
+      blocks_.pop_front();
+      changed_.notify_all();
+    }
+    if (!blocks_.empty()) break;
+    if (plan_cursor_ >= end_index_ && !planning_) {
+      return Status::FailedPrecondition("read ahead: cluster " + std::to_string(index) +
+                                        " is not one of the clusters read");
+    }
+    changed_.wait(lock);
+  }
+  std::shared_ptr<Block> block = blocks_.front();
+  changed_.wait(lock, [&] { return block->done; });
+  TRY(block->status);
+  const auto it = std::lower_bound(block->indices.begin(), block->indices.end(), index);
+  if (it == block->indices.end() || *it != index) {
+    return Status::FailedPrecondition("read ahead: cluster " + std::to_string(index) +
+                                      " is not one of the clusters read");
+  }
+  const uint64_t k = static_cast<uint64_t>(it - block->indices.begin());
+  return Piece{block->buf.get() + k * source_.cluster_bytes(), block};
 }
 
 Status SourceChain::ReadView(int max_level, uint64_t first_index, uint64_t count,

@@ -5,14 +5,19 @@
 //
 // Thread-safety: a SourceChain answers Holds()/Highest() from any thread
 // (the BATs are in memory and not changing); a WindowReader is used by one
-// thread; the Windows it returns may move to other threads.
+// thread; the Windows it returns may move to other threads. ReadAhead: see
+// there.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
+#include <thread>
 #include <vector>
 
 #include "ploop/chain.h"
@@ -59,25 +64,73 @@ class SourceChain {
   std::vector<Level> levels_;
 };
 
-// Keeps the clusters a reader will want soon queued for reading
-// (BlockFile::Prefetch, posix_fadvise WILLNEED on the delta files), up to
-// 64 MiB ahead of it, so the disk works on the next reads while this
-// process hashes and writes the current ones -- what qemu-img gets from
-// several requests in flight, without more threads.
-class Prefetcher {
+// Reads the clusters of one view of the chain ahead of a caller that walks
+// it in index order: the flattened sender's source (the snapshot it sends).
+//
+// Why: on the disks measured here (tools/bench/README.md, session 8) the
+// sender's reads were what paced `send | receive`. Reads through the page
+// cache (mapped and hinted with WILLNEED, or pread) reached the device as
+// 0.8-1.5 MiB requests, one or two in flight; this reads blocks of up to
+// 4 MiB of clusters that lie one after another in a file with one direct
+// read each (no page-cache copy, no eviction of the host's cache) into
+// huge-page buffers, and keeps `depth` blocks read or being read ahead of
+// the caller on `threads` reader threads.
+//
+// A block holds up to block_bytes of the wanted clusters in index order,
+// read with one ReadAt per piece of it that is contiguous in one file (a
+// whole block in the common case of a file written in order). A Piece
+// keeps its block's buffer alive (the buffer goes back to the pool when
+// the last Piece of the block is gone), so memory is the blocks ahead plus
+// the blocks the caller's chunks in flight still hold.
+//
+// Errors: a failed read is returned by Cluster() for any cluster of that
+// block; no block after it is started.
+//
+// Thread-safety: Cluster() from one thread; Pieces may move to other
+// threads and outlive the ReadAhead.
+class ReadAhead {
  public:
-  // Opens the chain's files a second time, read-only, for the hints only;
-  // a file that does not open gets no hints.
-  Prefetcher(FileSystem& fs, SourceChain& source, int max_level, uint64_t end_index);
-  // The reader is at `index`: queue what follows.
-  void Advance(uint64_t index);
+  // The clusters at indices [start_index, end_index) that `wanted` picks,
+  // as the view at `max_level` reads them (each from the highest level at
+  // or below max_level that holds it: `wanted` picks only held indices).
+  // `wanted` is called from the reader threads. Turns on direct I/O for
+  // the files of levels 0..max_level where they allow it.
+  ReadAhead(SourceChain& source, int max_level, std::function<bool(uint64_t)> wanted,
+            uint64_t start_index, uint64_t end_index, unsigned threads = 2, unsigned depth = 4,
+            uint64_t block_bytes = 4ull << 20);
+  // Stops the readers (a read under way completes first).
+  ~ReadAhead();
+  ReadAhead(const ReadAhead&) = delete;
+  ReadAhead& operator=(const ReadAhead&) = delete;
+
+  struct Piece {
+    const std::byte* data = nullptr;   // cluster_bytes() long
+    std::shared_ptr<const void> hold;  // keeps `data` valid
+  };
+  // Cluster `index`: wanted, and above every index asked before.
+  Result<Piece> Cluster(uint64_t index);
 
  private:
+  struct Block;
+  void ReaderLoop();
+  // Takes the next block's indices and file pieces from the walk (outside
+  // the lock; one planner at a time).
+  std::shared_ptr<Block> PlanBlock();
+
   SourceChain& source_;
   const int max_level_;
+  const std::function<bool(uint64_t)> wanted_;
   const uint64_t end_index_;
-  std::vector<std::unique_ptr<BlockFile>> files_;  // per level
-  uint64_t queued_ = 0;                            // every index below is queued or passed
+  const unsigned depth_;
+  const uint64_t block_clusters_;
+  std::shared_ptr<BufferPool> pool_;
+  std::mutex mu_;
+  std::condition_variable changed_;
+  std::deque<std::shared_ptr<Block>> blocks_;  // planned, in order; front: the caller's
+  uint64_t plan_cursor_;                       // the walk's next index
+  bool planning_ = false;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
 };
 
 // Clusters of the chain's files seen through read-only mappings

@@ -122,18 +122,21 @@ received_ok c
 assert_eq "$(chain_of c | tr '\n' ' ')" "$S1 $S2 $S3 $TOP_GUID " "chain of the layered copy"
 qemu_same c/root.hds a.ref/"$S1".raw
 
-note "the same stream bytes spliced into a pipe, written into a file, and read with pread"
-# The sender maps the delta files and vmsplices stored data into a pipe;
-# PLOOP_SEND_NO_MAP / PLOOP_SEND_NO_SPLICE make it read with pread and copy
-# with write(). A slow reader makes the splices partial.
-expect_ok bash -c "set -o pipefail; '$PLOOP' send a | cat > '$TMP/s.pipe'"
+note "the same stream bytes read ahead, mapped and spliced into a pipe, mapped and copied"
+# The sender reads the snapshot ahead with direct I/O; PLOOP_SEND_MAP=1 maps
+# the delta files instead and vmsplices stored data into a pipe, and
+# PLOOP_SEND_NO_SPLICE=1 makes that a write() copy. A slow reader makes the
+# splices partial.
+expect_ok bash -c "set -o pipefail; '$PLOOP' send a | cat > '$TMP/s.ahead'"
 expect_ok bash -c "'$PLOOP' send a > '$TMP/s.file'"
-expect_ok bash -c "set -o pipefail; PLOOP_SEND_NO_MAP=1 PLOOP_SEND_NO_SPLICE=1 '$PLOOP' send a | cat > '$TMP/s.pread'"
-expect_ok bash -c "set -o pipefail; '$PLOOP' send -u '$S2' --from '$S1' a | (sleep 0.3; cat) > '$TMP/i.pipe'"
-expect_ok bash -c "PLOOP_SEND_NO_MAP=1 '$PLOOP' send -u '$S2' --from '$S1' a > '$TMP/i.pread'"
-cmp "$TMP/s.pipe" "$TMP/s.file" || fail "the piped stream differs from the one written to a file"
-cmp "$TMP/s.pipe" "$TMP/s.pread" || fail "the stream of the mapped source differs from the pread one"
-cmp "$TMP/i.pipe" "$TMP/i.pread" || fail "the incremental streams differ"
+expect_ok bash -c "set -o pipefail; PLOOP_SEND_MAP=1 '$PLOOP' send a | cat > '$TMP/s.pipe'"
+expect_ok bash -c "set -o pipefail; PLOOP_SEND_MAP=1 PLOOP_SEND_NO_SPLICE=1 '$PLOOP' send a | cat > '$TMP/s.copy'"
+expect_ok bash -c "set -o pipefail; PLOOP_SEND_MAP=1 '$PLOOP' send -u '$S2' --from '$S1' a | (sleep 0.3; cat) > '$TMP/i.pipe'"
+expect_ok bash -c "'$PLOOP' send -u '$S2' --from '$S1' a > '$TMP/i.ahead'"
+cmp "$TMP/s.ahead" "$TMP/s.file" || fail "the piped stream differs from the one written to a file"
+cmp "$TMP/s.ahead" "$TMP/s.pipe" || fail "the stream read ahead differs from the mapped and spliced one"
+cmp "$TMP/s.ahead" "$TMP/s.copy" || fail "the stream read ahead differs from the mapped and copied one"
+cmp "$TMP/i.pipe" "$TMP/i.ahead" || fail "the incremental streams differ"
 
 # --- two hosts ------------------------------------------------------------------------
 note "two hosts, two folders, one pipe: a full stream and three incremental ones"

@@ -1,7 +1,8 @@
-// The sender's zero-copy paths, on real files (label posix):
-//   - a source read through read-only mappings (MappedSource, the
-//     default for POSIX files) gives byte-identical streams to the pread
-//     path and to the same disk on the in-memory file system, for full,
+// The sender's ways of reading its source, on real files (label posix):
+//   - a source read through read-only mappings (MappedSource, what
+//     `ploop send` does with PLOOP_SEND_MAP=1) gives byte-identical
+//     streams to the one read ahead with direct I/O (ReadAhead, the
+//     default) and to the same disk on the in-memory file system, for full,
 //     incremental and layered streams of a chain whose runs come from
 //     several layers, and whose top rewrote clusters unchanged (the
 //     incremental sender compares them with the base, mapped or read);
@@ -10,6 +11,10 @@
 //   - MappedSource itself: every cluster of every level reads as pread
 //     reads it, across many small windows; a cluster the BAT places past
 //     the end of its (truncated) file is not mapped;
+//   - ReadAhead itself: every wanted cluster of a view reads as the chain
+//     reads it, with blocks that gather clusters from several levels and
+//     pieces that outlive the reader; a read error reaches the cluster of
+//     its block and not an earlier one; an index it did not read is refused;
 // (FdStreamWriter, which vmsplices into the pipe: tests/mount-helper/
 // stream_fd_test.cc.)
 #include <fcntl.h>
@@ -188,9 +193,11 @@ TEST_CASE("stream: a mapped source sends the same bytes as pread and the in-memo
     const Bytes mapped = SendWith(posix, dd, c.options, true, &stable_mapped);
     const Bytes read = SendWith(posix, dd, c.options, false, &stable_read);
     const Bytes memory = SendWith(mem, "src/DiskDescriptor.xml", c.options, true);
+    const Bytes memory_read = SendWith(mem, "src/DiskDescriptor.xml", c.options, false);
     CHECK(mapped.size() > 0);
     CHECK(mapped == read);
     CHECK(mapped == memory);
+    CHECK(mapped == memory_read);
     CHECK(stable_read == 0);
     if (c.stores_mapped == kYes) CHECK(stable_mapped > 0);
     if (c.stores_mapped == kNo) CHECK(stable_mapped == 0);
@@ -244,6 +251,84 @@ TEST_CASE("stream: MappedSource maps every cluster as pread reads it, window aft
   stream::MappedSource after(source, true);
   CHECK(after.Cluster(top, last).data == nullptr);
   CHECK(!source.file(top)->ReadAt(last_offset, expect).ok());
+}
+
+TEST_CASE("stream: ReadAhead reads every wanted cluster of a view as the chain reads it") {
+  TestRng rng;
+  TempDir tmp;
+  PosixFileSystem posix;
+  const std::string dd = MakePosixChain(posix, tmp, rng.seed());
+  REQUIRE_ASSIGN(auto chain, OpenDisk(posix, dd, "", OpenOptions{}));
+  stream::SourceChain source(*chain);
+  const int top = source.levels() - 1;
+  REQUIRE(top >= 2);
+  // Every second held index from 100 on: blocks of 3 clusters that skip
+  // indices and mix levels (the top's scattered clusters over level 0's).
+  auto wanted = [&](uint64_t i) { return i % 2 == 0 && source.Highest(i, top) >= 0; };
+  std::vector<std::pair<uint64_t, stream::ReadAhead::Piece>> kept;
+  uint64_t checked = 0;
+  Bytes expect(kCb);
+  {
+    stream::ReadAhead ahead(source, top, wanted, 100, kClusters, 3, 2, 3 * kCb);
+    for (uint64_t i = 100; i < kClusters; ++i) {
+      if (!wanted(i)) continue;
+      REQUIRE_ASSIGN(auto piece, ahead.Cluster(i));
+      REQUIRE_OK(source.ReadView(top, i, 1, expect));
+      CHECK(std::memcmp(piece.data, expect.data(), kCb) == 0);
+      if (checked % 50 == 0) kept.emplace_back(i, piece);
+      ++checked;
+    }
+    // Past the last index asked: refused.
+    CHECK(ahead.Cluster(kClusters).status().code() == StatusCode::kFailedPrecondition);
+  }
+  // Level 0's first 256 clusters are data: at least the even ones from 100.
+  CHECK(checked >= 78);
+  // Pieces keep their blocks after the reader is gone.
+  REQUIRE(kept.size() >= 2);
+  for (const auto& [i, piece] : kept) {
+    REQUIRE_OK(source.ReadView(top, i, 1, expect));
+    CHECK(std::memcmp(piece.data, expect.data(), kCb) == 0);
+  }
+  {
+    // An index the walk skipped (odd): refused, not answered from a block.
+    stream::ReadAhead ahead(source, top, wanted, 100, kClusters, 2, 4, 4 * kCb);
+    REQUIRE(ahead.Cluster(100).ok());
+    CHECK(ahead.Cluster(101).status().code() == StatusCode::kFailedPrecondition);
+  }
+
+  // The top's file cut below its last cluster: the clusters before that
+  // cluster's block still read, that one fails with the read's error.
+  uint64_t last = 0;
+  uint64_t last_offset = 0;
+  for (uint64_t i = 0; i < source.level_clusters(top); ++i) {
+    auto offset = source.FileOffset(top, i);
+    if (offset && *offset >= last_offset && source.Highest(i, top) == top) {
+      last = i;
+      last_offset = *offset;
+    }
+  }
+  REQUIRE(last_offset > 0);
+  REQUIRE(::truncate(source.layer(top).path().c_str(), static_cast<off_t>(last_offset + kCb / 2)) ==
+          0);
+  uint64_t before = kClusters;  // a top cluster before it in the file
+  for (uint64_t i = 0; i < source.level_clusters(top) && before == kClusters; ++i) {
+    auto offset = source.FileOffset(top, i);
+    if (i != last && offset && *offset + kCb <= last_offset && source.Highest(i, top) == top) {
+      before = i;
+    }
+  }
+  REQUIRE(before < kClusters);
+  auto two = [&](uint64_t i) { return i == before || i == last; };
+  stream::ReadAhead cut(source, top, two, 0, kClusters, 2, 2, kCb);
+  if (before < last) {
+    REQUIRE_ASSIGN(auto piece, cut.Cluster(before));
+    REQUIRE_OK(source.ReadView(top, before, 1, expect));
+    CHECK(std::memcmp(piece.data, expect.data(), kCb) == 0);
+  }
+  auto r = cut.Cluster(last);
+  REQUIRE(!r.ok());
+  CHECK(r.status().code() == StatusCode::kCorruption);
+  CHECK(r.status().message().find(source.layer(top).path()) != std::string::npos);
 }
 
 TEST_SUITE_END();

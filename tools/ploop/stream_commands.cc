@@ -82,8 +82,8 @@ class FdReader final : public StreamReader {
 void OnSendSigbus(int) {
   static const char kMessage[] =
       "ploop send: read a delta file through its mapping: SIGBUS (the file shrank while being "
-      "sent, or the device returned an I/O error); PLOOP_SEND_NO_MAP=1 reads with pread and "
-      "names the error\n";
+      "sent, or the device returned an I/O error); without PLOOP_SEND_MAP=1 it reads with direct "
+      "I/O and names the error\n";
   (void)!::write(STDERR_FILENO, kMessage, sizeof(kMessage) - 1);
   ::_exit(kExitIo);
 }
@@ -169,12 +169,14 @@ int RunSend(const SendArgs& args) {
   options.compress = !args.no_compress;
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
-  // PLOOP_SEND_NO_SPLICE / PLOOP_SEND_NO_MAP: the copying paths (write(),
-  // pread), for comparisons (tests, tools/bench/README.md); the stream's
-  // bytes are the same.
+  // The snapshot is read ahead with direct I/O. PLOOP_SEND_MAP=1 reads it
+  // through mappings of the delta files instead, and then stored data goes
+  // into a pipe by reference (PLOOP_SEND_NO_SPLICE=1: copied): for a
+  // snapshot that is in the page cache, and for comparisons (tests,
+  // tools/bench/README.md). The stream's bytes are the same.
   mount::FdStreamWriter out(STDOUT_FILENO, "stdout",
                             std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);
-  options.map_source = std::getenv("PLOOP_SEND_NO_MAP") == nullptr;
+  options.map_source = std::getenv("PLOOP_SEND_MAP") != nullptr;
   auto sent = SendStream(DefaultFileSystem(), dd_path, out, options, LoadOptions());
   bar.Finish();
   if (!sent.ok()) return StreamFail("send", sent.error());

@@ -25,6 +25,10 @@
 #include <lz4frame.h>
 #include <openssl/evp.h>
 #include <xxhash.h>
+#if (defined(__x86_64__) || defined(__i386__)) && __has_include(<xxh_x86dispatch.h>)
+#include <xxh_x86dispatch.h>
+#define PLOOP_XXH3_DISPATCH 1
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -627,7 +631,14 @@ Digest Sha256::Of(std::span<const std::byte> data) {
 }
 
 ClusterDigest ClusterDigestOf(std::span<const std::byte> data) {
+#ifdef PLOOP_XXH3_DISPATCH
+  // The same hash with the widest vector unit the CPU has (libxxhash picks
+  // AVX2 or AVX-512 at run time; plain XXH3_128bits is built for SSE2):
+  // measured 40 against 18.7 GB/s on 1 MiB clusters here.
+  const XXH128_hash_t h = XXH3_128bits_dispatch(data.data(), data.size());
+#else
   const XXH128_hash_t h = XXH3_128bits(data.data(), data.size());
+#endif
   XXH128_canonical_t canonical;
   XXH128_canonicalFromHash(&canonical, h);
   static_assert(sizeof(canonical.digest) == kClusterDigestBytes);

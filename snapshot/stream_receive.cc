@@ -366,9 +366,12 @@ class BackgroundWriteback {
 };
 
 constexpr uint64_t kWritebackBytes = 64ull << 20;
-// Received data queued for the disk at most (a few chunks): enough to keep
-// the device busy while the next chunks are checked.
-constexpr uint64_t kWriteBehindBytes = 32ull << 20;
+// Received data queued for the disk at most: enough to keep the device
+// busy while the next chunks are checked, and to ride out a slow stretch
+// of the disk without stopping the stream. Measured with send_bench
+// (tools/bench/README.md, session 8), median times of 10 rounds each:
+// 32 MiB 2.26 s, 64 MiB 2.23 s, 96 MiB 2.19 s, 160 MiB 2.17 s.
+constexpr uint64_t kWriteBehindBytes = 96ull << 20;
 
 struct ChunkJob {
   std::array<std::byte, kChunkHeaderBytes> header_bytes;
@@ -439,8 +442,10 @@ class Receiver {
   uint64_t session_data_ = 0;
   std::string root_name_;
   // Buffers of the chunks in flight (set while ReceiveChunks runs).
-  BufferPool* payload_pool_ = nullptr;
-  BufferPool* raw_pool_ = nullptr;
+  // Chunk buffers, received payloads and decompressed data alike: one
+  // pool, so that a stream that mixes stored and compressed chunks keeps
+  // one set of buffers, not one per kind.
+  BufferPool* pool_ = nullptr;
 };
 
 Status Receiver::ReadHeader(StreamIn& in) {
@@ -637,9 +642,9 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, 
         "chunk " + std::to_string(seq));
     min_index = job->records.back().index + 1;
     if (job->header.payload_bytes > 0) {
-      job->pooled_payload = job->header.payload_bytes <= payload_pool_->buffer_bytes();
+      job->pooled_payload = job->header.payload_bytes <= pool_->buffer_bytes();
       job->payload =
-          job->pooled_payload ? payload_pool_->Get() : NewAlignedBuffer(job->header.payload_bytes);
+          job->pooled_payload ? pool_->Get() : NewAlignedBuffer(job->header.payload_bytes);
       TRY(in.ReadExact(std::span(job->payload.get(), job->header.payload_bytes), "a chunk's data"));
     }
     if (!pipe.Submit(std::move(job)).ok()) return Status::Ok();  // the consumer stopped
@@ -665,17 +670,17 @@ Status Receiver::Decode(ChunkJob& job) {
     if (decompressor == nullptr) {
       ASSIGN_OR_RETURN(decompressor, Lz4Decompressor::Create());
     }
-    const bool pooled = raw_bytes <= raw_pool_->buffer_bytes();
-    job.raw = pooled ? raw_pool_->Get() : NewAlignedBuffer(raw_bytes);
-    job.raw_home = pooled ? raw_pool_ : nullptr;
+    const bool pooled = raw_bytes <= pool_->buffer_bytes();
+    job.raw = pooled ? pool_->Get() : NewAlignedBuffer(raw_bytes);
+    job.raw_home = pooled ? pool_ : nullptr;
     TRY_CTX(decompressor->Decompress(std::span(job.payload.get(), job.header.payload_bytes),
                                      std::span(job.raw.get(), raw_bytes)),
             "chunk " + std::to_string(job.header.seq));
-    if (job.pooled_payload) payload_pool_->Put(std::move(job.payload));
+    if (job.pooled_payload) pool_->Put(std::move(job.payload));
     job.payload.reset();
   } else {
     job.raw = std::move(job.payload);
-    job.raw_home = job.pooled_payload ? payload_pool_ : nullptr;
+    job.raw_home = job.pooled_payload ? pool_ : nullptr;
   }
   if (!header_.incremental) {
     // The content digests are checked against the end record; an
@@ -776,10 +781,8 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
                                std::vector<std::byte>* end_raw) {
   const uint64_t cb = header_.cluster_bytes;
   const uint64_t pooled = std::min<uint64_t>(header_.max_chunk_data_bytes(), kChunkDataBytes);
-  BufferPool payload_pool(std::max<uint64_t>(Lz4Compressor::Bound(pooled), cb));
-  BufferPool raw_pool(std::max<uint64_t>(pooled, cb));
-  payload_pool_ = &payload_pool;
-  raw_pool_ = &raw_pool;
+  BufferPool pool(std::max<uint64_t>(Lz4Compressor::Bound(pooled), cb));
+  pool_ = &pool;
   // Destroyed (its workers joined) before the pools above go away.
   auto pipe_owner = std::make_unique<OrderedPipeline<ChunkJob>>(
       workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); });
@@ -863,8 +866,7 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
     at_boundary = false;
     if (failed.ok()) failed = written;
   }
-  payload_pool_ = nullptr;
-  raw_pool_ = nullptr;
+  pool_ = nullptr;
   if (failed.ok()) failed = read_status;
   if (failed.ok() && end_raw->empty()) failed = Status::Corruption("the stream ended early");
   if (!failed.ok()) {

@@ -161,10 +161,10 @@ ReadAhead::~ReadAhead() {
   for (auto& t : threads_) t.join();
 }
 
-std::shared_ptr<ReadAhead::Block> ReadAhead::PlanBlock() {
+std::shared_ptr<ReadAhead::Block> ReadAhead::PlanBlock(uint64_t* cursor) const {
   auto block = std::make_shared<Block>();
   const uint64_t cb = source_.cluster_bytes();
-  uint64_t i = plan_cursor_;
+  uint64_t i = *cursor;
   for (; i < end_index_ && block->indices.size() < block_clusters_; ++i) {
     if (!wanted_(i)) continue;
     const int level = source_.Highest(i, max_level_);
@@ -180,7 +180,7 @@ std::shared_ptr<ReadAhead::Block> ReadAhead::PlanBlock() {
     }
     block->pieces.push_back(Block::Piece{level, offset, k, 1});
   }
-  plan_cursor_ = i;
+  *cursor = i;
   return block;
 }
 
@@ -189,13 +189,16 @@ void ReadAhead::ReaderLoop() {
   std::unique_lock lock(mu_);
   for (;;) {
     changed_.wait(lock, [&] {
-      return stop_ || (!planning_ && plan_cursor_ < end_index_ && blocks_.size() < depth_);
+      return stop_ ||
+             (!planning_ && failed_.ok() && plan_cursor_ < end_index_ && blocks_.size() < depth_);
     });
     if (stop_) return;
     planning_ = true;
+    uint64_t cursor = plan_cursor_;
     lock.unlock();
-    std::shared_ptr<Block> block = PlanBlock();
+    std::shared_ptr<Block> block = PlanBlock(&cursor);
     lock.lock();
+    plan_cursor_ = cursor;
     planning_ = false;
     if (block->indices.empty()) {  // the walk's end
       changed_.notify_all();
@@ -222,7 +225,7 @@ void ReadAhead::ReaderLoop() {
       if (!status.ok()) break;
     }
     lock.lock();
-    if (!status.ok()) plan_cursor_ = end_index_;  // nothing more after a failure
+    if (!status.ok()) failed_ = status;  // no block is started after a failure
     block->status = std::move(status);
     block->done = true;
     changed_.notify_all();
@@ -238,6 +241,7 @@ Result<ReadAhead::Piece> ReadAhead::Cluster(uint64_t index) {
       changed_.notify_all();
     }
     if (!blocks_.empty()) break;
+    if (!failed_.ok()) return failed_;
     if (plan_cursor_ >= end_index_ && !planning_) {
       return Status::FailedPrecondition("read ahead: cluster " + std::to_string(index) +
                                         " is not one of the clusters read");

@@ -113,9 +113,9 @@ class ReadAhead {
  private:
   struct Block;
   void ReaderLoop();
-  // Takes the next block's indices and file pieces from the walk (outside
-  // the lock; one planner at a time).
-  std::shared_ptr<Block> PlanBlock();
+  // The next block's indices and file pieces, from the walk at `*cursor`
+  // on, which it advances (outside the lock; one planner at a time).
+  std::shared_ptr<Block> PlanBlock(uint64_t* cursor) const;
 
   SourceChain& source_;
   const int max_level_;
@@ -129,6 +129,7 @@ class ReadAhead {
   std::deque<std::shared_ptr<Block>> blocks_;  // planned, in order; front: the caller's
   uint64_t plan_cursor_;                       // the walk's next index
   bool planning_ = false;
+  Status failed_;  // a read failed: nothing more is planned
   bool stop_ = false;
   std::vector<std::thread> threads_;
 };

@@ -827,10 +827,11 @@ class RingWorker {
   // more in flight, or large requests (whose copies the other CPUs help
   // with), they may run anywhere again. Measured with fio through ext4
   // (tools/bench/README.md, session 8): fsync at depth 1 0.80-0.83x of
-  // the in-kernel limit pinned, 0.64-0.82x not; random 4 KiB at depth 32
-  // and sequential 1 MiB the same either way. Pinning always cost 10-20%
-  // of random writes at depth 32 (the loop device sends them all from one
-  // CPU) and 15-19% of sequential writes.
+  // the in-kernel limit, against mostly 0.68-0.80x unpinned; random 4 KiB
+  // at depth 32 and sequential 1 MiB the same either way. Pinned whatever
+  // the load, random writes at depth 32 lost 19-28% (the loop device sends
+  // them all from one CPU); pinned whenever the queue had one request,
+  // whatever its size, sequential 1 MiB writes lost 15-19%.
   static constexpr unsigned kCalmRounds = 64;  // event loop rounds before pinning
   static constexpr uint64_t kSmallRequestBytes = 64 * 1024;
   void AdjustAffinity() {

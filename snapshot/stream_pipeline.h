@@ -54,6 +54,13 @@ inline void BecomeBackgroundWorker() {
   errno = 0;
   const int nice = ::getpriority(PRIO_PROCESS, 0);  // this thread's
   if (nice == -1 && errno != 0) return;
+  const int lower = std::min(nice + kWorkerNice, 19);
+  if (::sched_getscheduler(0) != SCHED_OTHER) {
+    // Started as batch or idle work (chrt): keep that policy, only lower
+    // the priority within it.
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), lower);
+    return;
+  }
   // struct sched_attr of the kernel ABI, its first version (48 bytes):
   // glibc has no wrapper, and <linux/sched/types.h> clashes with <sched.h>.
   struct {
@@ -69,11 +76,11 @@ inline void BecomeBackgroundWorker() {
   static_assert(sizeof(attr) == 48);
   attr.size = sizeof(attr);
   attr.sched_policy = SCHED_OTHER;
-  attr.sched_nice = std::min(nice + kWorkerNice, 19);
+  attr.sched_nice = lower;
   attr.sched_runtime = kWorkerSliceNs;  // the slice, for SCHED_OTHER
   if (::syscall(SYS_sched_setattr, 0, &attr, 0) != 0) {
     // Before 6.12 a slice may be refused: the priority alone.
-    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), attr.sched_nice);
+    (void)::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), lower);
   }
 }
 

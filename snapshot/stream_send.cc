@@ -139,9 +139,6 @@ struct ChunkJob {
   // What `clusters` points into outside `payload` (source mappings or
   // read-ahead blocks), kept until the chunk was written.
   std::vector<std::shared_ptr<const void>> holds;
-  // Those are mappings of the source files (their pages may go into a pipe
-  // by reference), not read-ahead buffers that are reused.
-  bool stable = false;
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
@@ -429,11 +426,18 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   // The snapshot's clusters come from the read-ahead (direct reads, ahead
   // of this thread) unless the caller asked for mappings.
   std::optional<ReadAhead> ahead;
-  if (!options_.map_source) ahead.emplace(source_, plan_.m, candidate, start.next_index, clusters);
-  struct Piece {
-    const std::byte* data = nullptr;  // nullptr: no layer holds it (zeros)
-    std::shared_ptr<const void> hold;
-  };
+  if (!options_.map_source) {
+    ahead.emplace(
+        source_,
+        [&](uint64_t i) {
+          const int level = source_.Highest(i, plan_.m);
+          return level > plan_.f ? level : -1;
+        },
+        start.next_index, clusters);
+  }
+  // A cluster where it lies (data nullptr: no layer holds it, zeros), with
+  // what keeps it there.
+  using Piece = ReadAhead::Piece;
   // Clusters [i, j) of the view at `max_level`, mapped: one piece each.
   // False, `out` empty, when one does not map; the run is then read
   // instead (one read per piece of it that is contiguous in a file).
@@ -523,24 +527,24 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
       progress_ += cb_;
       if (!send) continue;
       if (kind == RecordKind::kData) {
-        const auto& hold = run_mapped ? pieces[k - i].hold : nullptr;
-        const bool new_hold = hold != nullptr && (job->holds.empty() || job->holds.back() != hold);
-        if (ahead && new_hold && job->holds.size() >= kMaxHeldBlocks) {
-          // A chunk that gathers its data from many read-ahead blocks (few
-          // data clusters among zeros) copies it instead of holding them
-          // all: memory stays a few blocks per chunk in flight.
-          if (job->payload == nullptr) job->payload = payload_pool_.Get();
-          std::byte* slot = job->payload.get() + used * cb_;
-          std::memcpy(slot, data, cb_);
-          data = slot;
-        } else if (run_mapped) {
-          if (new_hold) job->holds.push_back(hold);
-          job->stable = !ahead;
-        } else {
+        if (!run_mapped) {
           // Compact: the slot of this cluster may be past the first free one.
           std::byte* slot = job->payload.get() + used * cb_;
           if (slot != data) std::memmove(slot, data, cb_);
           data = slot;
+        } else if (const auto& hold = pieces[k - i].hold;
+                   job->holds.empty() || job->holds.back() != hold) {
+          if (ahead && job->holds.size() >= kMaxHeldBlocks) {
+            // A chunk that gathers its data from many read-ahead blocks
+            // (few data clusters among zeros) copies it instead of holding
+            // them all: memory stays a few blocks per chunk in flight.
+            if (job->payload == nullptr) job->payload = payload_pool_.Get();
+            std::byte* slot = job->payload.get() + used * cb_;
+            std::memcpy(slot, data, cb_);
+            data = slot;
+          } else {
+            job->holds.push_back(hold);
+          }
         }
         job->clusters.push_back(data);
         job->payload_slot.push_back(static_cast<uint32_t>(used));
@@ -653,11 +657,12 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   if (job.lz4) {
     TRY(out_.Write(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
   } else {
-    // Mapped source pages may go into a pipe by reference; the payload
-    // buffer and read-ahead blocks are reused after this chunk, so what is
-    // in them is copied.
+    // Mapped source pages (of files locked read-only) may go into a pipe by
+    // reference; the payload buffer and read-ahead blocks are reused after
+    // this chunk, so what is in them is copied.
     for (std::span<const std::byte> span : job.stored) {
-      TRY(job.stable && !InPayload(job, span.data()) ? out_.WriteStable(span) : out_.Write(span));
+      const bool stable = options_.map_source && !InPayload(job, span.data());
+      TRY(stable ? out_.WriteStable(span) : out_.Write(span));
     }
   }
   job.holds.clear();

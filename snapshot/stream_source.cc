@@ -132,18 +132,17 @@ struct ReadAhead::Block {
   }
 };
 
-ReadAhead::ReadAhead(SourceChain& source, int max_level, std::function<bool(uint64_t)> wanted,
+ReadAhead::ReadAhead(SourceChain& source, std::function<int(uint64_t)> level_of,
                      uint64_t start_index, uint64_t end_index, unsigned threads, unsigned depth,
                      uint64_t block_bytes)
     : source_(source),
-      max_level_(max_level),
-      wanted_(std::move(wanted)),
+      level_of_(std::move(level_of)),
       end_index_(end_index),
       depth_(std::max(depth, 1u)),
       block_clusters_(std::max<uint64_t>(1, block_bytes / source.cluster_bytes())),
       pool_(std::make_shared<BufferPool>(block_clusters_ * source.cluster_bytes())),
       plan_cursor_(start_index) {
-  for (int level = 0; level <= max_level; ++level) {
+  for (int level = 0; level < source.levels(); ++level) {
     // Advice: a file without direct I/O is read through the page cache.
     if (BlockFile* f = source.file(level); f != nullptr) (void)f->EnableDirectIo();
   }
@@ -166,12 +165,15 @@ std::shared_ptr<ReadAhead::Block> ReadAhead::PlanBlock(uint64_t* cursor) const {
   const uint64_t cb = source_.cluster_bytes();
   uint64_t i = *cursor;
   for (; i < end_index_ && block->indices.size() < block_clusters_; ++i) {
-    if (!wanted_(i)) continue;
-    const int level = source_.Highest(i, max_level_);
-    const uint64_t offset = level < 0 ? 0 : source_.FileOffset(level, i).value_or(0);
+    int level = level_of_(i);
+    if (level < 0) continue;
+    const std::optional<uint64_t> held =
+        level < source_.levels() ? source_.FileOffset(level, i) : std::nullopt;
+    if (!held) level = -1;  // the caller's mistake: ReaderLoop reports it
+    const uint64_t offset = held.value_or(0);
     const auto k = static_cast<uint32_t>(block->indices.size());
     block->indices.push_back(i);
-    if (!block->pieces.empty()) {
+    if (!block->pieces.empty() && level >= 0) {
       Block::Piece& last = block->pieces.back();
       if (last.level == level && last.offset + uint64_t{last.count} * cb == offset) {
         ++last.count;
@@ -214,7 +216,11 @@ void ReadAhead::ReaderLoop() {
       auto out =
           std::span<std::byte>(block->buf.get() + uint64_t{p.first} * cb, uint64_t{p.count} * cb);
       BlockFile* file = p.level < 0 ? nullptr : source_.file(p.level);
-      if (file == nullptr) {
+      if (p.level < 0) {
+        status = Status::FailedPrecondition("read ahead: cluster " +
+                                            std::to_string(block->indices[p.first]) +
+                                            " is not held by the level asked for");
+      } else if (file == nullptr) {
         status =
             Status::NotSupported("read ahead: cluster " + std::to_string(block->indices[p.first]) +
                                  " is in an image that is not a file");

@@ -76,7 +76,7 @@ class SourceChain {
 // huge-page buffers, and keeps `depth` blocks read or being read ahead of
 // the caller on `threads` reader threads.
 //
-// A block holds up to block_bytes of the wanted clusters in index order,
+// A block holds up to block_bytes of the clusters read, in index order,
 // read with one ReadAt per piece of it that is contiguous in one file (a
 // whole block in the common case of a file written in order). A Piece
 // keeps its block's buffer alive (the buffer goes back to the pool when
@@ -90,13 +90,12 @@ class SourceChain {
 // threads and outlive the ReadAhead.
 class ReadAhead {
  public:
-  // The clusters at indices [start_index, end_index) that `wanted` picks,
-  // as the view at `max_level` reads them (each from the highest level at
-  // or below max_level that holds it: `wanted` picks only held indices).
-  // `wanted` is called from the reader threads. Turns on direct I/O for
-  // the files of levels 0..max_level where they allow it.
-  ReadAhead(SourceChain& source, int max_level, std::function<bool(uint64_t)> wanted,
-            uint64_t start_index, uint64_t end_index, unsigned threads = 2, unsigned depth = 4,
+  // For each index in [start_index, end_index), level_of(index) names the
+  // level whose own cluster to read (one that holds it), or is negative to
+  // skip the index. It is called once per index, from the reader threads.
+  // Turns on direct I/O for the chain's files where they allow it.
+  ReadAhead(SourceChain& source, std::function<int(uint64_t)> level_of, uint64_t start_index,
+            uint64_t end_index, unsigned threads = 2, unsigned depth = 4,
             uint64_t block_bytes = 4ull << 20);
   // Stops the readers (a read under way completes first).
   ~ReadAhead();
@@ -107,7 +106,8 @@ class ReadAhead {
     const std::byte* data = nullptr;   // cluster_bytes() long
     std::shared_ptr<const void> hold;  // keeps `data` valid
   };
-  // Cluster `index`: wanted, and above every index asked before.
+  // Cluster `index`: one read (not skipped), above every index asked
+  // before.
   Result<Piece> Cluster(uint64_t index);
 
  private:
@@ -118,8 +118,7 @@ class ReadAhead {
   std::shared_ptr<Block> PlanBlock(uint64_t* cursor) const;
 
   SourceChain& source_;
-  const int max_level_;
-  const std::function<bool(uint64_t)> wanted_;
+  const std::function<int(uint64_t)> level_of_;
   const uint64_t end_index_;
   const unsigned depth_;
   const uint64_t block_clusters_;

@@ -11,10 +11,11 @@
 //   - MappedSource itself: every cluster of every level reads as pread
 //     reads it, across many small windows; a cluster the BAT places past
 //     the end of its (truncated) file is not mapped;
-//   - ReadAhead itself: every wanted cluster of a view reads as the chain
+//   - ReadAhead itself: every cluster it is asked for reads as the chain
 //     reads it, with blocks that gather clusters from several levels and
 //     pieces that outlive the reader; a read error reaches the cluster of
-//     its block and not an earlier one; an index it did not read is refused;
+//     its block and not an earlier one; an index it did not read, or a
+//     level that does not hold the index, is refused;
 // (FdStreamWriter, which vmsplices into the pipe: tests/mount-helper/
 // stream_fd_test.cc.)
 #include <fcntl.h>
@@ -272,21 +273,21 @@ TEST_CASE("stream: MappedSource maps every cluster as pread reads it, window aft
   CHECK(!source.file(top)->ReadAt(last_offset, expect).ok());
 }
 
-TEST_CASE("stream: ReadAhead reads every wanted cluster of a view as the chain reads it") {
+TEST_CASE("stream: ReadAhead reads every cluster it is asked for as the chain reads it") {
   PosixSource fixture;
   stream::SourceChain& source = *fixture.source;
   const int top = source.levels() - 1;
   REQUIRE(top >= 2);
   // Every second held index from 100 on: blocks of 3 clusters that skip
   // indices and mix levels (the top's scattered clusters over level 0's).
-  auto wanted = [&](uint64_t i) { return i % 2 == 0 && source.Highest(i, top) >= 0; };
+  auto level_of = [&](uint64_t i) { return i % 2 == 0 ? source.Highest(i, top) : -1; };
   std::vector<std::pair<uint64_t, stream::ReadAhead::Piece>> kept;
   uint64_t checked = 0;
   Bytes expect(kCb);
   {
-    stream::ReadAhead ahead(source, top, wanted, 100, kClusters, 3, 2, 3 * kCb);
+    stream::ReadAhead ahead(source, level_of, 100, kClusters, 3, 2, 3 * kCb);
     for (uint64_t i = 100; i < kClusters; ++i) {
-      if (!wanted(i)) continue;
+      if (level_of(i) < 0) continue;
       REQUIRE_ASSIGN(auto piece, ahead.Cluster(i));
       REQUIRE_OK(source.ReadView(top, i, 1, expect));
       CHECK(std::memcmp(piece.data, expect.data(), kCb) == 0);
@@ -306,9 +307,20 @@ TEST_CASE("stream: ReadAhead reads every wanted cluster of a view as the chain r
   }
   {
     // An index the walk skipped (odd): refused, not answered from a block.
-    stream::ReadAhead ahead(source, top, wanted, 100, kClusters, 2, 4, 4 * kCb);
+    stream::ReadAhead ahead(source, level_of, 100, kClusters, 2, 4, 4 * kCb);
     REQUIRE(ahead.Cluster(100).ok());
     CHECK(ahead.Cluster(101).status().code() == StatusCode::kFailedPrecondition);
+  }
+  {
+    // A level that does not hold the index: refused, not read from the
+    // file's start.
+    // (The top holds a few hundred scattered clusters of 2000.)
+    uint64_t hole = 0;
+    while (hole < source.level_clusters(top) && source.Holds(top, hole)) ++hole;
+    REQUIRE(hole < source.level_clusters(top));
+    stream::ReadAhead ahead(
+        source, [&](uint64_t i) { return i == hole ? top : -1; }, 0, kClusters, 1, 1, kCb);
+    CHECK(ahead.Cluster(hole).status().code() == StatusCode::kFailedPrecondition);
   }
 
   // The top's file cut below its last cluster: the clusters before that
@@ -325,8 +337,8 @@ TEST_CASE("stream: ReadAhead reads every wanted cluster of a view as the chain r
     }
   }
   REQUIRE(before < kClusters);
-  auto two = [&](uint64_t i) { return i == before || i == last; };
-  stream::ReadAhead cut(source, top, two, 0, kClusters, 2, 2, kCb);
+  auto two = [&](uint64_t i) { return i == before || i == last ? top : -1; };
+  stream::ReadAhead cut(source, two, 0, kClusters, 2, 2, kCb);
   if (before < last) {
     REQUIRE_ASSIGN(auto piece, cut.Cluster(before));
     REQUIRE_OK(source.ReadView(top, before, 1, expect));

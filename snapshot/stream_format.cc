@@ -632,7 +632,7 @@ Digest Sha256::Of(std::span<const std::byte> data) {
 
 namespace {
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) || defined(__i386__)
 // libxxhash (0.8.1) returns from its AVX2/AVX-512 code with the upper
 // halves of the vector registers still in use. Until something clears
 // them, every legacy-SSE instruction on the thread pays for it -- and
@@ -647,9 +647,13 @@ void ClearUpperVectorState() {
   // The clobbers keep the compiler from holding anything in these
   // registers across it (were this file ever built for AVX).
   if (has_avx) {
+#if defined(__x86_64__)
     asm volatile("vzeroupper" ::
                      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
                        "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+#else
+    asm volatile("vzeroupper" ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7");
+#endif
   }
 }
 #else

@@ -418,22 +418,21 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   const uint64_t clusters = h.disk_clusters();
   const uint64_t slots = std::max<uint64_t>(1, kChunkDataBytes / cb_);
   const bool incremental = plan_.f >= 0;
-  // A candidate: a cluster some delta above the base (any delta, for a
-  // full stream) holds.
-  auto candidate = [&](uint64_t i) { return source_.Highest(i, plan_.m) > plan_.f; };
+  // The level of the snapshot's cluster i when a delta above the base (any
+  // delta, for a full stream) holds it, else -1; such an index is a
+  // candidate.
+  auto level_above_base = [&](uint64_t i) {
+    const int level = source_.Highest(i, plan_.m);
+    return level > plan_.f ? level : -1;
+  };
+  auto candidate = [&](uint64_t i) { return level_above_base(i) >= 0; };
   AlignedBuffer base;  // the base's run, read where it does not map
   MappedSource mapped(source_, options_.map_source);
   // The snapshot's clusters come from the read-ahead (direct reads, ahead
   // of this thread) unless the caller asked for mappings.
   std::optional<ReadAhead> ahead;
   if (!options_.map_source) {
-    ahead.emplace(
-        source_,
-        [&](uint64_t i) {
-          const int level = source_.Highest(i, plan_.m);
-          return level > plan_.f ? level : -1;
-        },
-        start.next_index, clusters);
+    ahead.emplace(source_, level_above_base, start.next_index, clusters);
   }
   // A cluster where it lies (data nullptr: no layer holds it, zeros), with
   // what keeps it there.

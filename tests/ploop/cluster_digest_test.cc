@@ -24,18 +24,6 @@
 namespace ploop::stream {
 namespace {
 
-std::vector<std::byte> Pattern(size_t n) {
-  std::vector<std::byte> out(n);
-  uint64_t x = 0x9E3779B97F4A7C15ull;
-  for (size_t i = 0; i < n; ++i) {
-    x ^= x << 13;
-    x ^= x >> 7;
-    x ^= x << 17;
-    out[i] = static_cast<std::byte>(x);
-  }
-  return out;
-}
-
 #if defined(__x86_64__)
 // The XINUSE bitmap, or nothing where the processor cannot report it.
 std::optional<uint64_t> StateInUse() {
@@ -53,7 +41,7 @@ std::optional<uint64_t> StateInUse() {
 #endif
 
 TEST_CASE("cluster digest: XXH3-128 of the cluster in canonical form") {
-  const std::vector<std::byte> data = Pattern(1 << 20);
+  const std::vector<std::byte> data = testing::TestRng().Bytes(1 << 20);
   XXH128_canonical_t want;
   XXH128_canonicalFromHash(&want, XXH3_128bits(data.data(), data.size()));
   const ClusterDigest got = ClusterDigestOf(data);
@@ -70,7 +58,7 @@ TEST_CASE("cluster digest: leaves no upper vector register state in use") {
   // Bit 2: the upper halves of YMM0-15; bit 6: the upper halves of ZMM0-15.
   // (ZMM16-31, bit 7, are out of SSE's reach and cost it nothing.)
   constexpr uint64_t kUpperHalves = (1u << 2) | (1u << 6);
-  const std::vector<std::byte> data = Pattern(1 << 20);
+  const std::vector<std::byte> data = testing::TestRng().Bytes(1 << 20);
   for (int i = 0; i < 4; ++i) {
     ClusterDigestOf(data);
     const std::optional<uint64_t> after = StateInUse();

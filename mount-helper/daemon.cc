@@ -351,6 +351,7 @@ int DaemonMain(std::unique_ptr<Chain> chain, const DaemonOptions& options, int r
           {"fuse_transport", server.UsesIoUring() ? "io_uring" : "dev_fuse"},
           {"fuse_ring_requests", server.RingRequests()},
           {"fuse_ring_async_requests", server.RingAsyncRequests()},
+          {"fuse_flushes_ahead", server.FlushesAhead()},
           {"fuse_classic_workers", server.ClassicWorkers()},
           {"rss_bytes", ProcStatusBytes(0, "VmRSS")},
           {"peak_rss_bytes", ProcStatusBytes(0, "VmHWM")},

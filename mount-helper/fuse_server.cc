@@ -66,6 +66,10 @@ constexpr unsigned kRingEntriesPerThread = 4;
 // A ring queue's only request, a write up to this size, is written
 // synchronously (RingWorker::WriteAlone).
 constexpr uint64_t kAloneWriteBytes = 64 << 10;
+// Flush ahead (Context::NoteWrite): the score from which a write alone is
+// flushed before the fsync for it arrives, and the score's bound.
+constexpr int kFlushAheadFrom = 4;
+constexpr int kFlushAheadMax = 8;
 // Classic /dev/fuse workers beside a ring in use (see Run()).
 constexpr unsigned kClassicBesideRing = 2;
 // Writes from this size on bypass the image's page cache, and smaller ones
@@ -113,6 +117,10 @@ class ReceiveBuffer {
 // The data area of the receive buffer of the worker serving this thread's
 // request (empty outside our workers).
 thread_local std::span<std::byte> t_read_area;
+// The ring entry whose request this thread's handler serves (null on the
+// classic workers; see RingEntry).
+class RingEntry;
+thread_local RingEntry* t_ring = nullptr;
 
 int Errno(const Status& s) {
   int e = -s.ToErrno();
@@ -159,6 +167,46 @@ struct FuseServer::Context {
   std::atomic<bool> ring_in_use{false};
   std::atomic<uint64_t> ring_requests{0};
   std::atomic<uint64_t> ring_async_requests{0};  // served by asynchronous image I/O
+  // Flush ahead. At depth 1 a file system's fsync is a write, its reply,
+  // and then a flush: the reply goes back through the loop device to the
+  // file system, which sends the flush, and the loop device hands it to
+  // FUSE and to a thread of ours -- some 30 us of hops here, while the disk
+  // has nothing to do. So while the writes alone in flight (small ones, at
+  // depth 1) have been followed by an fsync, the thread that served one
+  // flushes the disk as soon as its reply is out. The fsync then finds the
+  // data synced, or waits for the flush under way (Delta::Flush() holds its
+  // lock throughout), and replies without a second device flush. A flush
+  // ahead is only ever an extra flush: one that fails leaves its failure
+  // to the next Flush() to report.
+  //
+  // NoteWrite(): a write is being served, `alone` if it is small and the
+  // only request in flight; true if it should be flushed ahead once
+  // replied. The score rises by one with every such write an fsync
+  // followed (NoteFsync()) and falls by two with every one that another
+  // write followed, and from kFlushAheadFrom on writes are flushed ahead.
+  bool NoteWrite(bool alone) {
+    const bool after_alone = alone_write_last.exchange(alone, std::memory_order_relaxed);
+    if (!alone) return false;
+    int score = fsync_follows.load(std::memory_order_relaxed);
+    if (after_alone) {
+      score = std::max(score - 2, 0);
+      fsync_follows.store(score, std::memory_order_relaxed);
+    }
+    return score >= kFlushAheadFrom;
+  }
+  void NoteFsync() {
+    if (alone_write_last.exchange(false, std::memory_order_relaxed)) {
+      const int score = fsync_follows.load(std::memory_order_relaxed);
+      fsync_follows.store(std::min(score + 1, kFlushAheadMax), std::memory_order_relaxed);
+    }
+  }
+  void FlushAhead() {
+    flushes_ahead.fetch_add(1, std::memory_order_relaxed);
+    disk->Flush().IgnoreError();
+  }
+  std::atomic<bool> alone_write_last{false};  // the last write or fsync was such a write
+  std::atomic<int> fsync_follows{0};          // the score
+  std::atomic<uint64_t> flushes_ahead{0};
 
   // Logs the first errors of the data path and then every 1000th, so a
   // failing disk is visible in the log without flooding it.
@@ -317,21 +365,28 @@ void OnWrite(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t
   // cache, which batches them into few device requests, where direct I/O
   // would cost one device round trip (and, virtualised, one exit) each
   // (random 4 KiB writes at queue depth 32 ran at half the rate direct).
-  const uint32_t in_flight = ctx.writes_in_flight.fetch_add(1) + 1;
-  struct Done {
-    std::atomic<uint32_t>& n;
-    ~Done() { n.fetch_sub(1); }
-  } done{ctx.writes_in_flight};
-  const bool direct = size >= kMinDirectWriteBytes || in_flight <= kDirectWriteQueueDepth;
-  Status s = ctx.disk->Write(
-      offset, data,
-      direct ? ServedDisk::Caching::kDirectWhenAligned : ServedDisk::Caching::kBuffered);
-  if (!s.ok()) {
-    ctx.Failed("write", offset, s);
-    ReplyStatus(req, s);
-    return;
+  bool alone;
+  {
+    const uint32_t in_flight = ctx.writes_in_flight.fetch_add(1) + 1;
+    struct Done {
+      std::atomic<uint32_t>& n;
+      ~Done() { n.fetch_sub(1); }
+    } done{ctx.writes_in_flight};
+    alone = in_flight == 1 && size <= kAloneWriteBytes;
+    const bool direct = size >= kMinDirectWriteBytes || in_flight <= kDirectWriteQueueDepth;
+    Status s = ctx.disk->Write(
+        offset, data,
+        direct ? ServedDisk::Caching::kDirectWhenAligned : ServedDisk::Caching::kBuffered);
+    if (!s.ok()) {
+      ctx.Failed("write", offset, s);
+      ReplyStatus(req, s);
+      return;
+    }
   }
   fuse_reply_write(req, size);
+  // A ring thread notes its writes and flushes ahead itself, once the reply
+  // is submitted (RingWorker::Dispatch, FlushAhead).
+  if (t_ring == nullptr && ctx.NoteWrite(alone)) ctx.FlushAhead();
 }
 
 void OnFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
@@ -346,6 +401,7 @@ void OnFsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) {
   (void)datasync;
   (void)fi;
   Context& ctx = Ctx(req);
+  ctx.NoteFsync();
   Status s = ctx.disk->Flush();
   if (!s.ok()) ctx.Failed("flush", 0, s);
   ReplyStatus(req, s);
@@ -538,8 +594,6 @@ namespace {
 // t_read_area), so it is not copied. INIT, interrupts, forgets and
 // notifications stay on /dev/fuse with the classic workers, which also
 // serve everything when the ring is not used.
-class RingEntry;
-thread_local RingEntry* t_ring = nullptr;
 
 // One ring entry: its buffers and the request in it.
 class RingEntry {
@@ -814,6 +868,7 @@ class RingWorker {
         ended = OnCompletion(cqe->user_data, cqe->res) || ended;
       }
       io_uring_cq_advance(&ring_, seen);
+      if (flush_ahead_) FlushAhead();
       AdjustAffinity();
     }
     io_uring_submit(&ring_);  // the last replies still go back
@@ -936,6 +991,7 @@ class RingWorker {
   bool StartRead(RingEntry& e);
   bool StartWrite(RingEntry& e);
   bool WriteAlone(uint64_t bytes) const;
+  void FlushAhead();
   void Submit(RingEntry& e);
   void Slow(RingEntry& e);
   void Commit(RingEntry& e);
@@ -995,9 +1051,10 @@ class RingWorker {
   int event_fd_ = -1;
   uint64_t event_value_ = 0;
   std::vector<std::unique_ptr<RingEntry>> entries_;
-  unsigned registered_ = 0;  // entries the kernel holds a command of
-  unsigned busy_ = 0;        // entries serving a request
-  unsigned lost_ = 0;        // entries the kernel refused
+  unsigned registered_ = 0;   // entries the kernel holds a command of
+  unsigned busy_ = 0;         // entries serving a request
+  unsigned lost_ = 0;         // entries the kernel refused
+  bool flush_ahead_ = false;  // FlushAhead() once the replies are out
   std::mutex done_mu_;
   std::vector<RingEntry*> done_;  // handed back by helpers
 };
@@ -1009,8 +1066,20 @@ void RingWorker::Dispatch(RingEntry& e) {
                                                    : 0;
   request_bytes_avg_ = (request_bytes_avg_ * 7 + bytes) / 8;
   if (in.opcode == FUSE_READ && StartRead(e)) return;
-  if (in.opcode == FUSE_WRITE && !WriteAlone(bytes) && StartWrite(e)) return;
+  if (in.opcode == FUSE_WRITE) {
+    const bool alone = WriteAlone(bytes);
+    flush_ahead_ = ctx_.NoteWrite(alone);
+    if (!alone && StartWrite(e)) return;
+  }
   Slow(e);
+}
+
+// Context::NoteWrite() said so: the write's reply goes out, then the flush.
+void RingWorker::FlushAhead() {
+  flush_ahead_ = false;
+  if (busy_ != 0) return;   // the write's reply is not out yet, or others wait
+  io_uring_submit(&ring_);  // the replies first
+  ctx_.FlushAhead();
 }
 
 bool RingWorker::StartRead(RingEntry& e) {
@@ -1458,6 +1527,7 @@ unsigned FuseServer::ClassicWorkers() const { return ctx_->classic_workers.load(
 uint64_t FuseServer::RingRequests() const { return ctx_->ring_requests.load(); }
 
 uint64_t FuseServer::RingAsyncRequests() const { return ctx_->ring_async_requests.load(); }
+uint64_t FuseServer::FlushesAhead() const { return ctx_->flushes_ahead.load(); }
 
 Status FuseServer::InvalidateSize() {
   // A negative offset invalidates the attributes only (no page cache here).

@@ -5,7 +5,9 @@
 # straight on the device and through ext4, on a disk whose top delta sits
 # over a snapshot full of data (so writes copy clusters up while others
 # run). The loop device is in direct-I/O mode. Afterwards the image checks
-# clean and, remounted, the data fio wrote still verifies.
+# clean and, remounted, the data fio wrote still verifies. Small writes at
+# depth 1 are flushed ahead of the fsync that follows each (the daemon's
+# status counts them), and not when no fsync follows.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
 . "$TESTS_DIR/privileged/mount_lib.sh"
@@ -41,6 +43,24 @@ pl mount "$dd"
 dev=$OUT
 pid=$(daemon_of "$dd")
 fio_reverify "$dev"
+
+note "writes alone at depth 1 are flushed ahead only while an fsync follows each"
+dd if=/dev/urandom of="$TMP/alone.bin" bs=4k count=600 status=none
+ahead0=$(status "$dev" fuse_flushes_ahead)
+# Direct writes and no flushes: none ahead (what came before may still
+# allow the first few, until the score falls below the mark).
+dd if="$TMP/alone.bin" of="$dev" bs=4k count=300 oflag=direct conv=notrunc status=none
+ahead1=$(status "$dev" fuse_flushes_ahead)
+((ahead1 - ahead0 <= 4)) ||
+  fail "$((ahead1 - ahead0)) flushes ahead for 300 writes that no fsync followed"
+# O_DSYNC: the loop device gets each write, then a flush.
+dd if="$TMP/alone.bin" of="$dev" bs=4k skip=300 seek=300 count=300 oflag=direct,dsync \
+  conv=notrunc status=none
+ahead2=$(status "$dev" fuse_flushes_ahead)
+((ahead2 - ahead1 >= 150)) ||
+  fail "only $((ahead2 - ahead1)) flushes ahead for 300 writes each followed by a flush"
+dd if="$dev" bs=4k count=600 iflag=direct status=none | cmp - "$TMP/alone.bin" ||
+  fail "the writes around the flushes ahead read back different"
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 

@@ -28,21 +28,6 @@ if $have_uring; then
   trap 'rc=$?; echo "$param_before" >"$param" 2>/dev/null || true; _mount_cleanup; (exit $rc); _cleanup' EXIT
 fi
 
-# status DEVICE KEY: a field of the daemon's status (its control socket).
-status() {
-  python3 - "$(field_of "$1" socket)" "$2" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-s.sendall(b'{"cmd": "status"}\n')
-reply = b""
-while not reply.endswith(b"\n"):
-    chunk = s.recv(65536)
-    if not chunk: break
-    reply += chunk
-print(json.loads(reply)[sys.argv[2]])
-PY
-}
-
 # daemon_log PID: what the daemon PID wrote to the shared log.
 daemon_log() { grep -F "ploop[$1]" "$RUN_DIR/daemon.log" || true; }
 
@@ -151,6 +136,7 @@ dev=$OUT
 pid=$(daemon_of "$dd")
 assert_eq "$(status "$dev" fuse_transport)" io_uring "transport by default"
 fio_reverify "$dev"
+
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 

@@ -13,6 +13,8 @@
 #     and ext4 replays its journal;
 #   - every change the writer logged is there: file contents exact, deleted
 #     files gone.
+# The daemons must have flushed writes ahead of the writer's fsyncs (the
+# status counts them) before the kills.
 # The seed of the kill times is printed; PLOOP_TEST_SEED replays a run.
 set -euo pipefail
 . "$TESTS_DIR/interop/lib.sh"
@@ -109,6 +111,10 @@ sys.exit(1 if bad else 0)
 PY
 }
 
+# Flushes ahead (the daemon's flush after a write that an fsync is
+# expected to follow) the killed daemons had made: the writer's fsyncs
+# follow its writes, so the kills must have hit those flushes too.
+ahead=0
 for round in $(seq 1 20); do
   pl mount -m "$m" "$dd"
   dev=$OUT
@@ -119,6 +125,7 @@ for round in $(seq 1 20); do
   # Let it write for 50-450 ms, then kill the daemon.
   sleep "0.$((RANDOM % 40 + 5))"
   alive "$writer" || fail "round $round: the writer stopped early: $(cat "$TMP/writer.out")"
+  ahead=$((ahead + $(status "$dev" fuse_flushes_ahead)))
   kill -KILL "$pid"
   for ((i = 0; i < 500 && $(alive "$pid" && echo 1 || echo 0) == 1; i++)); do sleep 0.01; done
   kill_bg "$writer"
@@ -128,7 +135,8 @@ for round in $(seq 1 20); do
   mountpoint -q "$m" && fail "round $round: $m still mounted"
   [[ $("$PLOOP" info "$dd") == *DIRTY* ]] || fail "round $round: the image is not marked dirty"
 done
-echo "$(wc -l <"$log") changes logged over 20 rounds"
+echo "$(wc -l <"$log") changes logged over 20 rounds; $ahead flushes ahead before the kills"
+((ahead > 0)) || fail "no daemon flushed ahead of an fsync in 20 rounds"
 
 note "the last mount repairs; everything fsync'ed is there; the file system is sound"
 pl mount -m "$m" "$dd"

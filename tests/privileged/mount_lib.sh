@@ -78,6 +78,21 @@ for m in json.load(sys.stdin):
     if m["device"] == sys.argv[1]: print(m[sys.argv[2]])' "$1" "$2"
 }
 
+# status DEVICE KEY: a field of the daemon's status (its control socket).
+status() {
+  python3 - "$(field_of "$1" socket)" "$2" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b'{"cmd": "status"}\n')
+reply = b""
+while not reply.endswith(b"\n"):
+    chunk = s.recv(65536)
+    if not chunk: break
+    reply += chunk
+print(json.loads(reply)[sys.argv[2]])
+PY
+}
+
 # ploop_images DEVICE: how many layers the mount of DEVICE serves.
 ploop_images() {
   "$PLOOP" list --json | python3 -c '

@@ -185,8 +185,15 @@ struct FuseServer::Context {
   // followed (NoteFsync()) and falls by two with every one that another
   // write followed, and from kFlushAheadFrom on writes are flushed ahead.
   bool NoteWrite(bool alone) {
-    const bool after_alone = alone_write_last.exchange(alone, std::memory_order_relaxed);
-    if (!alone) return false;
+    if (!alone) {
+      // Every write at depth comes here: read the shared flag, and write it
+      // only when it changes, so the threads do not pass its line around.
+      if (alone_write_last.load(std::memory_order_relaxed)) {
+        alone_write_last.store(false, std::memory_order_relaxed);
+      }
+      return false;
+    }
+    const bool after_alone = alone_write_last.exchange(true, std::memory_order_relaxed);
     int score = fsync_follows.load(std::memory_order_relaxed);
     if (after_alone) {
       score = std::max(score - 2, 0);
@@ -1104,8 +1111,8 @@ bool RingWorker::StartRead(RingEntry& e) {
 // pwrite's completion wakes the writer itself, one hop fewer, and at depth
 // 1 (a write, then the fsync that waits for it) every hop is latency.
 // Measured with fio through ext4, 4 KiB writes with an fsync after each
-// (tools/bench/README.md, session 10): faster in 8 of 10 alternated
-// rounds, median +6%. With more in flight the asynchronous path, which
+// (tools/bench/README.md, session 10): faster in 24 of 32 alternated
+// rounds, median +4%. With more in flight the asynchronous path, which
 // keeps the thread free for the others, is kept.
 bool RingWorker::WriteAlone(uint64_t bytes) const {
   return busy_ == 1 && bytes <= kAloneWriteBytes &&

@@ -94,8 +94,8 @@ class FuseServer {
   // ... of which were served with asynchronous image I/O (planned reads
   // and in-place writes).
   uint64_t RingAsyncRequests() const;
-  // Flushes a ring thread started after a write alone on its queue,
-  // before the fsync for it arrived (see RingWorker::FlushAhead).
+  // Flushes started after a small write at depth 1, before the fsync
+  // expected to follow it arrived (see Context::NoteWrite).
   uint64_t FlushesAhead() const;
   // The classic /dev/fuse workers running: all `max_threads` without the
   // ring; beside a ring in use, only the couple that serve what does not go

@@ -136,7 +136,6 @@ dev=$OUT
 pid=$(daemon_of "$dd")
 assert_eq "$(status "$dev" fuse_transport)" io_uring "transport by default"
 fio_reverify "$dev"
-
 pl umount "$dev"
 wait_gone "$dd" "$pid"
 

@@ -2,9 +2,15 @@
 // (stdout). Everything goes out with write(2), except WriteStable() data
 // when the descriptor is a pipe: that is handed to the pipe with
 // vmsplice(2) (without SPLICE_F_GIFT), so the pipe refers to the sender's
-// mapped page-cache pages instead of a copy of them, and the receiver's
-// read() copies them out once. When vmsplice is refused (not a pipe, a
-// kernel or sandbox without it) the writer falls back to write() for good.
+// pages (its read-ahead buffers, or mapped page-cache pages) instead of a
+// copy of them, and the receiver's read() copies them out once. When
+// vmsplice is refused (not a pipe, a kernel or sandbox without it) the
+// writer falls back to write() for good.
+//
+// Whoever reads the pipe may splice the pages on instead of reading them
+// (`pv` does, into its own output pipe), and they then live on in that
+// pipe or socket after ours is empty: the caller must not write into a
+// page it handed over, ever (see StreamWriter::WriteStable).
 //
 // In mount-helper/ with the other code that talks to the kernel beyond
 // plain file I/O (Drain() asks the pipe how much is unread, an ioctl).
@@ -39,7 +45,7 @@ class FdStreamWriter final : public StreamWriter {
   // asked.
   Status Drain() override;
 
-  uint64_t spliced_bytes() const { return spliced_bytes_; }
+  uint64_t referenced_bytes() const override { return spliced_bytes_; }
   uint64_t written_bytes() const { return written_bytes_; }
 
  private:

@@ -65,15 +65,22 @@ class StreamWriter {
   // Writes all of `data`. IOError when writing fails (EPIPE: the reader
   // went away).
   virtual Status Write(std::span<const std::byte> data) = 0;
-  // Writes all of `data`, like Write(), where `data` is file pages mapped
-  // read-only that stay unchanged until Drain() returned (the sender's
-  // locked source): a writer into a pipe may hand the pages themselves to
-  // the pipe (vmsplice) instead of copying them. The default is Write().
+  // Writes all of `data`, like Write(), but a writer into a pipe may hand
+  // the pages themselves to the pipe (vmsplice) instead of copying them
+  // (referenced_bytes() then grows). The pipe's reader may in turn pass
+  // them on by reference (splice into another pipe or a socket: `pv`
+  // does), so once handed over, a page may be read by someone else at any
+  // later time: the caller never writes into it again. It may read it,
+  // unmap it, or drop it (DropIoMemoryPages) and have fresh pages there.
+  // Mapped file pages qualify while nobody changes the file (the sender's
+  // locked source). The default is Write().
   virtual Status WriteStable(std::span<const std::byte> data) { return Write(data); }
-  // Returns once nothing written by WriteStable() is still referenced by
-  // the writer or what it writes into (a pipe holding spliced pages until
-  // the reader took them), or once that reader went away; the sender calls
-  // it before it releases its locks. The default has nothing to wait for.
+  // Bytes WriteStable() handed over by reference so far (not copied).
+  virtual uint64_t referenced_bytes() const { return 0; }
+  // Returns once nothing written by WriteStable() is still in what the
+  // writer writes into (a pipe holding spliced pages until the reader took
+  // them), or once that reader went away; the sender calls it before it
+  // releases its locks. The default has nothing to wait for.
   virtual Status Drain() { return Status::Ok(); }
 };
 
@@ -114,14 +121,18 @@ struct SendOptions {
   // Hash and compression workers; 0: one per CPU, at most 4.
   unsigned threads = 0;
   // Read the snapshot through read-only mappings of its files where they
-  // allow it (BlockFile::Map), so stored data can reach the writer without
-  // a copy (StreamWriter::WriteStable): for a snapshot in the page cache.
-  // False (the default) reads it ahead with direct I/O (ReadAhead), which
-  // keeps the disk busier on a cold snapshot and leaves the page cache to
-  // others. The stream's bytes are the same either way. A mapped page that cannot
-  // be read (the file shrank under us, or the device failed) raises SIGBUS
+  // allow it (BlockFile::Map), so stored data goes from the page cache to
+  // the writer (StreamWriter::WriteStable) without being read into
+  // buffers first: for a snapshot in the page cache. False (the default)
+  // reads it ahead with direct I/O (ReadAhead), which keeps the disk
+  // busier on a cold snapshot and leaves the page cache to others. The
+  // stream's bytes are the same either way. A mapped page that cannot be
+  // read (the file shrank under us, or the device failed) raises SIGBUS
   // instead of returning an error: only a caller that handles SIGBUS (as
-  // `ploop send` does) should set it.
+  // `ploop send` does) should set it. The chain's pages may outlive the
+  // send in a pipe whose reader splices them on (`pv`): a write to the
+  // disk right after the send can change what is still to be read there,
+  // which the receiver's digests then refuse.
   bool map_source = false;
   StreamProgressFn progress;
 };

@@ -32,20 +32,27 @@
 // the next reads while this process hashes and writes the current ones.
 // The workers check, hash and compress the clusters where they lie in the
 // blocks; a chunk holds at most kMaxHeldBlocks blocks (a cluster from a
-// further one is copied into its payload buffer) and gives them back once
-// written; its stored data is written with write() (the blocks are
-// reused). With SendOptions::map_source the producer maps the chain's
-// files read-only instead (MappedSource) and hands the workers pointers
-// into the page cache: for a snapshot that is in the cache, since a chunk
-// that goes out stored is then written as a list of spans of the mapping
-// -- through vmsplice into a pipe, when the StreamWriter can
-// (WriteStable), so its bytes are not copied on this side at all. The
-// pipe then holds references to the pages; the files are locked read-only
-// until the writer is drained, so they cannot change before the receiver
-// read them. Files that do not map (the in-memory file system, a
-// fault-injecting one) are then read with pread into the chunk's payload
-// buffer. An incremental stream compares each cluster with its base's,
-// mapped or read into a buffer. Every way sends the same bytes.
+// further one is copied into its payload buffer). With
+// SendOptions::map_source the producer maps the chain's files read-only
+// instead (MappedSource) and hands the workers pointers into the page
+// cache, for a snapshot that is in the cache. Files that do not map (the
+// in-memory file system, a fault-injecting one) are then read with pread
+// into the chunk's payload buffer. An incremental stream compares each
+// cluster with its base's, mapped or read into a buffer. Every way sends
+// the same bytes.
+//
+// Lending: a chunk that goes out stored is written where its clusters lie
+// (read-ahead blocks, the payload buffer, mappings) with WriteStable,
+// which into a pipe is vmsplice: the pipe refers to our pages, and the
+// receiver's read is the only copy of those bytes on the way. A write()
+// into a pipe copies them into new pipe pages, which the reader then
+// frees; on two cores that cost more than the hashing left
+// (tools/bench/README.md, session 11). The reader may pass the pages on
+// (splice) and keep them as long as it likes, so they are never written
+// again: a read-ahead block or payload buffer lent this way has its pages
+// dropped (fresh zeroed ones come at the next read, which costs less than
+// the copies saved) before it is reused. Mapped pages belong to the chain's
+// files, which stay locked until the writer is drained.
 //
 // Digests: a worker hashes each chunk's bytes as they will travel (header
 // fields, records, the payload after compression: fewer bytes than the
@@ -67,6 +74,7 @@
 //
 // Crash ordering: the sender writes nothing but the stream.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <optional>
 #include <thread>
@@ -109,6 +117,7 @@ class CountingWriter {
     return Status::Ok();
   }
   uint64_t bytes() const { return bytes_; }
+  uint64_t referenced_bytes() const { return out_.referenced_bytes(); }
 
  private:
   StreamWriter& out_;
@@ -137,8 +146,10 @@ struct ChunkJob {
   std::vector<const std::byte*> clusters;
   AlignedBuffer payload;  // slot j holds data cluster j when it was read
   // What `clusters` points into outside `payload` (source mappings or
-  // read-ahead blocks), kept until the chunk was written.
+  // read-ahead blocks), kept until the chunk was written; the read-ahead
+  // blocks' flags, set when their bytes went out by reference.
   std::vector<std::shared_ptr<const void>> holds;
+  std::vector<std::atomic<bool>*> lend_flags;
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
@@ -193,12 +204,6 @@ class Sender {
   Status Compress(ChunkJob& job);
   // Fills job.stored from job.clusters.
   void StoredSpans(ChunkJob& job) const;
-  // Whether `p` points into the job's payload buffer (a copy we reuse,
-  // unlike the mapped source pages).
-  bool InPayload(const ChunkJob& job, const std::byte* p) const {
-    return job.payload != nullptr && p >= job.payload.get() &&
-           p < job.payload.get() + payload_pool_.buffer_bytes();
-  }
   Status Emit(ChunkJob& job, Digest* chain);
   void Report(StreamProgress::Phase phase, uint64_t done, uint64_t total) {
     if (options_.progress) options_.progress(StreamProgress{phase, done, total, out_.bytes()});
@@ -464,7 +469,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
     out.clear();
     for (uint64_t k = i; k < j; ++k) {
       ASSIGN_OR_RETURN(ReadAhead::Piece piece, ahead->Cluster(k));
-      out.push_back(Piece{piece.data, std::move(piece.hold)});
+      out.push_back(Piece{piece.data, std::move(piece.hold), piece.lent});
     }
     return true;
   };
@@ -543,6 +548,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
             data = slot;
           } else {
             job->holds.push_back(hold);
+            if (pieces[k - i].lent != nullptr) job->lend_flags.push_back(pieces[k - i].lent);
           }
         }
         job->clusters.push_back(data);
@@ -635,9 +641,8 @@ void Sender::StoredSpans(ChunkJob& job) const {
     const std::byte* p = job.clusters[j];
     if (!job.stored.empty()) {
       std::span<const std::byte>& last = job.stored.back();
-      // Merge with the span before when adjacent and of the same kind
-      // (both copies in the payload buffer, or both mapped).
-      if (last.data() + last.size() == p && InPayload(job, last.data()) == InPayload(job, p)) {
+      // Merge with the span before when adjacent.
+      if (last.data() + last.size() == p) {
         last = std::span<const std::byte>(last.data(), last.size() + cb_);
         continue;
       }
@@ -651,17 +656,22 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   std::memcpy(job.head.data() + kChunkHeaderDigestedBytes, digest.data(), kDigestBytes);
   *chain = digest;
   // Header and records in one write, the payload (up to 4 MiB) straight
-  // from its buffer.
+  // from its buffer. Stored clusters go out where they lie, by reference
+  // into a pipe (see "Lending" above); an lz4 frame (shorter than
+  // what it carries) is copied.
   TRY(out_.Write(job.head));
   if (job.lz4) {
     TRY(out_.Write(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
   } else {
-    // Mapped source pages (of files locked read-only) may go into a pipe by
-    // reference; the payload buffer and read-ahead blocks are reused after
-    // this chunk, so what is in them is copied.
-    for (std::span<const std::byte> span : job.stored) {
-      const bool stable = options_.map_source && !InPayload(job, span.data());
-      TRY(stable ? out_.WriteStable(span) : out_.Write(span));
+    const uint64_t referenced = out_.referenced_bytes();
+    for (std::span<const std::byte> span : job.stored) TRY(out_.WriteStable(span));
+    if (out_.referenced_bytes() != referenced) {
+      // The pipe may refer to these pages for as long as it likes: they
+      // are dropped before their buffers are read into again.
+      for (std::atomic<bool>* lent : job.lend_flags) lent->store(true, std::memory_order_relaxed);
+      if (job.payload != nullptr) {
+        DropIoMemoryPages(job.payload.get(), payload_pool_.buffer_bytes());
+      }
     }
   }
   job.holds.clear();

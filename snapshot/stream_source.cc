@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "ploop/delta.h"
+#include "ploop/io/io_memory.h"
 #include "ploop/raw_image.h"
 
 namespace ploop::stream {
@@ -127,8 +128,14 @@ struct ReadAhead::Block {
   AlignedBuffer buf;  // cluster k of the block at k * cluster_bytes
   bool done = false;
   Status status;
+  // Some of the buffer's bytes were handed to a writer by reference
+  // (Piece::lent): its pages are dropped before the buffer is read into
+  // again, since a pipe or socket may still refer to them.
+  std::atomic<bool> lent{false};
   ~Block() {
-    if (pool != nullptr) pool->Put(std::move(buf));
+    if (pool == nullptr || buf == nullptr) return;
+    if (lent.load(std::memory_order_relaxed)) DropIoMemoryPages(buf.get(), pool->buffer_bytes());
+    pool->Put(std::move(buf));
   }
 };
 
@@ -263,7 +270,7 @@ Result<ReadAhead::Piece> ReadAhead::Cluster(uint64_t index) {
                                       " is not one of the clusters read");
   }
   const uint64_t k = static_cast<uint64_t>(it - block->indices.begin());
-  return Piece{block->buf.get() + k * source_.cluster_bytes(), block};
+  return Piece{block->buf.get() + k * source_.cluster_bytes(), block, &block->lent};
 }
 
 Status SourceChain::ReadView(int max_level, uint64_t first_index, uint64_t count,

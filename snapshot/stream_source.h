@@ -9,6 +9,7 @@
 // there.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -105,6 +106,10 @@ class ReadAhead {
   struct Piece {
     const std::byte* data = nullptr;   // cluster_bytes() long
     std::shared_ptr<const void> hold;  // keeps `data` valid
+    // Set it (while holding `hold`) once bytes of the block went to a
+    // writer by reference (StreamWriter::WriteStable): the block's pages
+    // are then dropped, not read into again, when the last holder let go.
+    std::atomic<bool>* lent = nullptr;
   };
   // Cluster `index`: one read (not skipped), above every index asked
   // before.

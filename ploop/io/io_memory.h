@@ -35,4 +35,12 @@ using IoMemory = std::unique_ptr<std::byte[], IoMemoryRelease>;
 // cannot be mapped.
 IoMemory AllocateIoMemory(size_t bytes);
 
+// Gives up the pages under the first `bytes` of `memory` (whole pages,
+// from its start): the memory reads as zeros again, on fresh pages, while
+// whoever still refers to the old ones (a pipe they were spliced into, a
+// socket) keeps them unchanged. For memory handed to a writer by
+// reference (StreamWriter::WriteStable) before it is written into again.
+// Costs the zeroing of the fresh pages when they are next touched.
+void DropIoMemoryPages(std::byte* memory, size_t bytes);
+
 }  // namespace ploop

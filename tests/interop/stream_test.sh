@@ -17,7 +17,9 @@
 #     short, a wrong or missing base, a disk already there -- each refused
 #     with its documented exit code and one line on stderr;
 #   - the zero-copy sender: the same stream bytes spliced into a pipe
-#     from the mapped deltas, written into a file, and read with pread; a
+#     from the mapped deltas, written into a file, and read with pread;
+#     the same bytes through a reader that splices them on into another
+#     pipe and reads them late (`pv` does the former); a
 #     delta cut short under the sender gives one line and exit 5 or 7 (a
 #     SIGBUS on the mapping is caught), not a crash;
 #   - progress: --progress=json lines on stderr; nothing on stderr by
@@ -27,7 +29,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/lib.sh"
 # shellcheck source=disk_lib.sh
 . "$here/disk_lib.sh"
-need qemu-img qemu-io perl
+need qemu-img qemu-io perl python3
 
 KiB=1024
 MiB=$((1024 * KiB))
@@ -137,6 +139,21 @@ cmp "$TMP/s.ahead" "$TMP/s.file" || fail "the piped stream differs from the one 
 cmp "$TMP/s.ahead" "$TMP/s.pipe" || fail "the stream read ahead differs from the mapped and spliced one"
 cmp "$TMP/s.ahead" "$TMP/s.copy" || fail "the stream read ahead differs from the mapped and copied one"
 cmp "$TMP/i.pipe" "$TMP/i.ahead" || fail "the incremental streams differ"
+
+note "a reader that splices the stream on (as pv does) and reads it late gets the same bytes"
+# The sender vmsplices read-ahead buffers into the pipe; a relay that
+# splices them into a second pipe keeps the pages after the first pipe is
+# empty. 48 MiB of random data in 1 MiB clusters: many more than the
+# read-ahead's buffers, which are read into again meanwhile.
+disk_init big 64M 1M
+random_file rbig $((48 * MiB)) 7
+dfile big rbig 0
+expect_ok bash -c "'$PLOOP' send big > '$TMP/b.file'"
+expect_ok bash -c "set -o pipefail; '$PLOOP' send big |
+  python3 -c 'import os
+while os.splice(0, 1, 1 << 20): pass' | (sleep 0.5; cat) > '$TMP/b.relay'"
+cmp "$TMP/b.file" "$TMP/b.relay" || fail "the stream spliced on by its reader differs"
+rm -rf big big.ref rbig "$TMP"/b.*
 
 # --- two hosts ------------------------------------------------------------------------
 note "two hosts, two folders, one pipe: a full stream and three incremental ones"

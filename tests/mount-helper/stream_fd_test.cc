@@ -1,18 +1,24 @@
 // FdStreamWriter (label posix): vmsplice into a tiny pipe drained by a slow
 // reader (every vmsplice partial) and write() into a regular file give the
 // same bytes as the plain writes; Drain() returns once the reader took
-// everything; a pipe without reader is an error, not a hang.
+// everything; a pipe without reader is an error, not a hang; `ploop
+// send`'s stream into a pipe whose reader splices the pages on (as `pv`
+// does) and reads them much later is the stream written with plain
+// writes (the sender never writes into a page it handed over).
 #include "mount-helper/stream_fd.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <thread>
 
 #include "ploop/io/posix_file_system.h"
+#include "snapshot/stream.h"
+#include "snapshot_support.h"
 #include "test_support.h"
 
 namespace ploop {
@@ -90,7 +96,7 @@ TEST_CASE("stream: vmsplice into a tiny pipe and write into a file give the same
   const Bytes expect = f.Play(pipe_writer);
   REQUIRE_OK(pipe_writer.Drain());
   const uint64_t stable = expect.size() - 100 - 7 - 4096 * 3;
-  CHECK(pipe_writer.spliced_bytes() == stable);
+  CHECK(pipe_writer.referenced_bytes() == stable);
   CHECK(pipe_writer.written_bytes() == expect.size() - stable);
   ::close(p[1]);
   reader.join();
@@ -105,7 +111,7 @@ TEST_CASE("stream: vmsplice into a tiny pipe and write into a file give the same
   mount::FdStreamWriter file_writer(fd, "file");
   CHECK(f.Play(file_writer) == expect);
   REQUIRE_OK(file_writer.Drain());
-  CHECK(file_writer.spliced_bytes() == 0);
+  CHECK(file_writer.referenced_bytes() == 0);
   ::close(fd);
   auto out = f.posix.Open(out_path, OpenMode::kReadOnly);
   REQUIRE_OK(out);
@@ -122,7 +128,7 @@ TEST_CASE("stream: vmsplice into a tiny pipe and write into a file give the same
   });
   mount::FdStreamWriter plain(p[1], "pipe", false);
   CHECK(f.Play(plain) == expect);
-  CHECK(plain.spliced_bytes() == 0);
+  CHECK(plain.referenced_bytes() == 0);
   ::close(p[1]);
   reader2.join();
   ::close(p[0]);
@@ -145,6 +151,66 @@ TEST_CASE("stream: a pipe whose reader went away fails WriteStable and Drain ret
   CHECK(s.message().find("receiver went away") != std::string::npos);
   CHECK(w.Drain().ok());  // unread pages, but nobody left to read them
   ::close(p[1]);
+}
+
+TEST_CASE("stream: a reader that splices the sender's pages on still gets the stream sent") {
+  TestRng rng;
+  TempDir tmp;
+  PosixFileSystem posix;
+  // 64 MiB of random data in 1 MiB clusters: 16 chunks that go out stored,
+  // four times the read-ahead's blocks, so its buffers are read into again
+  // while pages of earlier ones are still in the pipes.
+  const std::string dir = tmp / "src";
+  REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
+  const std::string dd = dir + "/DiskDescriptor.xml";
+  snaptest::MakeDisk(posix, 128 * kMiB, kMiB, ImageKind::kExpanded, dir + "/root.hds");
+  {
+    auto chain = snaptest::OpenTop(posix, dd);
+    for (uint64_t at = 0; at < 128 * kMiB; at += 8 * kMiB) {
+      REQUIRE_OK(chain->Write(at, rng.Bytes(4 * kMiB)));
+    }
+    REQUIRE_OK(chain->Close());
+  }
+  snaptest::MemWriter copied;
+  REQUIRE_OK(SendStream(posix, dd, copied, SendOptions{}).status());
+
+  // The sender writes into pipe a; a relay moves its buffers into pipe b
+  // (splice: the pages change hands, nothing is copied); the reader of b
+  // starts late and reads slowly, so pages sit in b while the sender goes
+  // on with its next blocks.
+  int a[2];
+  int b[2];
+  REQUIRE(::pipe(a) == 0);
+  REQUIRE(::pipe(b) == 0);
+  REQUIRE(::fcntl(a[1], F_SETPIPE_SZ, 1 << 20) >= 0);
+  REQUIRE(::fcntl(b[1], F_SETPIPE_SZ, 1 << 20) >= 0);
+  std::thread relay([&] {
+    for (;;) {
+      ssize_t n = ::splice(a[0], nullptr, b[1], nullptr, 1 << 20, 0);
+      if (n <= 0) break;
+    }
+    ::close(b[1]);
+  });
+  Bytes got;
+  std::thread reader([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    std::vector<std::byte> bite(256 << 10);
+    for (ssize_t n; (n = ::read(b[0], bite.data(), bite.size())) > 0;) {
+      got.insert(got.end(), bite.begin(), bite.begin() + n);
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+  });
+  mount::FdStreamWriter w(a[1], "pipe");
+  Status sent = SendStream(posix, dd, w, SendOptions{}).status();
+  ::close(a[1]);
+  relay.join();
+  reader.join();
+  ::close(a[0]);
+  ::close(b[0]);
+  REQUIRE_OK(sent);
+  CHECK(w.referenced_bytes() > 32 * kMiB);
+  CHECK(got.size() == copied.bytes.size());
+  CHECK(got == copied.bytes);
 }
 
 TEST_SUITE_END();

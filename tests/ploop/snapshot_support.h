@@ -1,7 +1,8 @@
 // Helpers shared by the snapshot tests (snapshot_test.cc,
-// snapshot_model_test.cc, snapshot_crash_test.cc): a disk in the folder
-// "disk" of a file system, whole-snapshot reads, and byte-for-byte
-// pictures of the folder for "nothing changed" assertions.
+// snapshot_model_test.cc, snapshot_crash_test.cc, the stream tests): a
+// disk in the folder "disk" of a file system, whole-snapshot reads,
+// byte-for-byte pictures of the folder for "nothing changed" assertions,
+// and a stream writer into memory.
 #pragma once
 
 #include <cstring>
@@ -16,6 +17,7 @@
 #include "ploop/disk.h"
 #include "ploop/io/memory_file_system.h"
 #include "snapshot/snapshot.h"
+#include "snapshot/stream.h"
 #include "test_support.h"
 
 namespace ploop::snaptest {
@@ -39,6 +41,16 @@ inline void MakeDisk(FileSystem& fs, uint64_t size_bytes, uint64_t cluster_bytes
   o.kind = kind;
   REQUIRE_OK(CreateDisk(fs, image, o));
 }
+
+// A stream kept in memory (every byte copied).
+class MemWriter final : public StreamWriter {
+ public:
+  Status Write(std::span<const std::byte> data) override {
+    bytes.insert(bytes.end(), data.begin(), data.end());
+    return Status::Ok();
+  }
+  Bytes bytes;
+};
 
 inline std::unique_ptr<Chain> OpenTop(FileSystem& fs, const std::string& dd = kDd) {
   OpenOptions o;

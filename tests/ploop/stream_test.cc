@@ -91,15 +91,6 @@ const std::string kSrc = "src/DiskDescriptor.xml";
 const std::string kDst = "dst";
 const std::string kDstDd = "dst/DiskDescriptor.xml";
 
-class MemWriter final : public StreamWriter {
- public:
-  Status Write(std::span<const std::byte> data) override {
-    bytes.insert(bytes.end(), data.begin(), data.end());
-    return Status::Ok();
-  }
-  Bytes bytes;
-};
-
 // Reads `data`, ending (as a closed pipe does) after `limit` bytes.
 class MemReader final : public StreamReader {
  public:

@@ -169,10 +169,10 @@ int RunSend(const SendArgs& args) {
   options.compress = !args.no_compress;
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
-  // The snapshot is read ahead with direct I/O. PLOOP_SEND_MAP=1 reads it
-  // through mappings of the delta files instead, and then stored data goes
-  // into a pipe by reference (PLOOP_SEND_NO_SPLICE=1: copied): for a
-  // snapshot that is in the page cache, and for comparisons (tests,
+  // The snapshot is read ahead with direct I/O (PLOOP_SEND_MAP=1: through
+  // mappings of the delta files, for a snapshot that is in the page
+  // cache), and stored data goes into a pipe by reference
+  // (PLOOP_SEND_NO_SPLICE=1: copied, for comparisons: tests,
   // tools/bench/README.md). The stream's bytes are the same.
   mount::FdStreamWriter out(STDOUT_FILENO, "stdout",
                             std::getenv("PLOOP_SEND_NO_SPLICE") == nullptr);

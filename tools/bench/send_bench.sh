@@ -32,7 +32,9 @@
 #             durable at the end. QEMU_CACHE=none makes it write with
 #             O_DIRECT instead (`-t none`), as our receiver does by default.
 # The ratio is qemu-img's time over ours, i.e. our throughput relative to
-# qemu-img's (target >= 1.0x).
+# qemu-img's (target >= 1.0x). Each command's CPU time (user + system, all
+# its processes) is printed too: against its wall time on all CPUs it
+# says whether the CPUs or the disk set the pace.
 #
 # Before every timed command: `sync`, the page cache dropped (when
 # /proc/sys/vm/drop_caches is writable), the source read into it for
@@ -226,13 +228,28 @@ run_qemu() {
   qemu-img convert -f parallels -O parallels -t "$qemu_cache" "$src/root.hds" "$dir/dst.$1.hds"
 }
 
+# Sets `ticks` to the CPU time (user + system, in clock ticks) of the
+# commands this shell has waited for: fields 16 and 17 of its stat (read
+# without starting a process, which would count itself).
+child_ticks() {
+  local f
+  read -r -a f <"/proc/$BASHPID/stat"
+  ticks=$((f[15] + f[16]))
+}
+
+# Prints the wall time and the CPU time (user + system, every process of
+# the command) of one timed command, in seconds.
 timed() {
   prepare
-  local t0 t1
+  local t0 t1 c0
+  child_ticks
+  c0=$ticks
   t0=$EPOCHREALTIME
   "$@"
   t1=$EPOCHREALTIME
-  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+  child_ticks
+  awk -v a="$t0" -v b="$t1" -v c=$((ticks - c0)) -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { printf "%.3f %.2f\n", b - a, c / hz }'
 }
 
 verify() {
@@ -257,31 +274,33 @@ fi
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 
-t_ours=() t_qemu=() ratios=()
+t_ours=() t_qemu=() ratios=() c_ours=() c_qemu=()
 # Each tool's times when it ran first in its round, i.e. right after itself
 # (the previous round's second command), from round 2 on.
 self_ours=() self_qemu=()
-printf '%-6s %9s %9s %9s  %s\n' round ploop qemu-img ratio order
+printf '%-6s %9s %9s %9s  %-10s %9s %9s\n' round ploop qemu-img ratio order "cpu ploop" qemu-img
 for ((r = 1; r <= rounds; r++)); do
   if ((r % 2)); then order=(ours qemu); else order=(qemu ours); fi
   for what in "${order[@]}"; do
     case "$what" in
       ours)
-        a=$(timed run_ploop "$r")
+        out=$(timed run_ploop "$r")
+        read -r a ca <<<"$out"
         verify "$dir/dst.$r/root.hds"
         ;;
       qemu)
-        b=$(timed run_qemu "$r")
+        out=$(timed run_qemu "$r")
+        read -r b cb <<<"$out"
         if ((r == 1)); then verify "$dir/dst.$r.hds"; fi
         ;;
     esac
   done
   ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", b / a }')
-  t_ours+=("$a") t_qemu+=("$b") ratios+=("$ratio")
+  t_ours+=("$a") t_qemu+=("$b") ratios+=("$ratio") c_ours+=("$ca") c_qemu+=("$cb")
   if ((r > 1)); then
     if ((r % 2)); then self_ours+=("$a"); else self_qemu+=("$b"); fi
   fi
-  printf '%-6s %8ss %8ss %8sx  %s\n' "$r" "$a" "$b" "$ratio" "${order[*]}"
+  printf '%-6s %8ss %8ss %8sx  %-10s %8ss %8ss\n' "$r" "$a" "$b" "$ratio" "${order[*]}" "$ca" "$cb"
 done
 rm -rf "$dir"/dst.*
 stream_bytes=$("$ploop" send "$src" | wc -c)
@@ -302,6 +321,14 @@ if ((${#self_ours[@]} > 0 && ${#self_qemu[@]} > 0)); then
   s_qemu=$(printf '%s\n' "${self_qemu[@]}" | median)
   echo "each after itself (first in rounds 2-$rounds): ploop $s_ours s, qemu-img $s_qemu s (ratio $(awk -v a="$s_ours" -v b="$s_qemu" 'BEGIN { printf "%.2f", b / a }')x)"
 fi
+# CPU time against wall time on all CPUs: near 100% means the command was
+# bound by the CPUs, not by the disk.
+mc_ours=$(printf '%s\n' "${c_ours[@]}" | median)
+mc_qemu=$(printf '%s\n' "${c_qemu[@]}" | median)
+printf 'cpu (medians): ploop %.2f CPU-s, %.0f%% of the %d CPUs over its time; qemu-img %.2f CPU-s, %.0f%%\n' \
+  "$mc_ours" "$(awk -v c="$mc_ours" -v t="$m_ours" -v n="$(nproc)" 'BEGIN { print 100 * c / (t * n) }')" \
+  "$(nproc)" \
+  "$mc_qemu" "$(awk -v c="$mc_qemu" -v t="$m_qemu" -v n="$(nproc)" 'BEGIN { print 100 * c / (t * n) }')"
 printf 'send|receive: ploop %.2f s (%.0f MiB/s of data), qemu-img convert %.2f s (%.0f MiB/s), throughput ratio %.2fx (target >= 1.0x)\n' \
   "$m_ours" "$(awk -v t="$m_ours" -v d="$data_mib" 'BEGIN { print d / t }')" \
   "$m_qemu" "$(awk -v t="$m_qemu" -v d="$data_mib" 'BEGIN { print d / t }')" "$m_ratio"

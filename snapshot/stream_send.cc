@@ -669,8 +669,10 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
       // The pipe may refer to these pages for as long as it likes: they
       // are dropped before their buffers are read into again.
       for (std::atomic<bool>* lent : job.lend_flags) lent->store(true, std::memory_order_relaxed);
-      if (job.payload != nullptr) {
-        DropIoMemoryPages(job.payload.get(), payload_pool_.buffer_bytes());
+      // A buffer whose pages could not be dropped is unmapped, not reused.
+      if (job.payload != nullptr &&
+          !DropIoMemoryPages(job.payload.get(), payload_pool_.buffer_bytes())) {
+        job.payload.reset();
       }
     }
   }
@@ -858,13 +860,18 @@ Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, Strea
   }
   OpenOptions open;
   ASSIGN_OR_RETURN(auto chain, Chain::Open(fs, dd, guid, open));
-  // The writer may hold references to the chain's pages (WriteStable into
-  // a pipe): wait until the receiver took them before the chain (and its
-  // locks) goes, on every way out, so nobody can change them meanwhile.
+  // A mapped source puts the chain's own pages into the pipe (WriteStable):
+  // wait until the receiver took them before the chain (and its locks)
+  // goes, on every way out, so nobody can change them meanwhile. Pages of
+  // our read-ahead buffers need no wait: those buffers are never written
+  // again in place (see "Lending").
   struct DrainFirst {
     StreamWriter& out;
-    ~DrainFirst() { out.Drain().IgnoreError(); }
-  } drain_first{out};
+    bool mapped;
+    ~DrainFirst() {
+      if (mapped) out.Drain().IgnoreError();
+    }
+  } drain_first{out, options.map_source};
   ASSIGN_OR_RETURN(Plan plan, MakePlan(dd, images, *chain, options, base_guid));
   StreamHeader& h = plan.header;
   SourceChain counter(*chain);

@@ -134,7 +134,12 @@ struct ReadAhead::Block {
   std::atomic<bool> lent{false};
   ~Block() {
     if (pool == nullptr || buf == nullptr) return;
-    if (lent.load(std::memory_order_relaxed)) DropIoMemoryPages(buf.get(), pool->buffer_bytes());
+    // Pages that could not be dropped go with the buffer (unmapped), not
+    // back to the pool.
+    if (lent.load(std::memory_order_relaxed) &&
+        !DropIoMemoryPages(buf.get(), pool->buffer_bytes())) {
+      return;
+    }
     pool->Put(std::move(buf));
   }
 };

@@ -45,12 +45,12 @@ IoMemory AllocateIoMemory(size_t bytes) {
   return IoMemory(p, IoMemoryRelease{length});
 }
 
-void DropIoMemoryPages(std::byte* memory, size_t bytes) {
+bool DropIoMemoryPages(std::byte* memory, size_t bytes) {
   const size_t page = PageBytes();
   const size_t length = (bytes + page - 1) / page * page;
   // MADV_DONTNEED on private anonymous memory: the next touch maps a new
-  // zeroed page. Only fails for memory that is not ours (a caller's bug).
-  if (length > 0) ::madvise(memory, length, MADV_DONTNEED);
+  // zeroed page. It refuses locked pages (mlock, mlockall).
+  return length == 0 || ::madvise(memory, length, MADV_DONTNEED) == 0;
 }
 
 }  // namespace ploop

@@ -40,7 +40,9 @@ IoMemory AllocateIoMemory(size_t bytes);
 // whoever still refers to the old ones (a pipe they were spliced into, a
 // socket) keeps them unchanged. For memory handed to a writer by
 // reference (StreamWriter::WriteStable) before it is written into again.
-// Costs the zeroing of the fresh pages when they are next touched.
-void DropIoMemoryPages(std::byte* memory, size_t bytes);
+// Costs the zeroing of the fresh pages when they are next touched. False
+// when the kernel refused (locked memory): the old pages are still there,
+// so the memory must not be written again, only unmapped.
+[[nodiscard]] bool DropIoMemoryPages(std::byte* memory, size_t bytes);
 
 }  // namespace ploop

@@ -1,11 +1,15 @@
 // AllocateIoMemory: the alignment its users carve buffers by, zeroed and
 // writable memory over the whole length, and the huge-page advice that
-// makes a direct transfer a few pieces of contiguous memory (io_memory.h).
+// makes a direct transfer a few pieces of contiguous memory (io_memory.h);
+// DropIoMemoryPages: fresh zeroed pages, and a refusal for locked ones.
 #include "ploop/io/io_memory.h"
 
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -75,6 +79,22 @@ TEST_CASE("io memory: released memory is unmapped") {
   CHECK(!VmFlagsOf(p).empty());
   m.reset();
   CHECK(VmFlagsOf(p).empty());
+}
+
+TEST_CASE("io memory: dropped pages read as zeros, locked ones are refused and kept") {
+  IoMemory m = AllocateIoMemory(2 * kMiB);
+  REQUIRE(m != nullptr);
+  std::memset(m.get(), 0x5a, 2 * kMiB);
+  // Part of a page counts as the whole page.
+  CHECK(DropIoMemoryPages(m.get(), kMiB + 1));
+  CHECK(std::all_of(m.get(), m.get() + kMiB + 4096, [](std::byte b) { return b == std::byte{0}; }));
+  CHECK(m[kMiB + 4096] == std::byte{0x5a});
+  // Locked memory keeps its pages: the caller must not reuse it.
+  std::byte* page = m.get() + kMiB + 4096;
+  REQUIRE(::mlock(page, 4096) == 0);
+  CHECK(!DropIoMemoryPages(page, 4096));
+  CHECK(page[0] == std::byte{0x5a});
+  ::munlock(page, 4096);
 }
 
 TEST_SUITE_END();

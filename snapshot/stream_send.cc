@@ -41,18 +41,20 @@
 // cluster with its base's, mapped or read into a buffer. Every way sends
 // the same bytes.
 //
-// Lending: a chunk that goes out stored is written where its clusters lie
-// (read-ahead blocks, the payload buffer, mappings) with WriteStable,
-// which into a pipe is vmsplice: the pipe refers to our pages, and the
-// receiver's read is the only copy of those bytes on the way. A write()
-// into a pipe copies them into new pipe pages, which the reader then
-// frees; on two cores that cost more than the hashing left
-// (tools/bench/README.md, session 11). The reader may pass the pages on
-// (splice) and keep them as long as it likes, so they are never written
-// again: a read-ahead block or payload buffer lent this way has its pages
-// dropped (fresh zeroed ones come at the next read, which costs less than
-// the copies saved) before it is reused. Mapped pages belong to the chain's
-// files, which stay locked until the writer is drained.
+// Lending: a chunk's payload is written where it lies -- stored clusters
+// in read-ahead blocks, the payload buffer or mappings, an lz4 frame in
+// its buffer -- with WriteStable, which into a pipe is vmsplice: the pipe
+// refers to our pages, and the receiver's read is the only copy of those
+// bytes on the way. A write() into a pipe copies them into new pipe pages,
+// which the reader then frees, and holds the pipe's lock while it copies,
+// so the reader spins; on two cores that cost more than the hashing left
+// (tools/bench/README.md, sessions 11 and 12). The reader may pass the
+// pages on (splice) and keep them as long as it likes, so they are never
+// written again: a read-ahead block, payload buffer or frame buffer lent
+// this way has its pages dropped (fresh zeroed ones come at the next use,
+// which costs less than the copies saved) before it is reused. Mapped
+// pages belong to the chain's files, which stay locked until the writer is
+// drained.
 //
 // Digests: a worker hashes each chunk's bytes as they will travel (header
 // fields, records, the payload after compression: fewer bytes than the
@@ -656,12 +658,18 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   std::memcpy(job.head.data() + kChunkHeaderDigestedBytes, digest.data(), kDigestBytes);
   *chain = digest;
   // Header and records in one write, the payload (up to 4 MiB) straight
-  // from its buffer. Stored clusters go out where they lie, by reference
-  // into a pipe (see "Lending" above); an lz4 frame (shorter than
-  // what it carries) is copied.
+  // from where it lies, by reference into a pipe (see "Lending" above).
   TRY(out_.Write(job.head));
   if (job.lz4) {
-    TRY(out_.Write(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
+    const uint64_t referenced = out_.referenced_bytes();
+    TRY(out_.WriteStable(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
+    if (out_.referenced_bytes() != referenced) {
+      // Only the huge pages the frame used, so none is split.
+      const size_t used = std::min(compressed_pool_.buffer_bytes(),
+                                   (job.compressed_bytes + kIoMemoryHugePageBytes - 1) /
+                                       kIoMemoryHugePageBytes * kIoMemoryHugePageBytes);
+      if (!DropIoMemoryPages(job.compressed.get(), used)) job.compressed.reset();
+    }
   } else {
     const uint64_t referenced = out_.referenced_bytes();
     for (std::span<const std::byte> span : job.stored) TRY(out_.WriteStable(span));

@@ -14,8 +14,6 @@ namespace ploop {
 
 namespace {
 
-constexpr size_t kHugePageBytes = size_t{2} << 20;
-
 size_t PageBytes() {
   static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
   return page;
@@ -30,7 +28,7 @@ void IoMemoryRelease::operator()(std::byte* p) const {
 IoMemory AllocateIoMemory(size_t bytes) {
   const size_t page = PageBytes();
   const size_t length = (std::max<size_t>(bytes, 1) + page - 1) / page * page;
-  const size_t align = length >= kHugePageBytes ? kHugePageBytes : page;
+  const size_t align = length >= kIoMemoryHugePageBytes ? kIoMemoryHugePageBytes : page;
   const size_t reserve = length + align - page;
   void* raw = ::mmap(nullptr, reserve, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (raw == MAP_FAILED) return IoMemory(nullptr, IoMemoryRelease{});

@@ -24,6 +24,9 @@
 
 namespace ploop {
 
+// The huge page size IoMemory is aligned to (x86-64, arm64 with 4 KiB pages).
+inline constexpr size_t kIoMemoryHugePageBytes = size_t{2} << 20;
+
 struct IoMemoryRelease {
   size_t mapped_bytes = 0;  // the length of the mapping, from the pointer
   void operator()(std::byte* p) const;

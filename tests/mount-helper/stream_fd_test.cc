@@ -8,9 +8,12 @@
 #include "mount-helper/stream_fd.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <csignal>
 #include <cstring>
@@ -157,58 +160,89 @@ TEST_CASE("stream: a reader that splices the sender's pages on still gets the st
   TestRng rng;
   TempDir tmp;
   PosixFileSystem posix;
-  // 64 MiB of random data in 1 MiB clusters: 16 chunks that go out stored,
-  // four times the read-ahead's blocks, so its buffers are read into again
-  // while pages of earlier ones are still in the pipes.
+  // 6 runs of 4 MiB of random data (chunks that go out stored) and 4 MiB
+  // that lz4 shrinks (each 4 KiB a different 1 KiB, then zeros: chunks that
+  // go out as frames), in 1 MiB clusters: 48 MiB read, so the read-ahead's
+  // 16 MiB of blocks and the frames' buffers are used again and again.
   const std::string dir = tmp / "src";
   REQUIRE(::mkdir(dir.c_str(), 0755) == 0);
   const std::string dd = dir + "/DiskDescriptor.xml";
-  snaptest::MakeDisk(posix, 128 * kMiB, kMiB, ImageKind::kExpanded, dir + "/root.hds");
+  snaptest::MakeDisk(posix, 64 * kMiB, kMiB, ImageKind::kExpanded, dir + "/root.hds");
   {
     auto chain = snaptest::OpenTop(posix, dd);
-    for (uint64_t at = 0; at < 128 * kMiB; at += 8 * kMiB) {
+    for (uint64_t at = 0; at < 48 * kMiB; at += 8 * kMiB) {
       REQUIRE_OK(chain->Write(at, rng.Bytes(4 * kMiB)));
+      Bytes sparse(4 * kMiB);
+      for (size_t b = 0; b < sparse.size(); b += 4096) {
+        Bytes head = rng.Bytes(1024);
+        std::copy(head.begin(), head.end(), sparse.begin() + b);
+      }
+      REQUIRE_OK(chain->Write(at + 4 * kMiB, sparse));
     }
     REQUIRE_OK(chain->Close());
   }
   snaptest::MemWriter copied;
   REQUIRE_OK(SendStream(posix, dd, copied, SendOptions{}).status());
 
-  // The sender writes into pipe a; a relay moves its buffers into pipe b
-  // (splice: the pages change hands, nothing is copied); the reader of b
-  // starts late and reads slowly, so pages sit in b while the sender goes
-  // on with its next blocks.
+  // The sender writes into pipe `a`; a relay moves what arrives into a
+  // series of 1 MiB pipes (splice: the pages change hands, nothing is
+  // copied) and reads none of it until the sender is done. Every page the
+  // sender lent is then still in a pipe while it goes on, as long as a
+  // relay like pv could keep it: a buffer written into again in place
+  // would show in the bytes read at the end.
   int a[2];
-  int b[2];
   REQUIRE(::pipe(a) == 0);
-  REQUIRE(::pipe(b) == 0);
   REQUIRE(::fcntl(a[1], F_SETPIPE_SZ, 1 << 20) >= 0);
-  REQUIRE(::fcntl(b[1], F_SETPIPE_SZ, 1 << 20) >= 0);
+  std::vector<std::array<int, 2>> held;
+  Status relayed;
   std::thread relay([&] {
-    for (;;) {
-      ssize_t n = ::splice(a[0], nullptr, b[1], nullptr, 1 << 20, 0);
-      if (n <= 0) break;
+    auto next_pipe = [&]() -> bool {
+      std::array<int, 2> b;
+      if (::pipe(b.data()) != 0 || ::fcntl(b[1], F_SETPIPE_SZ, 1 << 20) < 0) return false;
+      held.push_back(b);
+      return true;
+    };
+    if (!next_pipe()) {
+      relayed = Status::FromErrno(errno, "pipe");
+      return;
     }
-    ::close(b[1]);
-  });
-  Bytes got;
-  std::thread reader([&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    std::vector<std::byte> bite(256 << 10);
-    for (ssize_t n; (n = ::read(b[0], bite.data(), bite.size())) > 0;) {
-      got.insert(got.end(), bite.begin(), bite.begin() + n);
-      std::this_thread::sleep_for(std::chrono::microseconds(500));
+    for (;;) {
+      pollfd in{a[0], POLLIN, 0};
+      if (::poll(&in, 1, -1) < 0) {
+        relayed = Status::FromErrno(errno, "poll");
+        return;
+      }
+      ssize_t n = ::splice(a[0], nullptr, held.back()[1], nullptr, 1 << 20, SPLICE_F_NONBLOCK);
+      if (n == 0) return;  // the sender closed `a`
+      if (n < 0 && errno == EAGAIN) {
+        if (!next_pipe()) {  // the last one is full
+          relayed = Status::FromErrno(errno, "pipe");
+          return;
+        }
+      } else if (n < 0) {
+        relayed = Status::FromErrno(errno, "splice");
+        return;
+      }
     }
   });
   mount::FdStreamWriter w(a[1], "pipe");
   Status sent = SendStream(posix, dd, w, SendOptions{}).status();
   ::close(a[1]);
   relay.join();
-  reader.join();
   ::close(a[0]);
-  ::close(b[0]);
   REQUIRE_OK(sent);
-  CHECK(w.referenced_bytes() > 32 * kMiB);
+  REQUIRE_OK(relayed);
+  Bytes got;
+  for (const std::array<int, 2>& b : held) {
+    ::close(b[1]);
+    std::vector<std::byte> bite(256 << 10);
+    for (ssize_t n; (n = ::read(b[0], bite.data(), bite.size())) > 0;) {
+      got.insert(got.end(), bite.begin(), bite.begin() + n);
+    }
+    ::close(b[0]);
+  }
+  // The stored 24 MiB and the frames (about a quarter of the other 24).
+  CHECK(w.referenced_bytes() > 28 * kMiB);
   CHECK(got.size() == copied.bytes.size());
   CHECK(got == copied.bytes);
 }

@@ -151,7 +151,7 @@ struct ChunkJob {
   // read-ahead blocks), kept until the chunk was written; the read-ahead
   // blocks' flags, set when their bytes went out by reference.
   std::vector<std::shared_ptr<const void>> holds;
-  std::vector<std::atomic<bool>*> lend_flags;
+  std::vector<LentPages*> lend_marks;  // of the read-ahead blocks held
   // Per record: its data's position in the payload (data records only).
   std::vector<uint32_t> payload_slot;
   // Filled by a worker:
@@ -550,7 +550,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
             data = slot;
           } else {
             job->holds.push_back(hold);
-            if (pieces[k - i].lent != nullptr) job->lend_flags.push_back(pieces[k - i].lent);
+            if (pieces[k - i].lent != nullptr) job->lend_marks.push_back(pieces[k - i].lent);
           }
         }
         job->clusters.push_back(data);
@@ -660,9 +660,15 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
   // Header and records in one write, the payload (up to 4 MiB) straight
   // from where it lies, by reference into a pipe (see "Lending" above).
   TRY(out_.Write(job.head));
+  // The pipe may refer to what went by reference for as long as it likes,
+  // even after a failed write: those pages are dropped before their
+  // buffers are written into again. A buffer whose pages could not be
+  // dropped is unmapped, not reused.
+  const uint64_t referenced = out_.referenced_bytes();
+  Status written;
   if (job.lz4) {
-    const uint64_t referenced = out_.referenced_bytes();
-    TRY(out_.WriteStable(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes)));
+    written =
+        out_.WriteStable(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes));
     if (out_.referenced_bytes() != referenced) {
       // Only the huge pages the frame used, so none is split.
       const size_t used = std::min(compressed_pool_.buffer_bytes(),
@@ -671,19 +677,24 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
       if (!DropIoMemoryPages(job.compressed.get(), used)) job.compressed.reset();
     }
   } else {
-    const uint64_t referenced = out_.referenced_bytes();
-    for (std::span<const std::byte> span : job.stored) TRY(out_.WriteStable(span));
+    for (std::span<const std::byte> span : job.stored) {
+      written = out_.WriteStable(span);
+      if (!written.ok()) break;
+    }
     if (out_.referenced_bytes() != referenced) {
-      // The pipe may refer to these pages for as long as it likes: they
-      // are dropped before their buffers are read into again.
-      for (std::atomic<bool>* lent : job.lend_flags) lent->store(true, std::memory_order_relaxed);
-      // A buffer whose pages could not be dropped is unmapped, not reused.
+      // Clusters in read-ahead blocks: the pages under them, when the
+      // block is let go.
+      for (LentPages* lent : job.lend_marks) {
+        for (std::span<const std::byte> span : job.stored) lent->Mark(span.data(), span.size());
+      }
+      // Clusters in the payload buffer: all of it, now.
       if (job.payload != nullptr &&
           !DropIoMemoryPages(job.payload.get(), payload_pool_.buffer_bytes())) {
         job.payload.reset();
       }
     }
   }
+  TRY(written);
   job.holds.clear();
   // Content digests of a full stream, index by index: layer k reads the
   // highest record at or below k (a hole reads zeros), or zeros.

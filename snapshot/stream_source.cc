@@ -128,21 +128,36 @@ struct ReadAhead::Block {
   AlignedBuffer buf;  // cluster k of the block at k * cluster_bytes
   bool done = false;
   Status status;
-  // Some of the buffer's bytes were handed to a writer by reference
-  // (Piece::lent): its pages are dropped before the buffer is read into
-  // again, since a pipe or socket may still refer to them.
-  std::atomic<bool> lent{false};
+  // The buffer's bytes handed to a writer by reference (Piece::lent):
+  // their pages are dropped before the buffer is read into again, since a
+  // pipe or socket may still refer to them.
+  LentPages lent;
   ~Block() {
     if (pool == nullptr || buf == nullptr) return;
-    // Pages that could not be dropped go with the buffer (unmapped), not
-    // back to the pool.
-    if (lent.load(std::memory_order_relaxed) &&
-        !DropIoMemoryPages(buf.get(), pool->buffer_bytes())) {
-      return;
+    const size_t bytes = pool->buffer_bytes();
+    const uint64_t mask = lent.mask();
+    for (size_t i = 0; i < 64 && i * kIoMemoryHugePageBytes < bytes; ++i) {
+      if ((mask >> i & 1) == 0) continue;
+      const size_t from = i * kIoMemoryHugePageBytes;
+      const size_t to = i == 63 ? bytes : std::min(bytes, from + kIoMemoryHugePageBytes);
+      // Pages that could not be dropped go with the buffer (unmapped), not
+      // back to the pool.
+      if (!DropIoMemoryPages(buf.get() + from, to - from)) return;
     }
     pool->Put(std::move(buf));
   }
 };
+
+void LentPages::Mark(const std::byte* data, size_t size) {
+  if (base_ == nullptr || data + size <= base_ || data >= base_ + bytes_) return;
+  const size_t from = static_cast<size_t>(std::max(data, base_) - base_);
+  const size_t to = static_cast<size_t>(std::min(data + size, base_ + bytes_) - base_);
+  uint64_t bits = 0;
+  for (size_t i = from / kIoMemoryHugePageBytes; i * kIoMemoryHugePageBytes < to; ++i) {
+    bits |= uint64_t{1} << std::min<size_t>(i, 63);
+  }
+  mask_.fetch_or(bits, std::memory_order_relaxed);
+}
 
 ReadAhead::ReadAhead(SourceChain& source, std::function<int(uint64_t)> level_of,
                      uint64_t start_index, uint64_t end_index, unsigned threads, unsigned depth,
@@ -223,6 +238,7 @@ void ReadAhead::ReaderLoop() {
     lock.unlock();
     block->pool = pool_;
     block->buf = pool_->Get();
+    block->lent.Attach(block->buf.get(), pool_->buffer_bytes());
     Status status;
     for (const Block::Piece& p : block->pieces) {
       auto out =

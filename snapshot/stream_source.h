@@ -89,6 +89,29 @@ class SourceChain {
 //
 // Thread-safety: Cluster() from one thread; Pieces may move to other
 // threads and outlive the ReadAhead.
+// Which huge pages (kIoMemoryHugePageBytes) of a read-ahead block went to a
+// writer by reference (StreamWriter::WriteStable). Only those are dropped
+// before the block's buffer is read into again: a block whose clusters
+// all went out compressed keeps its pages, and saves their zeroing.
+// Thread-safety: Mark() from any thread; Attach() before any Mark().
+class LentPages {
+ public:
+  void Attach(const std::byte* base, size_t bytes) {
+    base_ = base;
+    bytes_ = bytes;
+  }
+  // Marks the pages under the part of [data, data + size) inside the block.
+  void Mark(const std::byte* data, size_t size);
+  // Bit i: page i (from base, kIoMemoryHugePageBytes each) was lent; bit
+  // 63 stands for page 63 and every page after it.
+  uint64_t mask() const { return mask_.load(std::memory_order_relaxed); }
+
+ private:
+  const std::byte* base_ = nullptr;
+  size_t bytes_ = 0;
+  std::atomic<uint64_t> mask_{0};
+};
+
 class ReadAhead {
  public:
   // For each index in [start_index, end_index), level_of(index) names the
@@ -106,10 +129,10 @@ class ReadAhead {
   struct Piece {
     const std::byte* data = nullptr;   // cluster_bytes() long
     std::shared_ptr<const void> hold;  // keeps `data` valid
-    // Set it (while holding `hold`) once bytes of the block went to a
-    // writer by reference (StreamWriter::WriteStable): the block's pages
-    // are then dropped, not read into again, when the last holder let go.
-    std::atomic<bool>* lent = nullptr;
+    // Mark there (while holding `hold`) the bytes of the block that went to
+    // a writer by reference (StreamWriter::WriteStable): their pages are
+    // then dropped, not read into again, when the last holder let go.
+    LentPages* lent = nullptr;
   };
   // Cluster `index`: one read (not skipped), above every index asked
   // before.

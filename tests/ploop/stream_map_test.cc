@@ -24,6 +24,7 @@
 
 #include <csignal>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <random>
 #include <thread>
@@ -347,6 +348,35 @@ TEST_CASE("stream: ReadAhead reads every cluster it is asked for as the chain re
   REQUIRE(!r.ok());
   CHECK(r.status().code() == StatusCode::kCorruption);
   CHECK(r.status().message().find(source.layer(top).path()) != std::string::npos);
+}
+
+TEST_CASE("stream: LentPages marks the huge pages a span lent covers, inside its block only") {
+  constexpr size_t kHuge = kIoMemoryHugePageBytes;
+  // Only addresses are used: the memory is never touched.
+  auto memory = std::make_unique_for_overwrite<std::byte[]>(8 * kHuge);
+  const std::byte* block = memory.get() + kHuge;
+  stream::LentPages lent;
+  lent.Mark(block, kHuge);  // before Attach: not a block yet
+  CHECK(lent.mask() == 0);
+  lent.Attach(block, 4 * kHuge);
+  lent.Mark(memory.get(), kHuge);       // wholly before the block
+  lent.Mark(block + 4 * kHuge, kHuge);  // wholly after it
+  CHECK(lent.mask() == 0);
+  lent.Mark(block + kHuge + 4096, 4096);  // inside page 1
+  CHECK(lent.mask() == 0b10);
+  lent.Mark(block - 4096, 8192);  // straddles the start: page 0
+  CHECK(lent.mask() == 0b11);
+  lent.Mark(block + 3 * kHuge - 1, 2);  // the edge of pages 2 and 3
+  CHECK(lent.mask() == 0b1111);
+
+  // A block of more than 64 huge pages: bit 63 stands for the rest.
+  auto large = std::make_unique_for_overwrite<std::byte[]>(70 * kHuge);
+  stream::LentPages far;
+  far.Attach(large.get(), 70 * kHuge);
+  far.Mark(large.get() + 68 * kHuge, 4096);
+  CHECK(far.mask() == uint64_t{1} << 63);
+  far.Mark(large.get() + 62 * kHuge, kHuge + 1);
+  CHECK(far.mask() == (uint64_t{3} << 62));
 }
 
 TEST_SUITE_END();

@@ -148,8 +148,8 @@ struct ChunkJob {
   std::vector<const std::byte*> clusters;
   AlignedBuffer payload;  // slot j holds data cluster j when it was read
   // What `clusters` points into outside `payload` (source mappings or
-  // read-ahead blocks), kept until the chunk was written; the read-ahead
-  // blocks' flags, set when their bytes went out by reference.
+  // read-ahead blocks), kept until the chunk was written; where the
+  // read-ahead blocks' bytes that went out by reference are marked.
   std::vector<std::shared_ptr<const void>> holds;
   std::vector<LentPages*> lend_marks;  // of the read-ahead blocks held
   // Per record: its data's position in the payload (data records only).

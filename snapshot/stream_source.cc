@@ -149,9 +149,12 @@ struct ReadAhead::Block {
 };
 
 void LentPages::Mark(const std::byte* data, size_t size) {
-  if (base_ == nullptr || data + size <= base_ || data >= base_ + bytes_) return;
-  const size_t from = static_cast<size_t>(std::max(data, base_) - base_);
-  const size_t to = static_cast<size_t>(std::min(data + size, base_ + bytes_) - base_);
+  // As addresses: the span may lie in another buffer.
+  const uintptr_t base = reinterpret_cast<uintptr_t>(base_);
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
+  if (base_ == nullptr || begin + size <= base || begin >= base + bytes_) return;
+  const size_t from = std::max(begin, base) - base;
+  const size_t to = std::min(begin + size, base + bytes_) - base;
   uint64_t bits = 0;
   for (size_t i = from / kIoMemoryHugePageBytes; i * kIoMemoryHugePageBytes < to; ++i) {
     bits |= uint64_t{1} << std::min<size_t>(i, 63);

@@ -65,6 +65,29 @@ class SourceChain {
   std::vector<Level> levels_;
 };
 
+// Which huge pages (kIoMemoryHugePageBytes) of a read-ahead block went to a
+// writer by reference (StreamWriter::WriteStable). Only those are dropped
+// before the block's buffer is read into again: a block whose clusters
+// all went out compressed keeps its pages, and saves their zeroing.
+// Thread-safety: Mark() from any thread; Attach() before any Mark().
+class LentPages {
+ public:
+  void Attach(const std::byte* base, size_t bytes) {
+    base_ = base;
+    bytes_ = bytes;
+  }
+  // Marks the pages under the part of [data, data + size) inside the block.
+  void Mark(const std::byte* data, size_t size);
+  // Bit i: page i (from base, kIoMemoryHugePageBytes each) was lent; bit
+  // 63 stands for page 63 and every page after it.
+  uint64_t mask() const { return mask_.load(std::memory_order_relaxed); }
+
+ private:
+  const std::byte* base_ = nullptr;
+  size_t bytes_ = 0;
+  std::atomic<uint64_t> mask_{0};
+};
+
 // Reads the clusters of one view of the chain ahead of a caller that walks
 // it in index order: the flattened sender's source (the snapshot it sends).
 //
@@ -89,29 +112,6 @@ class SourceChain {
 //
 // Thread-safety: Cluster() from one thread; Pieces may move to other
 // threads and outlive the ReadAhead.
-// Which huge pages (kIoMemoryHugePageBytes) of a read-ahead block went to a
-// writer by reference (StreamWriter::WriteStable). Only those are dropped
-// before the block's buffer is read into again: a block whose clusters
-// all went out compressed keeps its pages, and saves their zeroing.
-// Thread-safety: Mark() from any thread; Attach() before any Mark().
-class LentPages {
- public:
-  void Attach(const std::byte* base, size_t bytes) {
-    base_ = base;
-    bytes_ = bytes;
-  }
-  // Marks the pages under the part of [data, data + size) inside the block.
-  void Mark(const std::byte* data, size_t size);
-  // Bit i: page i (from base, kIoMemoryHugePageBytes each) was lent; bit
-  // 63 stands for page 63 and every page after it.
-  uint64_t mask() const { return mask_.load(std::memory_order_relaxed); }
-
- private:
-  const std::byte* base_ = nullptr;
-  size_t bytes_ = 0;
-  std::atomic<uint64_t> mask_{0};
-};
-
 class ReadAhead {
  public:
   // For each index in [start_index, end_index), level_of(index) names the

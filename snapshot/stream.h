@@ -107,6 +107,29 @@ enum class StreamLayout {
   kLayers,   // one delta per delta of the chain, with their GUIDs
 };
 
+// What lz4 made of samples of a chunk's data, and what hashing costs where
+// the stream is made: what SendOptions::compress_if decides on.
+struct CompressionEstimate {
+  uint64_t sampled_bytes = 0;
+  uint64_t packed_bytes = 0;   // what the samples compressed to
+  uint64_t sample_ns = 0;      // how long compressing them took
+  double sha_ns_per_byte = 0;  // the sender's SHA-256 so far; 0: not yet measured
+};
+
+// Whether compressing data like `e`'s samples costs less CPU than the
+// bytes it saves would cost to move on: each byte of the stream is hashed
+// with SHA-256 on both sides (the receiver taken to hash as fast as the
+// sender), and lz4 costs its sampled time plus a quarter for the
+// receiver's decoding (lz4 decodes 4-6 times faster than it encodes). That
+// is the question only while the CPUs are what limits the transfer: a
+// slower link or disk makes every byte saved worth more. Measured
+// (tools/bench/README.md, session 12): a file system image of /usr costs
+// lz4 1.25 ns per byte for 52% of its size, and sending it compressed
+// took 2.66 s against 1.74 s stored (SHA-256 at 0.48 ns per byte); the
+// benchmark's partly used blocks cost 0.32 ns per byte for 25%, and are
+// worth it. True when nothing was sampled or timed.
+bool CompressionPaysOff(const CompressionEstimate& e);
+
 struct SendOptions {
   // The snapshot to send; empty: the disk's current top.
   std::string guid;
@@ -118,6 +141,10 @@ struct SendOptions {
   std::string resume_token;
   // lz4-compress chunks (a chunk that does not shrink is sent as it is).
   bool compress = true;
+  // With `compress`, asked for each chunk whose samples shrink whether to
+  // compress it (true) or send it as it is; null: compress it. The stream
+  // is valid either way; its bytes then depend on the answers.
+  std::function<bool(const CompressionEstimate&)> compress_if;
   // Hash and compression workers; 0: one per CPU, at most 4.
   unsigned threads = 0;
   // Read the snapshot through read-only mappings of its files where they

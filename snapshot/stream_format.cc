@@ -31,6 +31,7 @@
 #endif
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -758,26 +759,30 @@ Result<size_t> Lz4Compressor::Compress(std::span<const std::byte> in, std::span<
   return pos;
 }
 
-bool Lz4Compressor::WorthCompressing(std::span<const std::byte* const> starts, size_t piece_bytes) {
+Lz4Compressor::Sample Lz4Compressor::SampleCompression(std::span<const std::byte* const> starts,
+                                                       size_t piece_bytes) {
   // One 4 KiB sample per piece (cluster), at most 64 pieces spread evenly:
   // a chunk that is mostly random but holds a few compressible clusters
   // is still compressed.
   constexpr size_t kSampleBytes = 4 << 10;
   constexpr size_t kMaxSamples = 64;
+  Sample s;
   const size_t pieces = starts.size();
-  if (pieces == 0 || piece_bytes < kSampleBytes) return true;
+  if (pieces == 0 || piece_bytes < kSampleBytes) return s;
   const size_t samples = std::min(pieces, kMaxSamples);
   scratch_.resize(LZ4_compressBound(kSampleBytes));
-  size_t raw = 0;
-  size_t packed = 0;
+  const auto start = std::chrono::steady_clock::now();
   for (size_t i = 0; i < samples; ++i) {
     const std::byte* sample = starts[i * pieces / samples];
     const int n = LZ4_compress_default(reinterpret_cast<const char*>(sample), scratch_.data(),
                                        kSampleBytes, static_cast<int>(scratch_.size()));
-    raw += kSampleBytes;
-    packed += n > 0 ? std::min<size_t>(static_cast<size_t>(n), kSampleBytes) : kSampleBytes;
+    s.raw += kSampleBytes;
+    s.packed += n > 0 ? std::min<size_t>(static_cast<size_t>(n), kSampleBytes) : kSampleBytes;
   }
-  return packed * 20 < raw * 19;
+  s.ns = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count());
+  return s;
 }
 
 Result<std::unique_ptr<Lz4Decompressor>> Lz4Decompressor::Create() {

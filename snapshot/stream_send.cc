@@ -77,6 +77,7 @@
 // Crash ordering: the sender writes nothing but the stream.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <optional>
 #include <thread>
@@ -219,6 +220,9 @@ class Sender {
   const unsigned workers_;
   BufferPool payload_pool_;
   BufferPool compressed_pool_;
+  // SHA-256's cost here so far, in picoseconds per byte (a moving average
+  // over the chunks hashed; 0 before the first), for compress_if.
+  std::atomic<uint64_t> sha_ps_per_byte_{0};
 
   // The chunk being built by the reader thread.
   struct PendingData {
@@ -591,11 +595,24 @@ Status Sender::Work(ChunkJob& job) {
   EncodeChunkHeader(ch, std::span(job.head).first<kChunkHeaderBytes>());
   const auto prefix = std::span(job.head).first(kChunkHeaderDigestedBytes);
   const auto records = std::span(job.head).subspan(kChunkHeaderBytes);
+  const auto start = std::chrono::steady_clock::now();
+  uint64_t hashed = prefix.size() + records.size();
   if (job.lz4) {
     job.body = ChunkBodyDigest(
         prefix, records, std::span<const std::byte>(job.compressed.get(), job.compressed_bytes));
+    hashed += job.compressed_bytes;
   } else {
     job.body = ChunkBodyDigest(prefix, records, job.stored);
+    hashed += raw;
+  }
+  if (options_.compress_if && hashed >= (256u << 10)) {
+    const uint64_t ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                  std::chrono::steady_clock::now() - start)
+                                                  .count());
+    const uint64_t ps = ns * 1000 / hashed;
+    // Racy between workers, and harmless: an average either way.
+    const uint64_t old = sha_ps_per_byte_.load(std::memory_order_relaxed);
+    sha_ps_per_byte_.store(old == 0 ? ps : (old * 7 + ps) / 8, std::memory_order_relaxed);
   }
   return Status::Ok();
 }
@@ -607,7 +624,17 @@ Status Sender::Compress(ChunkJob& job) {
     ASSIGN_OR_RETURN(compressor, Lz4Compressor::Create());
   }
   const size_t raw = uint64_t{job.data_count} * cb_;
-  if (!compressor->WorthCompressing(job.clusters, cb_)) return Status::Ok();
+  const Lz4Compressor::Sample sample = compressor->SampleCompression(job.clusters, cb_);
+  if (!Lz4Compressor::Shrinks(sample)) return Status::Ok();
+  if (options_.compress_if) {
+    CompressionEstimate e;
+    e.sampled_bytes = sample.raw;
+    e.packed_bytes = sample.packed;
+    e.sample_ns = sample.ns;
+    e.sha_ns_per_byte =
+        static_cast<double>(sha_ps_per_byte_.load(std::memory_order_relaxed)) / 1000.0;
+    if (!options_.compress_if(e)) return Status::Ok();
+  }
   // lz4 takes one buffer: the clusters where they lie when they follow
   // each other (one run of a file, or the payload buffer), else gathered
   // into the payload buffer (slot j for cluster j; a cluster read there
@@ -846,6 +873,15 @@ Result<Plan> MakePlan(const Descriptor& dd, const std::vector<DescriptorImage>& 
 }
 
 }  // namespace
+
+bool CompressionPaysOff(const CompressionEstimate& e) {
+  if (e.sampled_bytes == 0 || e.sample_ns == 0 || e.sha_ns_per_byte <= 0) return true;
+  if (e.packed_bytes >= e.sampled_bytes) return false;
+  const double saved =
+      static_cast<double>(e.sampled_bytes - e.packed_bytes) / static_cast<double>(e.sampled_bytes);
+  const double lz4_ns = static_cast<double>(e.sample_ns) / static_cast<double>(e.sampled_bytes);
+  return saved * 2 * e.sha_ns_per_byte > lz4_ns * 1.25;
+}
 
 Result<SendSummary> SendStream(FileSystem& fs, const std::string& dd_path, StreamWriter& out,
                                const SendOptions& options, const DescriptorLoadOptions& load) {

@@ -267,6 +267,75 @@ TEST_CASE("stream: a full stream of the top keeps the top GUID and compresses") 
   CHECK(Send(src, plain).size() > summary.data_clusters * kCb);
 }
 
+TEST_CASE("stream: compress_if decides per chunk, and every answer is received the same") {
+  TestRng rng;
+  MemoryFileSystem src;
+  CreateOptions o;
+  o.size_bytes = 16 * kMiB;
+  o.cluster_bytes = kCb;
+  REQUIRE_OK(CreateDisk(src, "src/root.hds", o));
+  {
+    // 12 MiB, three chunks and more: pattern clusters (lz4 shrinks them)
+    // with a random one in every eight.
+    auto chain = OpenTop(src, kSrc);
+    for (uint64_t i = 0; i < 12 * kMiB / kCb; ++i) {
+      REQUIRE_OK(chain->Write(i * kCb,
+                              i % 8 == 3 ? rng.Bytes(kCb) : Pattern(kCb, static_cast<uint8_t>(i))));
+    }
+    REQUIRE_OK(chain->Close());
+  }
+  SendOptions always = Full();
+  always.threads = 1;  // chunks hashed in order: the SHA-256 speed is known from the second on
+  std::vector<CompressionEstimate> seen;
+  SendOptions never = always;
+  never.compress_if = [&](const CompressionEstimate& e) {
+    seen.push_back(e);
+    return false;
+  };
+  int n = 0;
+  SendOptions alternate = always;
+  alternate.compress_if = [&](const CompressionEstimate&) { return n++ % 2 == 0; };
+  SendOptions plain = always;
+  plain.compress = false;
+  SendSummary summary;
+  const Bytes a = Send(src, always, kSrc, &summary);
+  const Bytes none = Send(src, never);
+  const Bytes some = Send(src, alternate);
+  // Asked once per chunk, with what the samples showed and what hashing
+  // costs; refusing every chunk stores them all.
+  CHECK(seen.size() == summary.chunks);
+  REQUIRE(seen.size() >= 3);
+  for (size_t i = 0; i < seen.size(); ++i) {
+    CHECK(seen[i].sampled_bytes > 0);
+    CHECK(seen[i].packed_bytes < seen[i].sampled_bytes);
+    if (i > 0) CHECK(seen[i].sha_ns_per_byte > 0);
+  }
+  CHECK(none == Send(src, plain));
+  CHECK(a.size() < some.size());
+  CHECK(some.size() < none.size());
+  for (const Bytes* stream : {&a, &none, &some}) {
+    MemoryFileSystem dst;
+    REQUIRE_OK(Receive(dst, *stream).status());
+    RequireSameSnapshot(src, kSrc, dst, kDstDd, "");
+  }
+}
+
+TEST_CASE("stream: CompressionPaysOff weighs lz4's time against the hashing it saves") {
+  CompressionEstimate e;
+  CHECK(CompressionPaysOff(e));  // nothing sampled
+  e.sampled_bytes = 16384;
+  e.packed_bytes = 8520;         // a file system image of /usr: 52%
+  e.sample_ns = 20480;           // 1.25 ns per byte
+  CHECK(CompressionPaysOff(e));  // the hashing's cost not known yet
+  e.sha_ns_per_byte = 0.48;
+  CHECK(!CompressionPaysOff(e));     // saves 0.46 ns of hashing per byte for 1.56
+  e.packed_bytes = 4096;             // the benchmark's partly used blocks: 25%
+  e.sample_ns = 5243;                // 0.32 ns per byte
+  CHECK(CompressionPaysOff(e));      // saves 0.72 for 0.40
+  e.packed_bytes = e.sampled_bytes;  // nothing saved
+  CHECK(!CompressionPaysOff(e));
+}
+
 TEST_CASE("stream: a full layered stream keeps every delta with its GUID and parent") {
   TestRng rng;
   MemoryFileSystem src, dst;

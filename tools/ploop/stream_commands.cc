@@ -8,10 +8,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
+#include <mutex>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -73,6 +77,57 @@ class FdReader final : public StreamReader {
   int wake_[2];
 };
 
+// How busy all the CPUs were (/proc/stat) over the last 200 ms or more, for
+// --compress=auto. Saturated from 90% busy on, no longer below 80%: while
+// the CPUs have time to spare, the link, the disk or the receiver sets
+// the pace, and every byte lz4 saves is worth it. Thread-safe (the sender's
+// workers ask); unknown (no /proc) reads as not saturated.
+class CpuLoad {
+ public:
+  bool Saturated() {
+    const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+    if (now - last_ms_.load(std::memory_order_relaxed) >= 200 && mu_.try_lock()) {
+      if (now - last_ms_.load(std::memory_order_relaxed) >= 200) {
+        last_ms_.store(now, std::memory_order_relaxed);
+        Sample();
+      }
+      mu_.unlock();
+    }
+    return saturated_.load(std::memory_order_relaxed);
+  }
+
+ private:
+  // Under mu_.
+  void Sample() {
+    std::ifstream stat("/proc/stat");
+    std::string cpu;
+    uint64_t v[8] = {};
+    if (!(stat >> cpu >> v[0] >> v[1] >> v[2] >> v[3] >> v[4] >> v[5] >> v[6] >> v[7]) ||
+        cpu != "cpu") {
+      return;
+    }
+    uint64_t total = 0;
+    for (uint64_t x : v) total += x;
+    const uint64_t idle = v[3] + v[4];  // idle, iowait
+    if (prev_total_ != 0 && total > prev_total_) {
+      const double busy =
+          1.0 - static_cast<double>(idle - prev_idle_) / static_cast<double>(total - prev_total_);
+      if (busy >= 0.90) saturated_.store(true, std::memory_order_relaxed);
+      if (busy < 0.80) saturated_.store(false, std::memory_order_relaxed);
+    }
+    prev_total_ = total;
+    prev_idle_ = idle;
+  }
+
+  std::mutex mu_;
+  std::atomic<int64_t> last_ms_{0};
+  std::atomic<bool> saturated_{false};
+  uint64_t prev_total_ = 0;
+  uint64_t prev_idle_ = 0;
+};
+
 // SIGBUS while sending: a page of a mapped delta file (MappedSource in
 // snapshot/stream_source.h) could not be read -- the file shrank under the
 // sender (a writer ignoring our reader locks) or the device returned an
@@ -103,6 +158,7 @@ struct SendArgs {
   bool layers = false;
   std::string resume;
   bool no_compress = false;
+  std::string compress = "auto";
   std::string progress = "auto";
 };
 
@@ -166,7 +222,23 @@ int RunSend(const SendArgs& args) {
   options.from_guid = args.from;
   options.layout = args.layers ? StreamLayout::kLayers : StreamLayout::kFlatten;
   options.resume_token = args.resume;
-  options.compress = !args.no_compress;
+  if (args.compress != "auto" && args.compress != "lz4" && args.compress != "none") {
+    return Usage("send", "--compress takes auto, lz4 or none");
+  }
+  options.compress = !args.no_compress && args.compress != "none";
+  // auto: a stream kept in a file is compressed wherever lz4 shrinks it.
+  // Into a pipe or a socket, a chunk is compressed when lz4 shrinks it and
+  // either the CPUs have time to spare (the link or the receiver sets the
+  // pace) or compressing costs less CPU than the bytes it saves would cost
+  // to hash on both sides (CompressionPaysOff).
+  CpuLoad load;
+  struct stat st;
+  const bool to_file = ::fstat(STDOUT_FILENO, &st) == 0 && S_ISREG(st.st_mode);
+  if (options.compress && args.compress == "auto" && !to_file) {
+    options.compress_if = [&load](const CompressionEstimate& e) {
+      return !load.Saturated() || CompressionPaysOff(e);
+    };
+  }
   ProgressBar bar(*mode);
   options.progress = ProgressTo(bar);
   // The snapshot is read ahead with direct I/O (PLOOP_SEND_MAP=1: through
@@ -258,7 +330,9 @@ void RegisterStreamCommands(CLI::App& app, int& rc) {
   c_send->add_flag("--layers", send.layers, "one delta per delta of the chain, GUIDs kept");
   c_send->add_option("--resume", send.resume,
                      "continue an interrupted transfer (TOKEN from receive --token)");
-  c_send->add_flag("--no-compress", send.no_compress, "do not lz4-compress the stream");
+  c_send->add_option("--compress", send.compress,
+                     "auto (default: lz4 where it pays, see the README), lz4 or none");
+  c_send->add_flag("--no-compress", send.no_compress, "the same as --compress=none");
   c_send->add_option("--progress", send.progress,
                      "auto (a bar on a terminal), json (lines on stderr) or none");
   c_send->add_option("DD", send.dd, "DiskDescriptor.xml (or its folder)")->required();

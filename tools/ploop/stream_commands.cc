@@ -77,7 +77,7 @@ class FdReader final : public StreamReader {
   int wake_[2];
 };
 
-// How busy all the CPUs were (/proc/stat) over the last 200 ms or more, for
+// How busy all the CPUs were (/proc/stat) over the last 100 ms or more, for
 // --compress=auto. Saturated from 90% busy on, no longer below 80%: while
 // the CPUs have time to spare, the link, the disk or the receiver sets
 // the pace, and every byte lz4 saves is worth it. Thread-safe (the sender's
@@ -88,8 +88,8 @@ class CpuLoad {
     const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                             std::chrono::steady_clock::now().time_since_epoch())
                             .count();
-    if (now - last_ms_.load(std::memory_order_relaxed) >= 200 && mu_.try_lock()) {
-      if (now - last_ms_.load(std::memory_order_relaxed) >= 200) {
+    if (now - last_ms_.load(std::memory_order_relaxed) >= kIntervalMs && mu_.try_lock()) {
+      if (now - last_ms_.load(std::memory_order_relaxed) >= kIntervalMs) {
         last_ms_.store(now, std::memory_order_relaxed);
         Sample();
       }
@@ -121,6 +121,8 @@ class CpuLoad {
     prev_idle_ = idle;
   }
 
+  // Long enough for /proc/stat's 10 ms ticks to say 5% on two CPUs.
+  static constexpr int64_t kIntervalMs = 100;
   std::mutex mu_;
   std::atomic<int64_t> last_ms_{0};
   std::atomic<bool> saturated_{false};

@@ -697,11 +697,11 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
     written =
         out_.WriteStable(std::span<const std::byte>(job.compressed.get(), job.compressed_bytes));
     if (out_.referenced_bytes() != referenced) {
-      // Only the huge pages the frame used, so none is split.
-      const size_t used = std::min(compressed_pool_.buffer_bytes(),
-                                   (job.compressed_bytes + kIoMemoryHugePageBytes - 1) /
-                                       kIoMemoryHugePageBytes * kIoMemoryHugePageBytes);
-      if (!DropIoMemoryPages(job.compressed.get(), used)) job.compressed.reset();
+      // Only the huge pages the frame used.
+      LentPages frame;
+      frame.Attach(job.compressed.get(), compressed_pool_.buffer_bytes());
+      frame.Mark(job.compressed.get(), job.compressed_bytes);
+      if (!frame.Drop()) job.compressed.reset();
     }
   } else {
     for (std::span<const std::byte> span : job.stored) {
@@ -722,6 +722,7 @@ Status Sender::Emit(ChunkJob& job, Digest* chain) {
     }
   }
   TRY(written);
+  job.lend_marks.clear();  // they point into the blocks held
   job.holds.clear();
   // Content digests of a full stream, index by index: layer k reads the
   // highest record at or below k (a hole reads zeros), or zeros.

@@ -134,17 +134,9 @@ struct ReadAhead::Block {
   LentPages lent;
   ~Block() {
     if (pool == nullptr || buf == nullptr) return;
-    const size_t bytes = pool->buffer_bytes();
-    const uint64_t mask = lent.mask();
-    for (size_t i = 0; i < 64 && i * kIoMemoryHugePageBytes < bytes; ++i) {
-      if ((mask >> i & 1) == 0) continue;
-      const size_t from = i * kIoMemoryHugePageBytes;
-      const size_t to = i == 63 ? bytes : std::min(bytes, from + kIoMemoryHugePageBytes);
-      // Pages that could not be dropped go with the buffer (unmapped), not
-      // back to the pool.
-      if (!DropIoMemoryPages(buf.get() + from, to - from)) return;
-    }
-    pool->Put(std::move(buf));
+    // Pages that could not be dropped go with the buffer (unmapped), not
+    // back to the pool.
+    if (lent.Drop()) pool->Put(std::move(buf));
   }
 };
 
@@ -160,6 +152,21 @@ void LentPages::Mark(const std::byte* data, size_t size) {
     bits |= uint64_t{1} << std::min<size_t>(i, 63);
   }
   mask_.fetch_or(bits, std::memory_order_relaxed);
+}
+
+bool LentPages::Drop() const {
+  const uint64_t mask = mask_.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < 64; ++i) {
+    if ((mask >> i & 1) == 0) continue;
+    size_t end = i + 1;
+    while (end < 64 && (mask >> end & 1) != 0) ++end;
+    const size_t from = std::min(bytes_, i * kIoMemoryHugePageBytes);
+    // Bit 63 reaches the end of the buffer.
+    const size_t to = end == 64 ? bytes_ : std::min(bytes_, end * kIoMemoryHugePageBytes);
+    if (!DropIoMemoryPages(base_ + from, to - from)) return false;
+    i = end;
+  }
+  return true;
 }
 
 ReadAhead::ReadAhead(SourceChain& source, std::function<int(uint64_t)> level_of,

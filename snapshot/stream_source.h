@@ -65,25 +65,31 @@ class SourceChain {
   std::vector<Level> levels_;
 };
 
-// Which huge pages (kIoMemoryHugePageBytes) of a read-ahead block went to a
-// writer by reference (StreamWriter::WriteStable). Only those are dropped
-// before the block's buffer is read into again: a block whose clusters
-// all went out compressed keeps its pages, and saves their zeroing.
-// Thread-safety: Mark() from any thread; Attach() before any Mark().
+// Which huge pages (kIoMemoryHugePageBytes) of an IoMemory buffer (a
+// read-ahead block, an lz4 frame's buffer) went to a writer by reference
+// (StreamWriter::WriteStable). Only those are dropped before the buffer is
+// written into again: a block whose clusters all went out compressed keeps
+// its pages and saves their zeroing, and no huge page is split.
+// Thread-safety: Mark() from any thread; Attach() before any Mark(), Drop()
+// after the last.
 class LentPages {
  public:
-  void Attach(const std::byte* base, size_t bytes) {
+  void Attach(std::byte* base, size_t bytes) {
     base_ = base;
     bytes_ = bytes;
   }
-  // Marks the pages under the part of [data, data + size) inside the block.
+  // Marks the pages under the part of [data, data + size) inside the buffer.
   void Mark(const std::byte* data, size_t size);
   // Bit i: page i (from base, kIoMemoryHugePageBytes each) was lent; bit
   // 63 stands for page 63 and every page after it.
   uint64_t mask() const { return mask_.load(std::memory_order_relaxed); }
+  // Drops the marked pages (DropIoMemoryPages, a run of them at a time).
+  // False when the kernel refused: the buffer must then be unmapped, not
+  // written into again.
+  [[nodiscard]] bool Drop() const;
 
  private:
-  const std::byte* base_ = nullptr;
+  std::byte* base_ = nullptr;
   size_t bytes_ = 0;
   std::atomic<uint64_t> mask_{0};
 };

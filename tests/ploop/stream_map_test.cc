@@ -22,6 +22,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstring>
 #include <memory>
@@ -30,6 +31,7 @@
 #include <thread>
 
 #include "ploop/chain.h"
+#include "ploop/io/io_memory.h"
 #include "ploop/io/memory_file_system.h"
 #include "ploop/io/posix_file_system.h"
 #include "snapshot/snapshot.h"
@@ -354,7 +356,7 @@ TEST_CASE("stream: LentPages marks the huge pages a span lent covers, inside its
   constexpr size_t kHuge = kIoMemoryHugePageBytes;
   // Only addresses are used: the memory is never touched.
   auto memory = std::make_unique_for_overwrite<std::byte[]>(8 * kHuge);
-  const std::byte* block = memory.get() + kHuge;
+  std::byte* block = memory.get() + kHuge;
   stream::LentPages lent;
   lent.Mark(block, kHuge);  // before Attach: not a block yet
   CHECK(lent.mask() == 0);
@@ -377,6 +379,27 @@ TEST_CASE("stream: LentPages marks the huge pages a span lent covers, inside its
   CHECK(far.mask() == uint64_t{1} << 63);
   far.Mark(large.get() + 62 * kHuge, kHuge + 1);
   CHECK(far.mask() == (uint64_t{3} << 62));
+}
+
+TEST_CASE("stream: LentPages drops the marked huge pages and no others") {
+  constexpr size_t kHuge = kIoMemoryHugePageBytes;
+  // Four huge pages and a 4 KiB tail (a frame buffer's lz4 bound).
+  const size_t bytes = 4 * kHuge + 4096;
+  IoMemory m = AllocateIoMemory(bytes);
+  REQUIRE(m != nullptr);
+  std::memset(m.get(), 0x5a, bytes);
+  stream::LentPages lent;
+  lent.Attach(m.get(), bytes);
+  CHECK(lent.Drop());  // nothing marked
+  CHECK(m[0] == std::byte{0x5a});
+  lent.Mark(m.get() + kHuge + 10, 2 * kHuge);  // pages 1-3: one run
+  lent.Mark(m.get() + 4 * kHuge, 1);           // the tail
+  REQUIRE(lent.Drop());
+  auto all = [&](size_t from, size_t to, std::byte b) {
+    return std::all_of(m.get() + from, m.get() + to, [b](std::byte x) { return x == b; });
+  };
+  CHECK(all(0, kHuge, std::byte{0x5a}));
+  CHECK(all(kHuge, bytes, std::byte{0}));
 }
 
 TEST_SUITE_END();

@@ -221,11 +221,19 @@ make_rootfs_source() {
   echo "creating the source ($disk_mib MiB disk, ext4 of $dirs under ${ROOTFS_ROOT:-/}) ..."
   rm -rf "$src"
   mkdir "$src"
+  # tar exits 1 when a file changed while it read it (fine here), 2 when
+  # it could not read something asked for.
+  local rc=0
   # shellcheck disable=SC2086 # a list of folders
-  tar -cf "$dir/rootfs.tar" -C "${ROOTFS_ROOT:-/}" $dirs 2>/dev/null || true
+  tar -cf "$dir/rootfs.tar" -C "${ROOTFS_ROOT:-/}" $dirs 2>/dev/null || rc=$?
+  if ((rc > 1)); then
+    rm -rf "$src" "$dir/rootfs.tar"
+    echo "send_bench: could not read '$dirs' under ${ROOTFS_ROOT:-/} (set ROOTFS_ROOT, ROOTFS_DIRS)" >&2
+    exit 2
+  fi
   if ! "$ploop" init -s "${disk_mib}M" --from-tar "$dir/rootfs.tar" "$src/root.hds" >/dev/null; then
     rm -rf "$src" "$dir/rootfs.tar"
-    echo "send_bench: the files do not fit a $disk_mib MiB disk (set ROOTFS_DIRS)" >&2
+    echo "send_bench: ploop init could not put those files on a $disk_mib MiB disk (set ROOTFS_DIRS)" >&2
     exit 2
   fi
   rm -f "$dir/rootfs.tar"

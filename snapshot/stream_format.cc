@@ -39,6 +39,7 @@
 
 #include "ploop/descriptor.h"
 #include "ploop/format.h"
+#include "snapshot/sha256_lanes.h"
 
 namespace ploop::stream {
 
@@ -470,6 +471,20 @@ Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const
   sha.Update(records);
   for (std::span<const std::byte> piece : payload) sha.Update(piece);
   return sha.Final();
+}
+
+Digest ChunkBodyDigest(const ChunkBody& body) {
+  return ChunkBodyDigest(body.header_prefix, body.records, body.payload);
+}
+
+std::array<Digest, 2> ChunkBodyDigests(const ChunkBody& a, const ChunkBody& b) {
+  thread_local std::vector<std::span<const std::byte>> pa;
+  thread_local std::vector<std::span<const std::byte>> pb;
+  for (auto [body, pieces] : {std::pair{&a, &pa}, std::pair{&b, &pb}}) {
+    pieces->assign({body->header_prefix, body->records});
+    pieces->insert(pieces->end(), body->payload.begin(), body->payload.end());
+  }
+  return Sha256Of2(pa, pb);
 }
 
 Digest ChainDigest(const Digest& chain, const Digest& body) {

@@ -19,6 +19,11 @@
 // wake-up to running of the disk writer went from 0.22-0.29 to 0.10 ms,
 // and send|receive from 2.14 to 2.01 s (medians of 10 rounds).
 //
+// Pairs: with a PairWork, a worker that finds a second job waiting takes
+// both and runs them together, which lets it hash two chunks at once
+// (sha256_lanes.h). Jobs pair only when they queue up, that is when the
+// workers are the bottleneck; otherwise each runs alone at once.
+//
 // Thread-safety: Submit()/Finish() from one producer thread, Next() from
 // one consumer thread, Cancel() from anywhere. Internal to snapshot/.
 #pragma once
@@ -38,6 +43,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -88,9 +94,13 @@ template <typename Job>
 class OrderedPipeline {
  public:
   using Work = std::function<Status(Job&)>;
+  // The work of two jobs, with the status of each.
+  using PairWork = std::function<std::pair<Status, Status>(Job&, Job&)>;
 
-  OrderedPipeline(unsigned workers, size_t max_in_flight, Work work)
-      : max_in_flight_(std::max<size_t>(max_in_flight, 1)), work_(std::move(work)) {
+  OrderedPipeline(unsigned workers, size_t max_in_flight, Work work, PairWork pair = nullptr)
+      : max_in_flight_(std::max<size_t>(max_in_flight, 1)),
+        work_(std::move(work)),
+        pair_(std::move(pair)) {
     for (unsigned i = 0; i < workers; ++i) threads_.emplace_back([this] { WorkerLoop(); });
   }
 
@@ -169,23 +179,39 @@ class OrderedPipeline {
     BecomeBackgroundWorker();
     for (;;) {
       Slot* slot;
+      Slot* second = nullptr;
       {
         std::unique_lock lock(mu_);
         work_ready_.wait(lock, [&] { return cancelled_ || !pending_.empty(); });
         if (cancelled_) return;
         slot = pending_.front();
         pending_.pop_front();
+        if (pair_ && !pending_.empty()) {
+          second = pending_.front();
+          pending_.pop_front();
+        }
       }
-      Status s = work_(*slot->job);
+      Status s;
+      Status s2;
+      if (second == nullptr) {
+        s = work_(*slot->job);
+      } else {
+        std::tie(s, s2) = pair_(*slot->job, *second->job);
+      }
       std::lock_guard lock(mu_);
       slot->status = std::move(s);
       slot->done = true;
+      if (second != nullptr) {
+        second->status = std::move(s2);
+        second->done = true;
+      }
       done_.notify_all();
     }
   }
 
   const size_t max_in_flight_;
   Work work_;
+  PairWork pair_;
   std::mutex mu_;
   std::condition_variable space_;
   std::condition_variable done_;

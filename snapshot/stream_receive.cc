@@ -382,6 +382,7 @@ struct ChunkJob {
   std::vector<std::byte> record_bytes;
   std::vector<Record> records;
   AlignedBuffer payload;
+  std::span<const std::byte> payload_span;  // the received payload, for its digest
   bool pooled_payload = false;
   // Filled by a worker:
   AlignedBuffer raw;                   // decoded data, or the payload itself when stored
@@ -413,7 +414,14 @@ class Receiver {
                        std::vector<std::byte>* end_raw);
   Status ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, Digest chain,
                     OrderedPipeline<ChunkJob>& pipe, std::vector<std::byte>* end_raw);
+  // A worker's part of a chunk: check its digest, decompress, digest its
+  // clusters. DecodePair does two, hashing them together.
   Status Decode(ChunkJob& job);
+  std::pair<Status, Status> DecodePair(ChunkJob& a, ChunkJob& b);
+  // Decode once the body digest is known.
+  Status DecodeVerified(ChunkJob& job, const Digest& body);
+  // The chunk's bytes its digest covers.
+  static ChunkBody BodyOf(ChunkJob& job);
   Status Apply(const ChunkJob& job);
   Status Checkpoint();
   Status Commit(const std::vector<std::byte>& end_raw);
@@ -653,14 +661,33 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, 
   }
 }
 
+ChunkBody Receiver::BodyOf(ChunkJob& job) {
+  job.payload_span = std::span<const std::byte>(job.payload.get(), job.header.payload_bytes);
+  ChunkBody body;
+  body.header_prefix = std::span(job.header_bytes).first(kChunkHeaderDigestedBytes);
+  body.records = job.record_bytes;
+  body.payload = std::span(&job.payload_span, 1);
+  return body;
+}
+
 Status Receiver::Decode(ChunkJob& job) {
-  const uint64_t cb = header_.cluster_bytes;
-  const uint64_t raw_bytes = uint64_t{job.header.data_count} * cb;
   // Integrity first: the chunk's bytes as they travelled, before lz4 or
   // anything else looks at the payload.
-  const Digest body = ChunkBodyDigest(
-      std::span(job.header_bytes).first(kChunkHeaderDigestedBytes), job.record_bytes,
-      std::span<const std::byte>(job.payload.get(), job.header.payload_bytes));
+  return DecodeVerified(job, ChunkBodyDigest(BodyOf(job)));
+}
+
+std::pair<Status, Status> Receiver::DecodePair(ChunkJob& a, ChunkJob& b) {
+  // The two chunks' SHA-256 together (sha256_lanes.h): the receiver's
+  // largest cost, in about 0.65 of the time of one after the other.
+  const std::array<Digest, 2> body = ChunkBodyDigests(BodyOf(a), BodyOf(b));
+  Status sa = DecodeVerified(a, body[0]);
+  Status sb = DecodeVerified(b, body[1]);
+  return {std::move(sa), std::move(sb)};
+}
+
+Status Receiver::DecodeVerified(ChunkJob& job, const Digest& body) {
+  const uint64_t cb = header_.cluster_bytes;
+  const uint64_t raw_bytes = uint64_t{job.header.data_count} * cb;
   if (ChainDigest(job.chain_in, body) != job.header.digest) {
     return Status::Corruption("chunk " + std::to_string(job.header.seq) +
                               ": digest mismatch (the stream is corrupt)");
@@ -785,7 +812,8 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   pool_ = &pool;
   // Destroyed (its workers joined) before the pools above go away.
   auto pipe_owner = std::make_unique<OrderedPipeline<ChunkJob>>(
-      workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); });
+      workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); },
+      [this](ChunkJob& a, ChunkJob& b) { return DecodePair(a, b); });
   OrderedPipeline<ChunkJob>& pipe = *pipe_owner;
   Status read_status;
   std::thread producer([&, chain = state_.chain] {

@@ -58,9 +58,11 @@
 //
 // Digests: a worker hashes each chunk's bytes as they will travel (header
 // fields, records, the payload after compression: fewer bytes than the
-// data when lz4 helped) with SHA-256; the calling thread only chains that
-// body digest to the previous chunk's, so the one sequential step is a
-// 64-byte hash. Content digests use XXH3-128 per cluster (an order of
+// data when lz4 helped) with SHA-256 -- two chunks together when they
+// queue up for the workers (sha256_lanes.h: OpenSSL interleaves the two
+// messages, about 1.55 times the speed of one); the calling thread only
+// chains that body digest to the previous chunk's, so the one sequential
+// step is a 64-byte hash. Content digests use XXH3-128 per cluster (an order of
 // magnitude cheaper than SHA-256) folded into a SHA-256 chain: a full
 // stream's are computed from the records as they go by (workers digest
 // the clusters, the calling thread chains them in index order); an
@@ -162,6 +164,8 @@ struct ChunkJob {
   bool lz4 = false;
   // A stored payload as it travels: `clusters` merged where adjacent.
   std::vector<std::span<const std::byte>> stored;
+  // A compressed payload: the lz4 frame in `compressed`.
+  std::span<const std::byte> compressed_span;
   // The chunk header (its digest field zero until Emit) and the record
   // table, as they will go out; the SHA-256 of them with the payload.
   std::vector<std::byte> head;
@@ -202,8 +206,16 @@ class Sender {
   Status ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& pipe);
   Status CutChunk(OrderedPipeline<ChunkJob>& pipe);
   // A worker's part of a chunk: cluster digests, compression, the digest
-  // of the chunk's bytes.
+  // of the chunk's bytes; WorkPair does two chunks, hashing them together.
   Status Work(ChunkJob& job);
+  std::pair<Status, Status> WorkPair(ChunkJob& a, ChunkJob& b);
+  // All of Work but the digest.
+  Status Prepare(ChunkJob& job);
+  // The chunk's bytes that its digest covers, and how many.
+  static ChunkBody BodyOf(const ChunkJob& job);
+  uint64_t HashedBytes(const ChunkJob& job) const;
+  // Feeds the measured SHA-256 speed to compress_if's estimates.
+  void NoteHashTime(std::chrono::steady_clock::time_point start, uint64_t hashed);
   Status Compress(ChunkJob& job);
   // Fills job.stored from job.clusters.
   void StoredSpans(ChunkJob& job) const;
@@ -572,7 +584,7 @@ Status Sender::ProduceFlat(const ResumeToken& start, OrderedPipeline<ChunkJob>& 
   return cut();
 }
 
-Status Sender::Work(ChunkJob& job) {
+Status Sender::Prepare(ChunkJob& job) {
   const uint64_t raw = uint64_t{job.data_count} * cb_;
   if (!plan_.header.incremental) {
     // A full stream's content digests come from the data it carries.
@@ -593,28 +605,61 @@ Status Sender::Work(ChunkJob& job) {
   EncodeRecords(job.records, job.head);
   job.head.insert(job.head.begin(), kChunkHeaderBytes, std::byte{0});
   EncodeChunkHeader(ch, std::span(job.head).first<kChunkHeaderBytes>());
-  const auto prefix = std::span(job.head).first(kChunkHeaderDigestedBytes);
-  const auto records = std::span(job.head).subspan(kChunkHeaderBytes);
-  const auto start = std::chrono::steady_clock::now();
-  uint64_t hashed = prefix.size() + records.size();
   if (job.lz4) {
-    job.body = ChunkBodyDigest(
-        prefix, records, std::span<const std::byte>(job.compressed.get(), job.compressed_bytes));
-    hashed += job.compressed_bytes;
-  } else {
-    job.body = ChunkBodyDigest(prefix, records, job.stored);
-    hashed += raw;
-  }
-  if (options_.compress_if && hashed >= (256u << 10)) {
-    const uint64_t ns = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                                                  std::chrono::steady_clock::now() - start)
-                                                  .count());
-    const uint64_t ps = ns * 1000 / hashed;
-    // Racy between workers, and harmless: an average either way.
-    const uint64_t old = sha_ps_per_byte_.load(std::memory_order_relaxed);
-    sha_ps_per_byte_.store(old == 0 ? ps : (old * 7 + ps) / 8, std::memory_order_relaxed);
+    job.compressed_span = std::span<const std::byte>(job.compressed.get(), job.compressed_bytes);
   }
   return Status::Ok();
+}
+
+ChunkBody Sender::BodyOf(const ChunkJob& job) {
+  ChunkBody body;
+  body.header_prefix = std::span(job.head).first(kChunkHeaderDigestedBytes);
+  body.records = std::span(job.head).subspan(kChunkHeaderBytes);
+  body.payload = job.lz4 ? std::span(&job.compressed_span, 1)
+                         : std::span<const std::span<const std::byte>>(job.stored);
+  return body;
+}
+
+uint64_t Sender::HashedBytes(const ChunkJob& job) const {
+  return job.head.size() - (kChunkHeaderBytes - kChunkHeaderDigestedBytes) +
+         (job.lz4 ? job.compressed_bytes : uint64_t{job.data_count} * cb_);
+}
+
+void Sender::NoteHashTime(std::chrono::steady_clock::time_point start, uint64_t hashed) {
+  if (!options_.compress_if || hashed < (256u << 10)) return;
+  const uint64_t ns = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start)
+          .count());
+  const uint64_t ps = ns * 1000 / hashed;
+  // Racy between workers, and harmless: an average either way.
+  const uint64_t old = sha_ps_per_byte_.load(std::memory_order_relaxed);
+  sha_ps_per_byte_.store(old == 0 ? ps : (old * 7 + ps) / 8, std::memory_order_relaxed);
+}
+
+Status Sender::Work(ChunkJob& job) {
+  TRY(Prepare(job));
+  const auto start = std::chrono::steady_clock::now();
+  job.body = ChunkBodyDigest(BodyOf(job));
+  NoteHashTime(start, HashedBytes(job));
+  return Status::Ok();
+}
+
+std::pair<Status, Status> Sender::WorkPair(ChunkJob& a, ChunkJob& b) {
+  Status sa = Prepare(a);
+  Status sb = Prepare(b);
+  if (!sa.ok() || !sb.ok()) {
+    if (sa.ok()) a.body = ChunkBodyDigest(BodyOf(a));
+    if (sb.ok()) b.body = ChunkBodyDigest(BodyOf(b));
+    return {std::move(sa), std::move(sb)};
+  }
+  // The two chunks' SHA-256 together: the one step that dominates the
+  // sender's CPU time, in about 0.65 of the time of one after the other.
+  const auto start = std::chrono::steady_clock::now();
+  const std::array<Digest, 2> d = ChunkBodyDigests(BodyOf(a), BodyOf(b));
+  a.body = d[0];
+  b.body = d[1];
+  NoteHashTime(start, HashedBytes(a) + HashedBytes(b));
+  return {std::move(sa), std::move(sb)};
 }
 
 Status Sender::Compress(ChunkJob& job) {
@@ -770,7 +815,9 @@ Status Sender::StreamPass(const ResumeToken& start, SendSummary* summary) {
   uint64_t data_count = start.data_count;
   uint64_t chunk_count = start.next_seq;
 
-  OrderedPipeline<ChunkJob> pipe(workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); });
+  OrderedPipeline<ChunkJob> pipe(
+      workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); },
+      [this](ChunkJob& a, ChunkJob& b) { return WorkPair(a, b); });
   Status produced;
   std::thread producer([&] {
     produced = plan_.layered ? Produce(start, pipe) : ProduceFlat(start, pipe);

@@ -19,10 +19,14 @@
 // wake-up to running of the disk writer went from 0.22-0.29 to 0.10 ms,
 // and send|receive from 2.14 to 2.01 s (medians of 10 rounds).
 //
-// Pairs: with a PairWork, a worker that finds a second job waiting takes
-// both and runs them together, which lets it hash two chunks at once
-// (sha256_lanes.h). Jobs pair only when they queue up, that is when the
-// workers are the bottleneck; otherwise each runs alone at once.
+// Pairs: with a PairWork, a worker takes two jobs and runs them together,
+// which lets it hash two chunks at once (sha256_lanes.h). A worker that
+// finds one job waits up to kPairWait for the producer to submit a second
+// (other workers leave new jobs to it), unless no second can come soon:
+// after Finish(), or when the pipeline is full and the consumer waits for
+// this very job. On two CPUs that took the jobs hashed in pairs from
+// about half to 99% (tools/bench/README.md, session 13). Finish() and
+// Cancel() end the wait.
 //
 // Thread-safety: Submit()/Finish() from one producer thread, Next() from
 // one consumer thread, Cancel() from anywhere. Internal to snapshot/.
@@ -35,6 +39,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -53,6 +58,7 @@ namespace ploop::stream {
 
 inline constexpr int kWorkerNice = 5;
 inline constexpr uint64_t kWorkerSliceNs = 20'000'000;
+inline constexpr std::chrono::milliseconds kPairWait{5};
 
 // Makes the calling thread a background worker (see above). Advice only:
 // a kernel or a limit that refuses it changes nothing else.
@@ -128,7 +134,12 @@ class OrderedPipeline {
     order_.push_back(std::move(slot));
     if (!raw->done) {
       pending_.push_back(raw);
-      work_ready_.notify_one();
+      // A worker holding one job waiting for a partner takes it first.
+      if (holders_ > 0) {
+        partner_.notify_one();
+      } else {
+        work_ready_.notify_one();
+      }
     } else {
       done_.notify_all();
     }
@@ -140,6 +151,7 @@ class OrderedPipeline {
     std::lock_guard lock(mu_);
     finished_ = true;
     done_.notify_all();
+    partner_.notify_all();
   }
 
   // The next job in submission order, with the status its work returned,
@@ -166,6 +178,7 @@ class OrderedPipeline {
     space_.notify_all();
     done_.notify_all();
     work_ready_.notify_all();
+    partner_.notify_all();
   }
 
  private:
@@ -182,14 +195,27 @@ class OrderedPipeline {
       Slot* second = nullptr;
       {
         std::unique_lock lock(mu_);
-        work_ready_.wait(lock, [&] { return cancelled_ || !pending_.empty(); });
+        // Jobs up to the number of holders are theirs.
+        work_ready_.wait(lock, [&] { return cancelled_ || pending_.size() > holders_; });
         if (cancelled_) return;
         slot = pending_.front();
         pending_.pop_front();
+        if (pair_ && pending_.empty() && !finished_ &&
+            (order_.front().get() != slot || order_.size() < max_in_flight_)) {
+          // Alone: wait a little for a partner, which the producer can
+          // still submit (there is room, or the consumer takes the head
+          // first, which is not this job).
+          ++holders_;
+          partner_.wait_for(lock, kPairWait,
+                            [&] { return cancelled_ || finished_ || !pending_.empty(); });
+          --holders_;
+          if (cancelled_) return;
+        }
         if (pair_ && !pending_.empty()) {
           second = pending_.front();
           pending_.pop_front();
         }
+        if (!pending_.empty()) work_ready_.notify_one();
       }
       Status s;
       Status s2;
@@ -216,8 +242,10 @@ class OrderedPipeline {
   std::condition_variable space_;
   std::condition_variable done_;
   std::condition_variable work_ready_;
+  std::condition_variable partner_;          // a holder: a job to pair with
   std::deque<std::unique_ptr<Slot>> order_;  // submitted, not yet taken
   std::deque<Slot*> pending_;                // submitted, not yet started
+  size_t holders_ = 0;                       // workers holding one job, waiting for a partner
   bool finished_ = false;
   bool cancelled_ = false;
   std::vector<std::thread> threads_;

@@ -176,6 +176,37 @@ TEST_CASE("pipeline: queued jobs are worked in pairs and come out in order, each
   CHECK(pairs.load() >= 2);
 }
 
+TEST_CASE("pipeline: a lone job waiting for a partner is worked after Finish or Cancel") {
+  // Liveness: a worker holding the only job must let go of it when no
+  // second job can come (a hang here fails by the test's time limit).
+  auto make = [](int n) { return std::make_unique<int>(n); };
+  for (int workers : {1, 2}) {
+    OrderedPipeline<int> pipe(
+        workers, 4, [](int& v) { return v += 10, Status::Ok(); },
+        [](int& a, int& b) {
+          a += 10;
+          b += 10;
+          return std::pair{Status::Ok(), Status::Ok()};
+        });
+    REQUIRE(pipe.Submit(make(1)).ok());
+    pipe.Finish();
+    auto next = pipe.Next();
+    REQUIRE(next.has_value());
+    CHECK(*next->first == 11);
+    CHECK_FALSE(pipe.Next().has_value());
+  }
+  {
+    OrderedPipeline<int> pipe(
+        1, 4, [](int&) { return Status::Ok(); },
+        [](int&, int&) {
+          return std::pair{Status::Ok(), Status::Ok()};
+        });
+    REQUIRE(pipe.Submit(make(1)).ok());
+    pipe.Cancel();
+    CHECK_FALSE(pipe.Next().has_value());
+  }  // joins the worker
+}
+
 TEST_SUITE_END();
 
 }  // namespace

@@ -190,8 +190,9 @@ bool CpuHasShaExtensions() {
 
 // Lengths around block and padding boundaries, split into pieces that do
 // and do not end on blocks, against EVP.
+// About 0.5 MB hashed each way: a quarter of a millisecond, once.
 bool LanesAgreeWithEvp() {
-  constexpr size_t kLongest = 3 * 4096 + 123;
+  constexpr size_t kLongest = 2 * 4096 + 77;
   std::vector<std::byte> data(kLongest + 64);
   uint32_t x = 0x9e3779b9;
   for (std::byte& b : data) {
@@ -199,7 +200,7 @@ bool LanesAgreeWithEvp() {
     b = std::byte(x >> 24);
   }
   const std::span<const std::byte> all(data);
-  const size_t lengths[] = {0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 4096, kLongest};
+  const size_t lengths[] = {0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1000, kLongest};
   for (size_t la : lengths) {
     for (size_t lb : lengths) {
       const std::span<const std::byte> a[] = {all.first(la / 3), all.subspan(la / 3, la - la / 3)};

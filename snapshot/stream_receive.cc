@@ -70,6 +70,7 @@
 #include "ploop/disk.h"
 #include "ploop/path.h"
 #include "snapshot/delta_builder.h"
+#include "snapshot/sha256_lanes.h"
 #include "snapshot/snapshot.h"
 #include "snapshot/stream.h"
 #include "snapshot/stream_format.h"
@@ -811,9 +812,11 @@ Status Receiver::ReceiveChunks(StreamIn& in, StreamReader& reader,
   BufferPool pool(std::max<uint64_t>(Lz4Compressor::Bound(pooled), cb));
   pool_ = &pool;
   // Destroyed (its workers joined) before the pools above go away.
+  // Chunks are paired only where hashing two at once is faster.
+  OrderedPipeline<ChunkJob>::PairWork pair;
+  if (Sha256TwoLanes()) pair = [this](ChunkJob& a, ChunkJob& b) { return DecodePair(a, b); };
   auto pipe_owner = std::make_unique<OrderedPipeline<ChunkJob>>(
-      workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); },
-      [this](ChunkJob& a, ChunkJob& b) { return DecodePair(a, b); });
+      workers_, workers_ + 2, [this](ChunkJob& j) { return Decode(j); }, std::move(pair));
   OrderedPipeline<ChunkJob>& pipe = *pipe_owner;
   Status read_status;
   std::thread producer([&, chain = state_.chain] {

@@ -87,6 +87,7 @@
 #include "ploop/chain.h"
 #include "ploop/delta.h"
 #include "ploop/disk.h"
+#include "snapshot/sha256_lanes.h"
 #include "snapshot/stream.h"
 #include "snapshot/stream_format.h"
 #include "snapshot/stream_pipeline.h"
@@ -815,9 +816,11 @@ Status Sender::StreamPass(const ResumeToken& start, SendSummary* summary) {
   uint64_t data_count = start.data_count;
   uint64_t chunk_count = start.next_seq;
 
+  // Chunks are paired only where hashing two at once is faster.
+  OrderedPipeline<ChunkJob>::PairWork pair;
+  if (Sha256TwoLanes()) pair = [this](ChunkJob& a, ChunkJob& b) { return WorkPair(a, b); };
   OrderedPipeline<ChunkJob> pipe(
-      workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); },
-      [this](ChunkJob& a, ChunkJob& b) { return WorkPair(a, b); });
+      workers_, workers_ + 2, [this](ChunkJob& j) { return Work(j); }, std::move(pair));
   Status produced;
   std::thread producer([&] {
     produced = plan_.layered ? Produce(start, pipe) : ProduceFlat(start, pipe);

@@ -243,8 +243,6 @@ bool Sha256LanesBuilt() {
 #endif
 }
 
-Sha256Value Sha256OfPieces(Sha256Pieces pieces) { return EvpOf(pieces); }
-
 std::array<Sha256Value, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b) {
 #ifdef PLOOP_HAVE_OPENSSL_SHA256_MB
   if (Sha256TwoLanes()) return LanesOf2(a, b);

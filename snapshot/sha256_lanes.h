@@ -40,9 +40,6 @@ using Sha256Pieces = std::span<const std::span<const std::byte>>;
 // SHA-256 of the concatenation of `a`'s pieces, and of `b`'s.
 std::array<Sha256Value, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b);
 
-// SHA-256 of the concatenation of the pieces, through EVP.
-Sha256Value Sha256OfPieces(Sha256Pieces pieces);
-
 // Whether Sha256Of2 hashes the two messages together (see above).
 bool Sha256TwoLanes();
 // Whether the build has the two-lane routine (PLOOP_HAVE_OPENSSL_SHA256_MB).

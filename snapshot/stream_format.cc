@@ -459,30 +459,40 @@ Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const S
   return out;
 }
 
-Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
-                       std::span<const std::byte> payload) {
-  return ChunkBodyDigest(header_prefix, records, std::span(&payload, 1));
+namespace {
+
+// Calls fn on each piece of `body`, in order.
+template <typename Fn>
+void ForEachPiece(const ChunkBody& body, Fn fn) {
+  fn(body.header_prefix);
+  fn(body.records);
+  if (body.payload_pieces.empty()) {
+    fn(body.payload);
+  } else {
+    for (std::span<const std::byte> piece : body.payload_pieces) fn(piece);
+  }
 }
 
-Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
-                       std::span<const std::span<const std::byte>> payload) {
-  thread_local Sha256 sha;
-  sha.Update(header_prefix);
-  sha.Update(records);
-  for (std::span<const std::byte> piece : payload) sha.Update(piece);
-  return sha.Final();
+}  // namespace
+
+uint64_t ChunkBody::bytes() const {
+  uint64_t n = 0;
+  ForEachPiece(*this, [&](std::span<const std::byte> piece) { n += piece.size(); });
+  return n;
 }
 
 Digest ChunkBodyDigest(const ChunkBody& body) {
-  return ChunkBodyDigest(body.header_prefix, body.records, body.payload);
+  thread_local Sha256 sha;
+  ForEachPiece(body, [](std::span<const std::byte> piece) { sha.Update(piece); });
+  return sha.Final();
 }
 
 std::array<Digest, 2> ChunkBodyDigests(const ChunkBody& a, const ChunkBody& b) {
   thread_local std::vector<std::span<const std::byte>> pa;
   thread_local std::vector<std::span<const std::byte>> pb;
   for (auto [body, pieces] : {std::pair{&a, &pa}, std::pair{&b, &pb}}) {
-    pieces->assign({body->header_prefix, body->records});
-    pieces->insert(pieces->end(), body->payload.begin(), body->payload.end());
+    pieces->clear();
+    ForEachPiece(*body, [&](std::span<const std::byte> piece) { pieces->push_back(piece); });
   }
   return Sha256Of2(pa, pb);
 }

@@ -143,22 +143,21 @@ void EncodeRecords(std::span<const Record> records, std::vector<std::byte>& out)
 Result<std::vector<Record>> DecodeRecords(std::span<const std::byte> in, const StreamHeader& header,
                                           uint64_t min_index, uint32_t data_count);
 
-// SHA-256 of a chunk's bytes as they travel, all but its digest field:
-// header bytes [0, 48), the record table, the payload (compressed or not).
-// The expensive half of a chunk digest; it does not depend on the chain,
-// so the sender's and the receiver's workers compute it in parallel.
-Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
-                       std::span<const std::byte> payload);
-// The same, with the payload given as pieces in order (a stored payload
-// taken from several places of the source files).
-Digest ChunkBodyDigest(std::span<const std::byte> header_prefix, std::span<const std::byte> records,
-                       std::span<const std::span<const std::byte>> payload);
-// A chunk's bytes as ChunkBodyDigest takes them.
+// A chunk's bytes as they travel, all but its digest field: header bytes
+// [0, 48), the record table, the payload (compressed or not), given whole
+// or, for a stored payload taken from several places of the source files,
+// as pieces in order.
 struct ChunkBody {
   std::span<const std::byte> header_prefix;
   std::span<const std::byte> records;
-  std::span<const std::span<const std::byte>> payload;
+  std::span<const std::byte> payload;  // when `payload_pieces` is empty
+  std::span<const std::span<const std::byte>> payload_pieces;
+  // How many bytes that is.
+  uint64_t bytes() const;
 };
+// SHA-256 of a chunk's body: the expensive half of a chunk digest; it does
+// not depend on the chain, so the sender's and the receiver's workers
+// compute it in parallel.
 Digest ChunkBodyDigest(const ChunkBody& body);
 // The body digests of two chunks, hashed together where the CPU and the
 // library allow it (sha256_lanes.h): in about 0.65 of the time of two

@@ -383,7 +383,6 @@ struct ChunkJob {
   std::vector<std::byte> record_bytes;
   std::vector<Record> records;
   AlignedBuffer payload;
-  std::span<const std::byte> payload_span;  // the received payload, for its digest
   bool pooled_payload = false;
   // Filled by a worker:
   AlignedBuffer raw;                   // decoded data, or the payload itself when stored
@@ -422,7 +421,7 @@ class Receiver {
   // Decode once the body digest is known.
   Status DecodeVerified(ChunkJob& job, const Digest& body);
   // The chunk's bytes its digest covers.
-  static ChunkBody BodyOf(ChunkJob& job);
+  static ChunkBody BodyOf(const ChunkJob& job);
   Status Apply(const ChunkJob& job);
   Status Checkpoint();
   Status Commit(const std::vector<std::byte>& end_raw);
@@ -662,12 +661,11 @@ Status Receiver::ReadChunks(StreamIn& in, std::array<std::byte, kTagBytes> tag, 
   }
 }
 
-ChunkBody Receiver::BodyOf(ChunkJob& job) {
-  job.payload_span = std::span<const std::byte>(job.payload.get(), job.header.payload_bytes);
+ChunkBody Receiver::BodyOf(const ChunkJob& job) {
   ChunkBody body;
   body.header_prefix = std::span(job.header_bytes).first(kChunkHeaderDigestedBytes);
   body.records = job.record_bytes;
-  body.payload = std::span(&job.payload_span, 1);
+  body.payload = std::span<const std::byte>(job.payload.get(), job.header.payload_bytes);
   return body;
 }
 

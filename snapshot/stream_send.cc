@@ -165,8 +165,6 @@ struct ChunkJob {
   bool lz4 = false;
   // A stored payload as it travels: `clusters` merged where adjacent.
   std::vector<std::span<const std::byte>> stored;
-  // A compressed payload: the lz4 frame in `compressed`.
-  std::span<const std::byte> compressed_span;
   // The chunk header (its digest field zero until Emit) and the record
   // table, as they will go out; the SHA-256 of them with the payload.
   std::vector<std::byte> head;
@@ -212,9 +210,8 @@ class Sender {
   std::pair<Status, Status> WorkPair(ChunkJob& a, ChunkJob& b);
   // All of Work but the digest.
   Status Prepare(ChunkJob& job);
-  // The chunk's bytes that its digest covers, and how many.
+  // The chunk's bytes that its digest covers.
   static ChunkBody BodyOf(const ChunkJob& job);
-  uint64_t HashedBytes(const ChunkJob& job) const;
   // Feeds the measured SHA-256 speed to compress_if's estimates.
   void NoteHashTime(std::chrono::steady_clock::time_point start, uint64_t hashed);
   Status Compress(ChunkJob& job);
@@ -606,9 +603,6 @@ Status Sender::Prepare(ChunkJob& job) {
   EncodeRecords(job.records, job.head);
   job.head.insert(job.head.begin(), kChunkHeaderBytes, std::byte{0});
   EncodeChunkHeader(ch, std::span(job.head).first<kChunkHeaderBytes>());
-  if (job.lz4) {
-    job.compressed_span = std::span<const std::byte>(job.compressed.get(), job.compressed_bytes);
-  }
   return Status::Ok();
 }
 
@@ -616,14 +610,12 @@ ChunkBody Sender::BodyOf(const ChunkJob& job) {
   ChunkBody body;
   body.header_prefix = std::span(job.head).first(kChunkHeaderDigestedBytes);
   body.records = std::span(job.head).subspan(kChunkHeaderBytes);
-  body.payload = job.lz4 ? std::span(&job.compressed_span, 1)
-                         : std::span<const std::span<const std::byte>>(job.stored);
+  if (job.lz4) {
+    body.payload = std::span<const std::byte>(job.compressed.get(), job.compressed_bytes);
+  } else {
+    body.payload_pieces = job.stored;
+  }
   return body;
-}
-
-uint64_t Sender::HashedBytes(const ChunkJob& job) const {
-  return job.head.size() - (kChunkHeaderBytes - kChunkHeaderDigestedBytes) +
-         (job.lz4 ? job.compressed_bytes : uint64_t{job.data_count} * cb_);
 }
 
 void Sender::NoteHashTime(std::chrono::steady_clock::time_point start, uint64_t hashed) {
@@ -640,8 +632,9 @@ void Sender::NoteHashTime(std::chrono::steady_clock::time_point start, uint64_t 
 Status Sender::Work(ChunkJob& job) {
   TRY(Prepare(job));
   const auto start = std::chrono::steady_clock::now();
-  job.body = ChunkBodyDigest(BodyOf(job));
-  NoteHashTime(start, HashedBytes(job));
+  const ChunkBody body = BodyOf(job);
+  job.body = ChunkBodyDigest(body);
+  NoteHashTime(start, body.bytes());
   return Status::Ok();
 }
 
@@ -656,10 +649,12 @@ std::pair<Status, Status> Sender::WorkPair(ChunkJob& a, ChunkJob& b) {
   // The two chunks' SHA-256 together: the one step that dominates the
   // sender's CPU time, in about 0.65 of the time of one after the other.
   const auto start = std::chrono::steady_clock::now();
-  const std::array<Digest, 2> d = ChunkBodyDigests(BodyOf(a), BodyOf(b));
+  const ChunkBody body_a = BodyOf(a);
+  const ChunkBody body_b = BodyOf(b);
+  const std::array<Digest, 2> d = ChunkBodyDigests(body_a, body_b);
   a.body = d[0];
   b.body = d[1];
-  NoteHashTime(start, HashedBytes(a) + HashedBytes(b));
+  NoteHashTime(start, body_a.bytes() + body_b.bytes());
   return {std::move(sa), std::move(sb)};
 }
 

@@ -24,7 +24,15 @@
 //       and cuts the file back, so the next append lands where it would
 //       have without the interruption;
 //   (3) the image says "in use" until Finish() has synced everything, so a
-//       partial file is never mistaken for a cleanly closed one.
+//       partial file is never mistaken for a cleanly closed one;
+//   (4) appends through a WriteBehind land in space reserved ahead of them
+//       (fallocate, which extends the file): the file may end past the last
+//       appended cluster, in reserved space that reads as zeros and that no
+//       BAT entry points at. Resume() and Finish() cut it off.
+// Why reserve: ext4 runs direct writes that extend a file or fill a hole
+// one at a time under the inode's lock; into reserved space they run
+// side by side, which is what lets the writer threads keep the disk's
+// queue filled (tools/bench/README.md, session 14).
 // Crash ordering: the caller records a checkpoint (data_clusters) only
 // after Checkpoint() returned, so the recorded count never exceeds what is
 // durable.
@@ -42,6 +50,13 @@ namespace ploop::stream {
 namespace {
 
 constexpr uint64_t kBatWriteBytes = 1 << 20;
+// Space reserved ahead of the appends: as much as was appended so far (so
+// a small delta overshoots by little, and a large one asks the file system
+// a few times only), at least kMinReserveClusters clusters, at most
+// kMaxReserveBytes. Each reservation waits for the direct writes under way
+// on the file, so it must not come often.
+constexpr uint64_t kMinReserveClusters = 8;
+constexpr uint64_t kMaxReserveBytes = 1ull << 30;
 
 }  // namespace
 
@@ -155,6 +170,7 @@ Status DeltaBuilder::Append(std::span<const uint64_t> indices, std::span<const s
     return Status::NoSpace(path() + ": the delta reached the format's size limit");
   }
   if (writer_ != nullptr) {
+    TRY(Reserve(fc * cluster_bytes_ + data.size()));
     TRY(writer_->Write(*file_, fc * cluster_bytes_, data));
   } else {
     TRY(file_->WriteAt(fc * cluster_bytes_, data));
@@ -166,6 +182,33 @@ Status DeltaBuilder::Append(std::span<const uint64_t> indices, std::span<const s
   }
   data_clusters_ += indices.size();
   unsynced_ = true;
+  return Status::Ok();
+}
+
+Status DeltaBuilder::Reserve(uint64_t end) {
+  if (!reserving_ || end <= reserved_end_) return Status::Ok();
+  const uint64_t from = std::max(reserved_end_, (first_cluster_ + data_clusters_) * cluster_bytes_);
+  const uint64_t step = std::clamp(data_clusters_ * cluster_bytes_,
+                                   kMinReserveClusters * cluster_bytes_, kMaxReserveBytes);
+  const uint64_t to = std::max(end, from + step);
+  Status s = file_->Allocate(from, to - from);
+  if (s.code() == StatusCode::kNoSpace || s.code() == StatusCode::kNotSupported) {
+    // Not fatal: each append extends the file itself, and one that finds
+    // no room reports it. Whatever was reserved before this is cut off
+    // like the rest.
+    reserving_ = false;
+    return Status::Ok();
+  }
+  TRY_CTX(s, "reserve space in " + path());
+  reserved_end_ = to;
+  return Status::Ok();
+}
+
+Status DeltaBuilder::CutReserve() {
+  const uint64_t end = (first_cluster_ + data_clusters_) * cluster_bytes_;
+  ASSIGN_OR_RETURN(uint64_t file_bytes, file_->Size());
+  if (file_bytes > end) TRY_CTX(file_->Truncate(end), "cut reserved space off " + path());
+  reserved_end_ = 0;
   return Status::Ok();
 }
 
@@ -227,6 +270,9 @@ Status DeltaBuilder::Checkpoint() {
 
 Status DeltaBuilder::Finish() {
   TRY(Checkpoint());
+  // Before the image says clean: a finished delta ends at its last
+  // cluster.
+  TRY(CutReserve());
   header_.in_use = kInUseClean;
   header_.flags = data_clusters_ == 0 ? kFlagEmpty : 0;
   TRY_CTX(WriteHeader(), "finish " + path());

@@ -49,7 +49,8 @@ class DeltaBuilder {
 
   // From now on, Append() queues its data writes on `writer` (which must
   // outlive its use here, until UseWriteBehind(nullptr)) instead of
-  // writing them itself; with `direct_io`, aligned data goes to the file
+  // writing them itself, into space it reserves ahead of them (so that
+  // the writer's threads can write side by side); with `direct_io`, aligned data goes to the file
   // with direct I/O where the file system allows it. The caller keeps each appended span
   // valid until the writer has written it (an After() function queued
   // behind the Append, or Drain()). Checkpoint() and Finish() wait for the
@@ -81,6 +82,12 @@ class DeltaBuilder {
  private:
   DeltaBuilder(std::unique_ptr<BlockFile> file, Header header);
   Status WriteHeader();
+  // Reserves the file's space up to at least `end` (bytes), and some more
+  // (see kMaxReserveBytes), when it is not yet reserved. A file system
+  // that is full or cannot reserve turns reserving off (not an error).
+  Status Reserve(uint64_t end);
+  // Cuts the file back to its last appended cluster.
+  Status CutReserve();
 
   std::unique_ptr<BlockFile> file_;
   std::string path_;
@@ -96,6 +103,9 @@ class DeltaBuilder {
   bool finished_ = false;
   WriteBehind* writer_ = nullptr;
   bool direct_ = false;
+  // The file is reserved (or written) up to here; 0: nothing reserved.
+  uint64_t reserved_end_ = 0;
+  bool reserving_ = true;
   AlignedBuffer zeros_;  // one cluster of zeros, made by the first AppendZero()
   std::mutex sync_mu_;
   Status sync_failed_;  // a SyncData() failure that Checkpoint() has not reported yet

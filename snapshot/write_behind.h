@@ -1,19 +1,31 @@
-// WriteBehind: one thread that performs queued file writes in order, so
-// that a producer (the stream receiver) goes on decoding and hashing while
-// the disk writes what it already has.
+// WriteBehind: writer threads that perform queued file writes, so that a
+// producer (the stream receiver) goes on decoding and hashing while the
+// disk writes what it already has.
 //
 // Why: the receiver writes each chunk's clusters into its new deltas. With
 // direct I/O (no page-cache copy, which this kind of VM makes slow and
 // erratic) a synchronous write stalls the receiver for the device's round
 // trip; queued, the device stays busy while the next chunks are checked.
+// With more than one thread, up to that many writes are in flight at once
+// (the device's queue depth): one direct write at a time left the
+// receiver's writes at about half of what the disk takes (see
+// tools/bench/README.md, session 14). Concurrent direct writes only
+// overlap where the file system lets them: ext4 serializes writes that
+// extend a file or fill holes, so the caller reserves the space first
+// (DeltaBuilder does).
 //
-// Order: writes and After() functions run one at a time in the order they
-// were queued. Queued bytes are bounded: Write() blocks while more than
-// `max_queued_bytes` are waiting.
+// Order: items are started in the order they were queued. Writes may run
+// at the same time, except that a write never starts while an earlier
+// write to an overlapping range of the same file is under way (so the
+// later one wins). An After() function runs once every item queued before
+// it is done (so After() functions run one at a time, in order); writes
+// queued after it do not wait for it. Queued
+// bytes are bounded: Write() blocks while more than `max_queued_bytes` are
+// waiting or being written.
 //
-// Errors: the first failed write is kept; later writes are skipped (After()
-// functions still run, so buffers go home), and Write() and Drain() return
-// that error from then on.
+// Errors: the first failed write is kept; writes not yet started are
+// skipped (After() functions still run, so buffers go home), and Write()
+// and Drain() return that error from then on.
 //
 // Thread-safety: Write(), After() and Drain() may be called from any
 // thread; the caller keeps every queued span valid until an After()
@@ -26,9 +38,11 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <span>
 #include <thread>
+#include <vector>
 
 #include "ploop/io/file_system.h"
 #include "ploop/status.h"
@@ -37,7 +51,8 @@ namespace ploop::stream {
 
 class WriteBehind {
  public:
-  explicit WriteBehind(uint64_t max_queued_bytes);
+  // `threads` writer threads (at least one).
+  explicit WriteBehind(uint64_t max_queued_bytes, unsigned threads = 1);
   // Waits for everything queued (errors are dropped: call Drain() first).
   ~WriteBehind();
   WriteBehind(const WriteBehind&) = delete;
@@ -46,31 +61,37 @@ class WriteBehind {
   // Queues file.WriteAt(offset, data). Returns the first error of an
   // earlier write, if any (then nothing is queued).
   Status Write(BlockFile& file, uint64_t offset, std::span<const std::byte> data);
-  // Runs `fn` on the writer thread once every write queued before it is
-  // done (or skipped after an error).
+  // Runs `fn` on a writer thread once every item queued before it is done
+  // (or skipped after an error).
   void After(std::function<void()> fn);
   // Waits until everything queued so far is done; the first write error.
   Status Drain();
 
  private:
   struct Item {
+    uint64_t seq = 0;
     BlockFile* file = nullptr;  // null: an After() function
     uint64_t offset = 0;
     std::span<const std::byte> data;
     std::function<void()> fn;
   };
   void Loop();
+  // Whether `item` may start now: no earlier item it must follow is still
+  // under way (called with mu_ held).
+  bool MayStart(const Item& item) const;
 
   const uint64_t max_queued_bytes_;
   std::mutex mu_;
-  std::condition_variable work_;  // the thread: something queued, or stop
+  std::condition_variable work_;  // the threads: something queued, something done, or stop
   std::condition_variable room_;  // writers and Drain(): progress made
   std::deque<Item> queue_;
-  uint64_t queued_bytes_ = 0;
-  bool busy_ = false;  // the thread holds an item outside the lock
+  uint64_t next_seq_ = 0;
+  // Items taken off the queue and not done yet, by sequence number.
+  std::map<uint64_t, const Item*> running_;
+  uint64_t queued_bytes_ = 0;  // waiting or being written
   bool stop_ = false;
   Status failed_;
-  std::thread thread_;
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace ploop::stream

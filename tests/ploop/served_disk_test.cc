@@ -878,38 +878,18 @@ class PausingFileSystem final : public testing::ForwardingFileSystem {
   }
 
  private:
-  class File final : public BlockFile {
+  class File final : public testing::ForwardingBlockFile {
    public:
     File(PausingFileSystem& fs, std::unique_ptr<BlockFile> base)
-        : fs_(fs), base_(std::move(base)) {}
+        : ForwardingBlockFile(std::move(base)), fs_(fs) {}
     Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
       // The request has looked the cluster up; its pread has not run yet.
-      fs_.WaitIfPaused(base_->path(), offset);
-      return base_->ReadAt(offset, out);
+      fs_.WaitIfPaused(path(), offset);
+      return base().ReadAt(offset, out);
     }
-    Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
-      return base_->WriteAt(offset, data);
-    }
-    Status Sync() override { return base_->Sync(); }
-    Result<uint64_t> Size() override { return base_->Size(); }
-    Status Truncate(uint64_t size) override { return base_->Truncate(size); }
-    Status PunchHole(uint64_t offset, uint64_t length) override {
-      return base_->PunchHole(offset, length);
-    }
-    Status Allocate(uint64_t offset, uint64_t length) override {
-      return base_->Allocate(offset, length);
-    }
-    Result<std::optional<uint64_t>> NextData(uint64_t offset) override {
-      return base_->NextData(offset);
-    }
-    Result<uint64_t> NextHole(uint64_t offset) override { return base_->NextHole(offset); }
-    Status Lock(const LockRequest& request) override { return base_->Lock(request); }
-    bool CanPunchHole() const override { return base_->CanPunchHole(); }
-    const std::string& path() const override { return base_->path(); }
 
    private:
     PausingFileSystem& fs_;
-    std::unique_ptr<BlockFile> base_;
   };
 
   std::mutex mu_;

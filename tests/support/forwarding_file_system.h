@@ -1,18 +1,57 @@
-// ForwardingFileSystem: a FileSystem that passes every call to another one.
-// Tests derive from it and override only the calls they watch or change
-// (a hook at a rename, directory operations remembered, reads paused).
+// ForwardingFileSystem: a FileSystem that passes every call to another one;
+// ForwardingBlockFile: the same for one file.
+// Tests derive from them and override only the calls they watch or change
+// (a hook at a rename, directory operations remembered, reads paused,
+// writes counted).
 //
 // Thread-safety: as the base file system. Ownership: the base must outlive
 // it.
 #pragma once
 
 #include <memory>
+#include <optional>
+#include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ploop/io/file_system.h"
 
 namespace ploop::testing {
+
+class ForwardingBlockFile : public BlockFile {
+ public:
+  explicit ForwardingBlockFile(std::unique_ptr<BlockFile> base) : base_(std::move(base)) {}
+
+  Status ReadAt(uint64_t offset, std::span<std::byte> out) override {
+    return base_->ReadAt(offset, out);
+  }
+  Status WriteAt(uint64_t offset, std::span<const std::byte> data) override {
+    return base_->WriteAt(offset, data);
+  }
+  Status Sync() override { return base_->Sync(); }
+  Result<uint64_t> Size() override { return base_->Size(); }
+  Status Truncate(uint64_t size) override { return base_->Truncate(size); }
+  Status PunchHole(uint64_t offset, uint64_t length) override {
+    return base_->PunchHole(offset, length);
+  }
+  Status Allocate(uint64_t offset, uint64_t length) override {
+    return base_->Allocate(offset, length);
+  }
+  Result<std::optional<uint64_t>> NextData(uint64_t offset) override {
+    return base_->NextData(offset);
+  }
+  Result<uint64_t> NextHole(uint64_t offset) override { return base_->NextHole(offset); }
+  Status Lock(const LockRequest& request) override { return base_->Lock(request); }
+  bool CanPunchHole() const override { return base_->CanPunchHole(); }
+  const std::string& path() const override { return base_->path(); }
+
+ protected:
+  BlockFile& base() { return *base_; }
+
+ private:
+  std::unique_ptr<BlockFile> base_;
+};
 
 class ForwardingFileSystem : public FileSystem {
  public:

@@ -50,12 +50,14 @@ namespace ploop::stream {
 namespace {
 
 constexpr uint64_t kBatWriteBytes = 1 << 20;
-// Space reserved ahead of the appends: as much as was appended so far (so
-// a small delta overshoots by little, and a large one asks the file system
-// a few times only), at least kMinReserveClusters clusters, at most
-// kMaxReserveBytes. Each reservation waits for the direct writes under way
-// on the file, so it must not come often.
-constexpr uint64_t kMinReserveClusters = 8;
+// Space reserved ahead of the appends: twice what the delta holds, so
+// three times in all (a small delta overshoots by little, a large one asks
+// the file system a few times only: 4 times for 2 GiB of 1 MiB clusters),
+// at least kMinReserveClusters clusters, at most kMaxReserveBytes at once,
+// never past the most the delta can hold (one cluster per BAT entry). Each
+// reservation waits for the direct writes under way on the file (5-15 ms
+// here), so it must not come often.
+constexpr uint64_t kMinReserveClusters = 64;
 constexpr uint64_t kMaxReserveBytes = 1ull << 30;
 
 }  // namespace
@@ -188,9 +190,10 @@ Status DeltaBuilder::Append(std::span<const uint64_t> indices, std::span<const s
 Status DeltaBuilder::Reserve(uint64_t end) {
   if (!reserving_ || end <= reserved_end_) return Status::Ok();
   const uint64_t from = std::max(reserved_end_, (first_cluster_ + data_clusters_) * cluster_bytes_);
-  const uint64_t step = std::clamp(data_clusters_ * cluster_bytes_,
+  const uint64_t step = std::clamp(2 * data_clusters_ * cluster_bytes_,
                                    kMinReserveClusters * cluster_bytes_, kMaxReserveBytes);
-  const uint64_t to = std::max(end, from + step);
+  const uint64_t most = (first_cluster_ + bat_.size()) * cluster_bytes_;
+  const uint64_t to = std::max(end, std::min(from + step, most));
   Status s = file_->Allocate(from, to - from);
   if (s.code() == StatusCode::kNoSpace || s.code() == StatusCode::kNotSupported) {
     // Not fatal: each append extends the file itself, and one that finds

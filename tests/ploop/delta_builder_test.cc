@@ -3,9 +3,10 @@
 //     Checkpoint(), whose own sync would not see it again (the kernel
 //     reports it once per open file), so a checkpoint never covers data
 //     the disk lost;
-//   - appends through a WriteBehind land in space reserved ahead of them;
-//     Finish() and Resume() cut the reserve off, and the files end
-//     byte-identical to ones built without a writer;
+//   - appends through a WriteBehind land in space reserved ahead of them,
+//     never more than the delta can hold; Finish() and Resume() cut the
+//     reserve off, and the files end byte-identical to ones built without
+//     a writer;
 //   - a file system that is full or cannot reserve still gets every
 //     cluster; one whose reservation fails otherwise fails the append.
 #include "snapshot/delta_builder.h"
@@ -111,10 +112,13 @@ TEST_CASE("delta builder: appends through a writer are reserved ahead and the re
     REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kDiskBytes, kCb));
     WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
     AppendAll(*b, first, &writer);
-    // At least 8 clusters reserved: more than the three appended.
-    CHECK(mem.Contents("d.hds").size() >= FirstDataByte() + 8 * kCb);
+    // More reserved than the three clusters appended, but never more than
+    // the delta can hold (one cluster per BAT entry).
+    CHECK(mem.Contents("d.hds").size() > FirstDataByte() + first.size() * kCb);
+    CHECK(mem.Contents("d.hds").size() <= FirstDataByte() + kDiskBytes);
     AppendAll(*b, second, &writer);
     CHECK(mem.Contents("d.hds").size() > FirstDataByte() + all.size() * kCb);
+    CHECK(mem.Contents("d.hds").size() <= FirstDataByte() + kDiskBytes);
     REQUIRE_OK(b->Finish());
     CHECK(mem.Contents("d.hds") == plain);
   }
@@ -133,6 +137,21 @@ TEST_CASE("delta builder: appends through a writer are reserved ahead and the re
     REQUIRE_OK(b->Finish());
     CHECK(mem.Contents("d.hds") == plain);
   }
+}
+
+TEST_CASE("delta builder: the reserve never passes what a small delta can hold") {
+  constexpr uint64_t kSmallDisk = 4 * kCb;
+  REQUIRE_ASSIGN(Header h, MakeHeader(kSmallDisk, kCb));
+  MemoryFileSystem mem;
+  REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kSmallDisk, kCb));
+  WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
+  AppendAll(*b, {2}, &writer);
+  CHECK(mem.Contents("d.hds").size() > h.first_block_bytes() + kCb);
+  CHECK(mem.Contents("d.hds").size() <= h.first_block_bytes() + kSmallDisk);
+  AppendAll(*b, {0, 1, 3}, &writer);
+  CHECK(mem.Contents("d.hds").size() == h.first_block_bytes() + kSmallDisk);
+  REQUIRE_OK(b->Finish());
+  CHECK(mem.Contents("d.hds").size() == h.first_block_bytes() + kSmallDisk);
 }
 
 TEST_CASE("delta builder: a file system that cannot reserve still gets every cluster") {

@@ -374,11 +374,11 @@ constexpr uint64_t kWritebackBytes = 64ull << 20;
 // 32 MiB 2.26 s, 64 MiB 2.23 s, 96 MiB 2.19 s, 160 MiB 2.17 s.
 constexpr uint64_t kWriteBehindBytes = 96ull << 20;
 // Writes in flight at once. One direct write at a time kept the writer
-// busy for nearly the whole of send_bench's transfer while the sender's
-// reads had the disk to themselves half of the time (the chunk pipeline
-// waited 0.8-1.0 s of 1.35 s for room); with four, the queue never filled
-// and the pipe ran 7-9% faster (tools/bench/README.md, session 14). They
-// overlap because the builders reserve the space ahead of them.
+// busy for nearly the whole of send_bench's transfer (the chunk pipeline
+// waited 0.8-1.0 s of 1.35 s for room in the queue); with four, the queue
+// never filled and send | receive ran 7% faster (tools/bench/README.md,
+// session 14). They overlap because the builders reserve the space ahead
+// of them.
 constexpr unsigned kWriterThreads = 4;
 
 struct ChunkJob {

@@ -7,21 +7,20 @@
 // erratic) a synchronous write stalls the receiver for the device's round
 // trip; queued, the device stays busy while the next chunks are checked.
 // With more than one thread, up to that many writes are in flight at once
-// (the device's queue depth): one direct write at a time left the
-// receiver's writes at about half of what the disk takes (see
-// tools/bench/README.md, session 14). Concurrent direct writes only
-// overlap where the file system lets them: ext4 serializes writes that
-// extend a file or fill holes, so the caller reserves the space first
-// (DeltaBuilder does).
+// (the device's queue depth): with one direct write at a time, the writer
+// was busy through nearly all of a transfer while the receiver waited for
+// room in its queue (tools/bench/README.md, session 14). Concurrent direct
+// writes only overlap where the file system lets them: ext4 serializes
+// writes that extend a file or fill holes, so the caller reserves the
+// space first (DeltaBuilder does).
 //
 // Order: items are started in the order they were queued. Writes may run
 // at the same time, except that a write never starts while an earlier
 // write to an overlapping range of the same file is under way (so the
 // later one wins). An After() function runs once every item queued before
 // it is done (so After() functions run one at a time, in order); writes
-// queued after it do not wait for it. Queued
-// bytes are bounded: Write() blocks while more than `max_queued_bytes` are
-// waiting or being written.
+// queued after it do not wait for it. Queued bytes are bounded: Write()
+// blocks while more than `max_queued_bytes` are waiting or being written.
 //
 // Errors: the first failed write is kept; writes not yet started are
 // skipped (After() functions still run, so buffers go home), and Write()

@@ -12,7 +12,9 @@
 #     STREAM_TEST_SEED replays one), the token from `receive --token`, the
 #     continuation from `send --resume`: the received files are
 #     byte-identical to an uninterrupted receive; also a receiver that
-#     crashes (PLOOP_FAULT=cut) and resumes;
+#     crashes (PLOOP_FAULT=cut) and resumes, and one whose disk fills up
+#     (PLOOP_FAULT=failfrom=write:N:ENOSPC) and resumes; a file system
+#     that cannot reserve space (fallocate refused) still receives;
 #   - bad streams: garbage, a truncated header, a flipped bit, a stream cut
 #     short, a wrong or missing base, a disk already there -- each refused
 #     with its documented exit code and one line on stderr;
@@ -264,6 +266,37 @@ expect_ok "$PLOOP" receive --token k
 expect_ok bash -c "set -o pipefail; '$PLOOP' send --layers -u '$S2' --resume '$OUT' a | '$PLOOP' receive --resume k"
 "$PLOOP" send --layers -u "$S3" --from "$S2" a | "$PLOOP" receive k >/dev/null || fail "incremental after resume"
 assert_eq "$(files_of k)" "$want" "delta files after a crashed receive"
+
+note "a full host disk stops the receive (exit 11, one line); it resumes to the same files"
+# The receiver writes into space it reserves ahead (fallocate): a file
+# system that is full or cannot reserve still takes the whole stream, and
+# no reserve is left in the finished deltas (received_ok: qemu-img check
+# finds no leaked space).
+"$PLOOP" send --layers -u "$S2" a >s2layers.stream
+for err in ENOSPC 95; do # 95: EOPNOTSUPP
+  rm -rf k
+  run env PLOOP_FAULT="failfrom=allocate:1:$err" "$PLOOP" receive k <s2layers.stream
+  [[ $RC == 0 ]] || { _show "receive, allocate failing with $err"; fail "exit $RC"; }
+  received_ok k
+  run env PLOOP_FAULT="failfrom=allocate:1:$err" bash -c \
+    "set -o pipefail; '$PLOOP' send --layers -u '$S3' --from '$S2' a | '$PLOOP' receive k"
+  [[ $RC == 0 ]] || { _show "incremental receive, allocate failing with $err"; fail "exit $RC"; }
+  assert_eq "$(files_of k)" "$want" "delta files received without reserving ($err)"
+  received_ok k
+done
+for n in 2 9 27; do
+  rm -rf k
+  run env PLOOP_FAULT="failfrom=write:$n:ENOSPC" "$PLOOP" receive k <s2layers.stream
+  [[ $RC == 11 ]] || { _show "receive, writes failing from the ${n}th"; fail "exit $RC, expected 11"; }
+  [[ $(wc -l <"$TMP/.err") == 1 ]] || fail "receive printed more than one line: $ERR"
+  err_has "No space left on device"
+  assert_absent k/DiskDescriptor.xml
+  expect_ok "$PLOOP" receive --token k
+  expect_ok bash -c "set -o pipefail; '$PLOOP' send --layers -u '$S2' --resume '$OUT' a | '$PLOOP' receive --resume k"
+  "$PLOOP" send --layers -u "$S3" --from "$S2" a | "$PLOOP" receive k >/dev/null || fail "incremental after a full disk"
+  assert_eq "$(files_of k)" "$want" "delta files after a full disk at write $n"
+  received_ok k
+done
 
 note "receive --abort discards a partial receive"
 rm -rf k

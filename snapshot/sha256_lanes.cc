@@ -10,8 +10,6 @@
 #include <cpuid.h>
 #endif
 
-#include "snapshot/stream_format.h"
-
 #ifdef PLOOP_HAVE_OPENSSL_SHA256_MB
 extern "C" {
 // libcrypto's internal interfaces (crypto/sha/asm/sha256-mb-x86_64.pl and
@@ -36,7 +34,7 @@ namespace {
 
 constexpr size_t kBlock = 64;
 
-Sha256Value EvpOf(Sha256Pieces pieces) {
+Digest EvpOf(Sha256Pieces pieces) {
   thread_local Sha256 sha;
   for (std::span<const std::byte> piece : pieces) sha.Update(piece);
   return sha.Final();
@@ -120,7 +118,7 @@ class BlockCursor {
 };
 
 // Hashes what is left of `c` into `state` and returns the digest.
-Sha256Value Finish(BlockCursor& c, uint32_t* state) {
+Digest Finish(BlockCursor& c, uint32_t* state) {
   while (c.blocks() > 0) {
     const size_t n = c.blocks();
     sha256_block_data_order(state, c.data(), n);
@@ -138,14 +136,14 @@ Sha256Value Finish(BlockCursor& c, uint32_t* state) {
     last[blocks * kBlock - 1 - i] = static_cast<unsigned char>(bits >> (8 * i));
   }
   sha256_block_data_order(state, last, blocks);
-  Sha256Value out;
+  Digest out;
   for (int j = 0; j < 8; ++j) {
     for (int k = 0; k < 4; ++k) out[4 * j + k] = std::byte(state[j] >> (24 - 8 * k));
   }
   return out;
 }
 
-std::array<Sha256Value, 2> LanesOf2(Sha256Pieces a, Sha256Pieces b) {
+std::array<Digest, 2> LanesOf2(Sha256Pieces a, Sha256Pieces b) {
   BlockCursor ca(a);
   BlockCursor cb(b);
   uint32_t sa[8];
@@ -243,7 +241,7 @@ bool Sha256LanesBuilt() {
 #endif
 }
 
-std::array<Sha256Value, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b) {
+std::array<Digest, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b) {
 #ifdef PLOOP_HAVE_OPENSSL_SHA256_MB
   if (Sha256TwoLanes()) return LanesOf2(a, b);
 #endif

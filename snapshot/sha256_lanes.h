@@ -32,13 +32,14 @@
 #include <cstddef>
 #include <span>
 
+#include "snapshot/stream_format.h"
+
 namespace ploop::stream {
 
-using Sha256Value = std::array<std::byte, 32>;
 using Sha256Pieces = std::span<const std::span<const std::byte>>;
 
 // SHA-256 of the concatenation of `a`'s pieces, and of `b`'s.
-std::array<Sha256Value, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b);
+std::array<Digest, 2> Sha256Of2(Sha256Pieces a, Sha256Pieces b);
 
 // Whether Sha256Of2 hashes the two messages together (see above).
 bool Sha256TwoLanes();

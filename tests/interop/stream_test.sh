@@ -153,6 +153,9 @@ cmp "$TMP/s.none" "$TMP/s.nc" || fail "--compress=none differs from --no-compres
 (($(file_size "$TMP/s.none") > $(file_size "$TMP/s.file"))) || fail "--compress=none is not larger than lz4"
 expect_error 2 bash -c "'$PLOOP' send --compress=zstd a > '$TMP/s.bad'"
 err_has "auto, lz4 or none"
+expect_error 2 bash -c "'$PLOOP' send --no-compress --compress=lz4 a > '$TMP/s.bad'"
+[[ $(wc -l <"$TMP/.err") == 1 ]] || fail "two compress options: more than one line: $ERR"
+err_has "excludes"
 
 note "a reader that splices the stream on (as pv does) and reads it late gets the same bytes"
 # The sender vmsplices read-ahead buffers into the pipe; a relay that

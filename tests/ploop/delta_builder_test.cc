@@ -12,6 +12,7 @@
 #include "snapshot/delta_builder.h"
 
 #include <cerrno>
+#include <optional>
 #include <vector>
 
 #include "ploop/format.h"
@@ -34,9 +35,12 @@ std::vector<std::byte> ClusterOf(uint64_t index) {
 }
 
 // Appends clusters `indices` (each filled with its index + 1), one at a
-// time, through `writer` when given.
-void AppendAll(DeltaBuilder& b, const std::vector<uint64_t>& indices, WriteBehind* writer) {
-  b.UseWriteBehind(writer);
+// time, through a WriteBehind of four threads when `queued`; then a
+// checkpoint.
+void AppendAll(DeltaBuilder& b, const std::vector<uint64_t>& indices, bool queued) {
+  std::optional<WriteBehind> writer;
+  if (queued) writer.emplace(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
+  b.UseWriteBehind(queued ? &*writer : nullptr);
   std::vector<std::vector<std::byte>> data;  // alive until the writer is drained
   data.reserve(indices.size());
   for (uint64_t index : indices) {
@@ -51,7 +55,7 @@ void AppendAll(DeltaBuilder& b, const std::vector<uint64_t>& indices, WriteBehin
 std::vector<std::byte> Plain(const std::vector<uint64_t>& indices) {
   MemoryFileSystem mem;
   REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kDiskBytes, kCb));
-  AppendAll(*b, indices, nullptr);
+  AppendAll(*b, indices, /*queued=*/false);
   REQUIRE_OK(b->Finish());
   return mem.Contents("d.hds");
 }
@@ -110,13 +114,12 @@ TEST_CASE("delta builder: appends through a writer are reserved ahead and the re
   SUBCASE("finished") {
     MemoryFileSystem mem;
     REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kDiskBytes, kCb));
-    WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
-    AppendAll(*b, first, &writer);
+    AppendAll(*b, first, /*queued=*/true);
     // More reserved than the three clusters appended, but never more than
     // the delta can hold (one cluster per BAT entry).
     CHECK(mem.Contents("d.hds").size() > FirstDataByte() + first.size() * kCb);
     CHECK(mem.Contents("d.hds").size() <= FirstDataByte() + kDiskBytes);
-    AppendAll(*b, second, &writer);
+    AppendAll(*b, second, /*queued=*/true);
     CHECK(mem.Contents("d.hds").size() > FirstDataByte() + all.size() * kCb);
     CHECK(mem.Contents("d.hds").size() <= FirstDataByte() + kDiskBytes);
     REQUIRE_OK(b->Finish());
@@ -126,14 +129,12 @@ TEST_CASE("delta builder: appends through a writer are reserved ahead and the re
     MemoryFileSystem mem;
     {
       REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kDiskBytes, kCb));
-      WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
-      AppendAll(*b, first, &writer);
+      AppendAll(*b, first, /*queued=*/true);
     }
     CHECK(mem.Contents("d.hds").size() > FirstDataByte() + first.size() * kCb);
     REQUIRE_ASSIGN(auto b, DeltaBuilder::Resume(mem, "d.hds", kDiskBytes, kCb, first.size()));
     CHECK(mem.Contents("d.hds").size() == FirstDataByte() + first.size() * kCb);
-    WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
-    AppendAll(*b, second, &writer);
+    AppendAll(*b, second, /*queued=*/true);
     REQUIRE_OK(b->Finish());
     CHECK(mem.Contents("d.hds") == plain);
   }
@@ -144,11 +145,10 @@ TEST_CASE("delta builder: the reserve never passes what a small delta can hold")
   REQUIRE_ASSIGN(Header h, MakeHeader(kSmallDisk, kCb));
   MemoryFileSystem mem;
   REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(mem, "d.hds", kSmallDisk, kCb));
-  WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
-  AppendAll(*b, {2}, &writer);
+  AppendAll(*b, {2}, /*queued=*/true);
   CHECK(mem.Contents("d.hds").size() > h.first_block_bytes() + kCb);
   CHECK(mem.Contents("d.hds").size() <= h.first_block_bytes() + kSmallDisk);
-  AppendAll(*b, {0, 1, 3}, &writer);
+  AppendAll(*b, {0, 1, 3}, /*queued=*/true);
   CHECK(mem.Contents("d.hds").size() == h.first_block_bytes() + kSmallDisk);
   REQUIRE_OK(b->Finish());
   CHECK(mem.Contents("d.hds").size() == h.first_block_bytes() + kSmallDisk);
@@ -164,8 +164,7 @@ TEST_CASE("delta builder: a file system that cannot reserve still gets every clu
       FaultFileSystem fs(mem);
       REQUIRE_ASSIGN(auto b, DeltaBuilder::Create(fs, "d.hds", kDiskBytes, kCb));
       fs.FailFrom(FaultOp::kAllocate, nth, err);
-      WriteBehind writer(/*max_queued_bytes=*/4 * kCb, /*threads=*/4);
-      AppendAll(*b, indices, &writer);
+      AppendAll(*b, indices, /*queued=*/true);
       REQUIRE_OK(b->Finish());
       CHECK(mem.Contents("d.hds") == plain);
     }

@@ -32,8 +32,8 @@ namespace {
 
 TEST_SUITE_BEGIN("unit");
 
-Sha256Value OneShot(std::span<const std::byte> data) {
-  Sha256Value out{};
+Digest OneShot(std::span<const std::byte> data) {
+  Digest out{};
   unsigned int n = 0;
   REQUIRE(EVP_Digest(data.data(), data.size(), reinterpret_cast<unsigned char*>(out.data()), &n,
                      EVP_sha256(), nullptr) == 1);
@@ -71,7 +71,7 @@ TEST_CASE("sha256 lanes: two digests at once equal EVP's, however the messages a
         CAPTURE(cuts);
         const auto pa = Cut(a, cuts, e);
         const auto pb = Cut(b, cuts == 0 ? 0 : cuts + 2, e);
-        const std::array<Sha256Value, 2> two = Sha256Of2(pa, pb);
+        const std::array<Digest, 2> two = Sha256Of2(pa, pb);
         CHECK(two[0] == OneShot(a));
         CHECK(two[1] == OneShot(b));
       }

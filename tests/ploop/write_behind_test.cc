@@ -34,6 +34,13 @@ using Bytes = std::vector<std::byte>;
 // a failure (the writes were not side by side), not a slow test.
 constexpr auto kPatience = std::chrono::seconds(20);
 
+// A new file "f" of `fs`.
+std::unique_ptr<BlockFile> NewFile(MemoryFileSystem& fs) {
+  auto file = fs.Create("f", /*exclusive=*/true);
+  REQUIRE(file.ok());
+  return std::move(*file);
+}
+
 // A file whose writes count how many of them are under way at once; a
 // write can be held until `gather` writes are inside together.
 class WatchedFile final : public testing::ForwardingBlockFile {
@@ -140,8 +147,7 @@ TEST_CASE("write behind: writes land in order and After() runs behind them") {
 
 TEST_CASE("write behind: writes run side by side on its threads") {
   MemoryFileSystem fs;
-  REQUIRE_ASSIGN(auto base, fs.Create("f", /*exclusive=*/true));
-  WatchedFile file(std::move(base));
+  WatchedFile file(NewFile(fs));
   // Each write is held until all four are under way: only four threads
   // writing at once let them through without waiting out kPatience.
   file.Gather(4);
@@ -155,8 +161,7 @@ TEST_CASE("write behind: writes run side by side on its threads") {
 
 TEST_CASE("write behind: a write does not wait for an After() function queued before it") {
   MemoryFileSystem fs;
-  REQUIRE_ASSIGN(auto base, fs.Create("f", /*exclusive=*/true));
-  WatchedFile file(std::move(base));
+  WatchedFile file(NewFile(fs));
   const Bytes a = Filled(4096, 1);
   const Bytes b = Filled(4096, 2);
   bool saw_b_start = false;
@@ -173,8 +178,7 @@ TEST_CASE("write behind: a write does not wait for an After() function queued be
 
 TEST_CASE("write behind: a write waits for an earlier write it overlaps") {
   MemoryFileSystem fs;
-  REQUIRE_ASSIGN(auto base, fs.Create("f", /*exclusive=*/true));
-  WatchedFile file(std::move(base));
+  WatchedFile file(NewFile(fs));
   // `a` is held until `c` (which overlaps nothing) is done and nothing else
   // is being written: a `b` that did not wait for `a` would be done by then,
   // and `a` would land over it.
@@ -202,8 +206,7 @@ TEST_CASE("write behind: with four threads, overlapping writes and After() keep 
   constexpr size_t kFileBytes = 64 * 1024;
   constexpr int kItems = 400;
   MemoryFileSystem fs;
-  REQUIRE_ASSIGN(auto base, fs.Create("f", /*exclusive=*/true));
-  WatchedFile file(std::move(base));
+  WatchedFile file(NewFile(fs));
   Bytes model(kFileBytes);
   std::vector<Bytes> writes;  // kept alive (and in place) until Drain()
   writes.reserve(kItems);

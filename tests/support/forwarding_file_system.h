@@ -19,6 +19,11 @@
 
 namespace ploop::testing {
 
+// Only BlockFile's required calls are passed on. The optional ones keep
+// their defaults, which decline (no direct I/O, no mapping, no kernel
+// descriptor) or come back through ReadAt()/WriteAt() (WriteAtBuffered):
+// every byte read or written then passes where a test can watch it, as
+// in FaultFileSystem.
 class ForwardingBlockFile : public BlockFile {
  public:
   explicit ForwardingBlockFile(std::unique_ptr<BlockFile> base) : base_(std::move(base)) {}

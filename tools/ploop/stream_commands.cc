@@ -338,9 +338,11 @@ void RegisterStreamCommands(CLI::App& app, int& rc) {
   c_send->add_flag("--layers", send.layers, "one delta per delta of the chain, GUIDs kept");
   c_send->add_option("--resume", send.resume,
                      "continue an interrupted transfer (TOKEN from receive --token)");
-  c_send->add_option("--compress", send.compress,
-                     "auto (default: lz4 where it pays, see the README), lz4 or none");
-  c_send->add_flag("--no-compress", send.no_compress, "the same as --compress=none");
+  CLI::Option* compress =
+      c_send->add_option("--compress", send.compress,
+                         "auto (default: lz4 where it pays, see the README), lz4 or none");
+  c_send->add_flag("--no-compress", send.no_compress, "the same as --compress=none")
+      ->excludes(compress);
   c_send->add_option("--progress", send.progress,
                      "auto (a bar on a terminal), json (lines on stderr) or none");
   c_send->add_option("DD", send.dd, "DiskDescriptor.xml (or its folder)")->required();
